@@ -1,0 +1,41 @@
+"""The volume type: geometry travels with the array."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+MODALITIES: tuple[str, ...] = ("ct", "mri", "us", "pet")
+"""Modality names in the order of the model's modality embedding (ct = 0, mri = 1, us = 2, pet = 3)."""
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3D scalar image and where it lies in the world.
+
+    Attributes:
+        array: ``[I, J, K]`` voxel values in the order they are stored on disk
+            (any real dtype: int16 HU for CT, float for MR/PET).
+        affine: ``[4, 4]`` float64 map from voxel indices ``(i, j, k, 1)`` to
+            RAS+ world millimetres (the NIfTI convention; DICOM's LPS is converted).
+        modality: one of :data:`MODALITIES` when the source says so (DICOM tag), else ``None``.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    modality: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in mm along each array axis, ``[3]`` float64."""
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in millilitres (|det| of the 3x3 part, mm^3 / 1000)."""
+        return float(abs(np.linalg.det(self.affine[:3, :3])) / 1000.0)
