@@ -1,0 +1,199 @@
+"""Checkpoints: ``model.safetensors`` plus ``config.json``, loaded strictly or not at all.
+
+A checkpoint folder holds the vision network and the text tower's projection and modality
+embedding. The text encoder itself is named by identity (``config.text_encoder``) and pinned by
+the sha256 of its tensors, so a checkpoint stays small and a wrong pairing is refused instead of
+silently producing garbage (the reference code's worst trap).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from satseg import __version__
+from satseg.errors import CheckpointError
+from satseg.model.build import build_sat
+from satseg.model.config import SATConfig
+from satseg.model.sat import SAT
+from satseg.text.cache import tensor_sha256
+
+CHECKPOINT_FORMAT = "satseg-checkpoint"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+EXTERNAL_PREFIX = "text.encoder."
+"""State-dict keys under this prefix are the external text encoder's, not stored in the checkpoint."""
+
+
+@dataclass(frozen=True)
+class CheckpointMetadata:
+    """What ``config.json`` records besides the weights."""
+
+    config: SATConfig
+    vocabulary_sha256: str
+    text_encoder_sha256: str
+    weights_dtype: str = "float32"
+    created_by: str = f"satseg {__version__}"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_size": self.config.name,
+            "model_config": self.config.to_dict(),
+            "vocabulary_sha256": self.vocabulary_sha256,
+            "text_encoder": {"identity": self.config.text_encoder, "sha256": self.text_encoder_sha256},
+            "weights_dtype": self.weights_dtype,
+            "created_by": self.created_by,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> CheckpointMetadata:
+        if values.get("format") != CHECKPOINT_FORMAT or values.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"not a {CHECKPOINT_FORMAT} v{FORMAT_VERSION} config (format={values.get('format')!r}, "
+                f"version={values.get('format_version')!r}); foreign checkpoints go through export/import_sat.py"
+            )
+        return cls(
+            config=SATConfig.from_dict(values["model_config"]),
+            vocabulary_sha256=values["vocabulary_sha256"],
+            text_encoder_sha256=values["text_encoder"]["sha256"],
+            weights_dtype=values["weights_dtype"],
+            created_by=values.get("created_by", "unknown"),
+            extra=values.get("extra", {}),
+        )
+
+
+def text_encoder_sha256(model: SAT) -> str:
+    """The identity hash of the model's text encoder weights."""
+    return tensor_sha256(model.text.encoder.state_dict())
+
+
+def stored_state_dict(model: SAT) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores: everything except the external text encoder."""
+    return {key: value for key, value in model.state_dict().items() if not key.startswith(EXTERNAL_PREFIX)}
+
+
+def save_checkpoint(
+    model: SAT,
+    directory: str | os.PathLike[str],
+    *,
+    vocabulary_sha256: str,
+    dtype: torch.dtype | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed).
+
+    ``dtype=torch.float16`` halves the file; floating tensors are cast back on load. Both files
+    are written under temporary names and renamed, weights first, so a folder with a config
+    always has complete weights.
+    """
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        key: (value.to(dtype) if dtype is not None and value.is_floating_point() else value)
+        .contiguous()
+        .cpu()
+        for key, value in stored_state_dict(model).items()
+    }
+    weights_dtype = str(dtype or next(iter(model.vision.parameters())).dtype).removeprefix("torch.")
+    metadata = CheckpointMetadata(
+        config=model.config,
+        vocabulary_sha256=vocabulary_sha256,
+        text_encoder_sha256=text_encoder_sha256(model),
+        weights_dtype=weights_dtype,
+        extra=dict(extra or {}),
+    )
+    with tempfile.NamedTemporaryFile(dir=target, suffix=".tmp", delete=False) as handle:
+        temporary = Path(handle.name)
+    save_file(tensors, str(temporary), metadata={"format": CHECKPOINT_FORMAT})
+    os.replace(temporary, target / WEIGHTS_FILE)
+    with tempfile.NamedTemporaryFile("w", dir=target, suffix=".tmp", delete=False) as handle:
+        json.dump(metadata.to_json(), handle, indent=2)
+    os.replace(handle.name, target / CONFIG_FILE)
+    return target
+
+
+def read_metadata(directory: str | os.PathLike[str]) -> CheckpointMetadata:
+    """Parse a checkpoint's ``config.json`` (the folder, or the file itself)."""
+    path = Path(directory)
+    config_path = path if path.is_file() else path / CONFIG_FILE
+    try:
+        return CheckpointMetadata.from_json(json.loads(config_path.read_text()))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"no checkpoint at {path}: expected a folder with {CONFIG_FILE} and {WEIGHTS_FILE}"
+        ) from None
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{config_path} is not a valid checkpoint config: {error}") from None
+
+
+def describe_key_mismatch(missing: set[str], unexpected: set[str], limit: int = 8) -> str:
+    """One line naming the missing and unexpected keys (the first ``limit`` of each)."""
+
+    def listing(keys: set[str]) -> str:
+        names = sorted(keys)
+        more = f" and {len(names) - limit} more" if len(names) > limit else ""
+        return ", ".join(names[:limit]) + more
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({listing(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({listing(unexpected)})")
+    return "; ".join(parts)
+
+
+def load_weights_strict(model: SAT, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` into ``model`` only if keys and shapes match exactly; else raise, loading nothing."""
+    expected = stored_state_dict(model)
+    mismatch = describe_key_mismatch(set(expected) - set(tensors), set(tensors) - set(expected))
+    if mismatch:
+        raise CheckpointError(f"checkpoint keys do not match the {model.config.name} model: {mismatch}")
+    wrong_shapes = [
+        f"{key} {tuple(tensors[key].shape)} vs {tuple(value.shape)}"
+        for key, value in expected.items()
+        if tensors[key].shape != value.shape
+    ]
+    if wrong_shapes:
+        raise CheckpointError(
+            f"checkpoint tensor shapes do not match the model: {', '.join(wrong_shapes[:8])}"
+        )
+    model.load_state_dict(tensors, strict=False)  # strictness was checked above; the encoder is external
+
+
+def load_checkpoint(
+    directory: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+) -> tuple[SAT, CheckpointMetadata]:
+    """Build the model a checkpoint describes and load its weights strictly, in eval mode on ``device``.
+
+    Raises :class:`CheckpointError` for a missing or malformed folder, missing or unexpected keys,
+    shape mismatches, or a text encoder whose weights differ from the ones it was saved with.
+    """
+    path = Path(directory)
+    metadata = read_metadata(path)
+    weights_path = (path.parent if path.is_file() else path) / WEIGHTS_FILE
+    try:
+        tensors = load_file(str(weights_path))
+    except (FileNotFoundError, SafetensorError, OSError) as error:
+        raise CheckpointError(f"could not read {weights_path}: {error}") from None
+    model = build_sat(metadata.config)
+    found_hash = text_encoder_sha256(model)
+    if found_hash != metadata.text_encoder_sha256:
+        raise CheckpointError(
+            f"text encoder {metadata.config.text_encoder!r} has weights sha256 {found_hash[:12]}…, "
+            f"the checkpoint was trained with {metadata.text_encoder_sha256[:12]}…; use the matching encoder"
+        )
+    load_weights_strict(model, tensors)
+    return model.to(device).eval(), metadata

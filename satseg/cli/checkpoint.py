@@ -1,0 +1,80 @@
+"""``sat-checkpoint``: create and inspect checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from satseg.checkpoint import CONFIG_FILE, read_metadata, save_checkpoint
+from satseg.cli.common import run_cli
+from satseg.model import SAT_CONFIGS, build_sat
+from satseg.text import Vocabulary
+
+EPILOG = """examples:
+  sat-checkpoint init --size tiny --output checkpoints/tiny-untrained
+  sat-checkpoint info models/sat-tiny-demo
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="sat-checkpoint",
+        description="Create a freshly initialised SAT checkpoint, or describe an existing one.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    init = commands.add_parser(
+        "init", help="write a randomly initialised checkpoint (a starting point for training, or for tests)"
+    )
+    init.add_argument("--size", choices=sorted(SAT_CONFIGS), default="tiny", help="model size (default tiny)")
+    init.add_argument(
+        "--output", "-o", type=Path, required=True, help="folder to write config.json and weights"
+    )
+    init.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    init.add_argument("--fp16", action="store_true", help="store weights in float16 (half the size)")
+    init.add_argument(
+        "--if-missing", action="store_true", help="do nothing if the folder already has a checkpoint"
+    )
+    info = commands.add_parser("info", help="print what a checkpoint holds, as JSON")
+    info.add_argument("checkpoint", type=Path, help="checkpoint folder")
+    return parser.parse_args(argv)
+
+
+def init_checkpoint(args: argparse.Namespace) -> int:
+    if args.if_missing and (args.output / CONFIG_FILE).exists():
+        print(f"{args.output} already holds a checkpoint; kept it")
+        return 0
+    torch.manual_seed(args.seed)
+    model = build_sat(args.size)
+    save_checkpoint(
+        model,
+        args.output,
+        vocabulary_sha256=Vocabulary.load().sha256,
+        dtype=torch.float16 if args.fp16 else None,
+        extra={"trained": False, "note": f"random initialisation, seed {args.seed}: masks are meaningless"},
+    )
+    print(f"wrote an untrained {args.size} checkpoint to {args.output}")
+    return 0
+
+
+def show_info(args: argparse.Namespace) -> int:
+    metadata = read_metadata(args.checkpoint)
+    summary = metadata.to_json()
+    summary["vocabulary_matches_this_install"] = metadata.vocabulary_sha256 == Vocabulary.load().sha256
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli(
+        "sat-checkpoint", lambda: init_checkpoint(args) if args.command == "init" else show_info(args)
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

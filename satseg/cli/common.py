@@ -1,0 +1,23 @@
+"""What every CLI shares: one-line errors for bad input, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from satseg.errors import CheckpointError, SatInputError
+
+USER_ERRORS = (SatInputError, CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def run_cli(prog: str, body: Callable[[], int]) -> int:
+    """Run ``body``; a user error prints ``prog: error: message`` on one line and returns 2."""
+    try:
+        return body()
+    except USER_ERRORS as error:
+        message = " ".join(str(error).split())
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,286 @@
+"""The anatomy vocabulary: canonical terms, their synonyms, and prompt resolution.
+
+``vocabulary.json`` beside this module is the source of truth. Prompts are normalised
+(:func:`normalize_prompt`) and then looked up among terms and synonyms, so "Kidney_Left",
+"left kidney" and "left renal" all resolve to the canonical term "left kidney", which is the
+text the encoder sees.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from satseg.errors import SatInputError
+from satseg.geometry.volume import MODALITIES
+
+VOCABULARY_FORMAT_VERSION = 1
+_PACKAGED_VOCABULARY = "vocabulary.json"
+_SIDES = ("left", "right")
+_EDGE_PUNCTUATION = re.compile(r"^[\W_]+|[\W_]+$")
+_MAX_SUGGESTIONS = 5
+_NO_PROMPTS = 'no prompts given; pass one or more anatomy terms, e.g. --prompts "liver,spleen"'
+
+
+def normalize_prompt(text: str) -> str:
+    """The lookup form of a prompt.
+
+    NFKC, lower case, underscores and whitespace runs become one space, punctuation and symbols
+    at either end are dropped, and a trailing side moves to the front (TotalSegmentator's
+    snake_case names put it last). Internal punctuation stays ("brain-stem", "heschl's gyrus").
+
+    >>> normalize_prompt("kidney_left")
+    'left kidney'
+    >>> normalize_prompt("  Adrenal   gland RIGHT. ")
+    'right adrenal gland'
+    >>> normalize_prompt("ＬＩＶＥＲ")
+    'liver'
+    >>> normalize_prompt("rib_left_3")
+    'rib left 3'
+    """
+    text = unicodedata.normalize("NFKC", text).lower().replace("_", " ")
+    words = _EDGE_PUNCTUATION.sub("", " ".join(text.split())).split()
+    if len(words) > 1 and words[-1] in _SIDES and words[0] not in _SIDES:
+        words = [words[-1], *words[:-1]]
+    return " ".join(words)
+
+
+def parse_prompt_list(text: str | Sequence[str]) -> list[str]:
+    """Prompts from ``"liver, spleen"`` or ``["liver", "spleen"]``.
+
+    A string is split on commas; list items are taken whole. Items are stripped, empty ones are
+    dropped, and later items that normalise like an earlier one are dropped (order kept).
+
+    Raises:
+        SatInputError: nothing is left.
+    """
+    items = text.split(",") if isinstance(text, str) else text
+    prompts: dict[str, str] = {}
+    for item in items:
+        stripped = item.strip()
+        key = normalize_prompt(stripped)
+        if key and key not in prompts:
+            prompts[key] = stripped
+    if not prompts:
+        raise SatInputError(_NO_PROMPTS)
+    return list(prompts.values())
+
+
+def check_modality(modality: str) -> str:
+    """``modality`` in its canonical lower-case spelling, one of :data:`MODALITIES`.
+
+    Raises:
+        SatInputError: any other name.
+    """
+    name = modality.strip().lower()
+    if name not in MODALITIES:
+        raise SatInputError(f'unknown modality "{modality}"; accepted: {", ".join(MODALITIES)}')
+    return name
+
+
+@dataclass(frozen=True)
+class Term:
+    """One canonical anatomy term.
+
+    Attributes:
+        name: the canonical term, normalised, the text the encoder sees ("left kidney").
+        synonyms: other spellings that resolve to ``name`` (matched after normalisation).
+        modalities: the :data:`MODALITIES` the term has training labels in.
+        region: body region ("abdomen", "brain", ...), informative only.
+    """
+
+    name: str
+    synonyms: tuple[str, ...]
+    modalities: tuple[str, ...]
+    region: str | None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _term_from_json(entry: Any, source: str) -> Term:
+    """A :class:`Term` from one ``terms`` entry of a vocabulary file, checked."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("term"), str):
+        raise SatInputError(f'vocabulary {source}: every entry needs a "term" string, got {entry!r:.80}')
+    name = entry["term"]
+    if normalize_prompt(name) != name:
+        raise SatInputError(
+            f'vocabulary {source}: term "{name}" must be written as normalize_prompt gives it, '
+            f'"{normalize_prompt(name)}"'
+        )
+    synonyms = entry.get("synonyms", [])
+    modalities = entry.get("modalities", [])
+    region = entry.get("region")
+    if not (isinstance(synonyms, list) and all(isinstance(s, str) for s in synonyms)):
+        raise SatInputError(f'vocabulary {source}: "synonyms" of "{name}" must be a list of strings')
+    if not (isinstance(modalities, list) and modalities and set(modalities) <= set(MODALITIES)):
+        raise SatInputError(
+            f'vocabulary {source}: "modalities" of "{name}" must be a non-empty list of '
+            f"{', '.join(MODALITIES)}"
+        )
+    if region is not None and not isinstance(region, str):
+        raise SatInputError(f'vocabulary {source}: "region" of "{name}" must be a string or null')
+    return Term(name, tuple(synonyms), tuple(modalities), region)
+
+
+class Vocabulary:
+    """Canonical anatomy terms and the index that resolves prompts to them.
+
+    ``len(vocabulary)`` counts terms; ``prompt in vocabulary`` is true when the prompt resolves
+    (as a term or a synonym, after normalisation).
+    """
+
+    def __init__(self, terms: Iterable[Term], *, source: str = "<memory>") -> None:
+        """Index ``terms``.
+
+        Raises:
+            SatInputError: a term is given twice, or a term or synonym names two terms.
+        """
+        self._terms = tuple(sorted(terms, key=lambda term: term.name))
+        self._index: dict[str, str] = {}
+        for term in self._terms:
+            self._add_key(term.name, term.name, source, is_term=True)
+            for synonym in term.synonyms:
+                self._add_key(synonym, term.name, source, is_term=False)
+
+    def _add_key(self, spelling: str, name: str, source: str, *, is_term: bool) -> None:
+        key = normalize_prompt(spelling)
+        if not key:
+            raise SatInputError(f'vocabulary {source}: "{name}" has an empty term or synonym')
+        known = self._index.get(key)
+        if is_term and known == name:
+            raise SatInputError(f'vocabulary {source}: term "{name}" is listed twice; merge the entries')
+        if known is not None and known != name:
+            raise SatInputError(
+                f'vocabulary {source}: "{spelling}" names both "{known}" and "{name}"; '
+                "a term or synonym must name one term"
+            )
+        self._index[key] = name
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> Vocabulary:
+        """The vocabulary in ``path``, by default the one packaged with satseg.
+
+        Raises:
+            SatInputError: the file is missing, is not JSON, or does not follow the format of the
+                packaged ``vocabulary.json``.
+        """
+        if path is None:
+            source = _PACKAGED_VOCABULARY
+            text = resources.files("satseg.text").joinpath(_PACKAGED_VOCABULARY).read_text("utf-8")
+        else:
+            source = str(path)
+            try:
+                text = Path(path).read_text("utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise SatInputError(
+                    f"cannot read vocabulary {source}: {_one_line(str(exc))}; pass a UTF-8 JSON file "
+                    "in the format of satseg/text/vocabulary.json"
+                ) from exc
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SatInputError(f"vocabulary {source} is not valid JSON: {exc}") from exc
+        if not isinstance(document, dict) or document.get("version") != VOCABULARY_FORMAT_VERSION:
+            raise SatInputError(
+                f"vocabulary {source}: expected a JSON object with "
+                f'"version": {VOCABULARY_FORMAT_VERSION} and a "terms" list'
+            )
+        entries = document.get("terms")
+        if not isinstance(entries, list):
+            raise SatInputError(f'vocabulary {source}: "terms" must be a list')
+        return cls((_term_from_json(entry, source) for entry in entries), source=source)
+
+    @property
+    def terms(self) -> tuple[Term, ...]:
+        """All terms, sorted by name."""
+        return self._terms
+
+    def __len__(self) -> int:
+        return len(self._terms)
+
+    def __contains__(self, prompt: object) -> bool:
+        return isinstance(prompt, str) and normalize_prompt(prompt) in self._index
+
+    @cached_property
+    def sha256(self) -> str:
+        """Hex sha256 of the content in canonical form (terms sorted, synonyms and modalities sorted).
+
+        Independent of the file's formatting and entry order; any change to a term, synonym,
+        modality or region changes it. Checkpoints record it to pair with their vocabulary.
+        """
+        canonical = [
+            {
+                "term": term.name,
+                "synonyms": sorted(term.synonyms),
+                "modalities": sorted(term.modalities),
+                "region": term.region,
+            }
+            for term in self._terms
+        ]
+        document = {"version": VOCABULARY_FORMAT_VERSION, "terms": canonical}
+        encoded = json.dumps(document, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(encoded.encode("utf-8")).hexdigest()
+
+    def resolve(self, prompt: str, *, allow_free_text: bool = False) -> str:
+        """The canonical term that ``prompt`` names (as a term or synonym, after normalisation).
+
+        With ``allow_free_text`` an unknown prompt is returned normalised, to be sent to the
+        encoder as it is.
+
+        Raises:
+            SatInputError: the prompt is empty, or unknown without ``allow_free_text`` (the message
+                lists up to five closest known terms).
+        """
+        key = normalize_prompt(prompt)
+        if not key:
+            raise SatInputError('empty prompt; pass an anatomy term such as "liver" or "left kidney"')
+        name = self._index.get(key)
+        if name is not None:
+            return name
+        if allow_free_text:
+            return key
+        closest = self._closest_terms(key)
+        known = (
+            f"closest known terms: {', '.join(closest)}"
+            if closest
+            else "no known term is close (known terms are in satseg/text/vocabulary.json)"
+        )
+        raise SatInputError(
+            f'unknown prompt "{_one_line(prompt)}"; {known}; '
+            "pass allow_free_text (--allow-free-text) to send free text to the encoder"
+        )
+
+    def resolve_all(self, prompts: str | Sequence[str], *, allow_free_text: bool = False) -> list[str]:
+        """Canonical terms for ``prompts`` (parsed by :func:`parse_prompt_list`), duplicates removed.
+
+        Raises:
+            SatInputError: no prompts, or a prompt :meth:`resolve` refuses.
+        """
+        resolved = (self.resolve(p, allow_free_text=allow_free_text) for p in parse_prompt_list(prompts))
+        return list(dict.fromkeys(resolved))
+
+    def for_modality(self, modality: str) -> list[str]:
+        """Canonical terms usable with ``modality``, sorted.
+
+        Raises:
+            SatInputError: ``modality`` is not one of :data:`MODALITIES`.
+        """
+        name = check_modality(modality)
+        return [term.name for term in self._terms if name in term.modalities]
+
+    def _closest_terms(self, key: str) -> list[str]:
+        """Up to five canonical terms whose term or synonym spellings look most like ``key``."""
+        # Ask for more spellings than needed: several may be synonyms of the same term.
+        matches = difflib.get_close_matches(key, self._index, n=4 * _MAX_SUGGESTIONS, cutoff=0.6)
+        return list(dict.fromkeys(self._index[match] for match in matches))[:_MAX_SUGGESTIONS]
