@@ -1,0 +1,127 @@
+"""Checkpoints load strictly or not at all."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from satseg.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint, read_metadata, save_checkpoint
+from satseg.cli.checkpoint import main as checkpoint_cli
+from satseg.errors import CheckpointError
+from satseg.model import SAT, build_sat
+from satseg.text import Vocabulary
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> SAT:
+    torch.manual_seed(0)
+    return build_sat("tiny").eval()
+
+
+@pytest.fixture
+def saved(tiny_model: SAT, tmp_path: Path) -> Path:
+    return save_checkpoint(tiny_model, tmp_path / "ckpt", vocabulary_sha256=Vocabulary.load().sha256)
+
+
+def test_round_trip_reproduces_logits(tiny_model: SAT, saved: Path) -> None:
+    loaded, metadata = load_checkpoint(saved)
+    assert metadata.config == tiny_model.config
+    size = tiny_model.config.patch_size
+    image, queries = torch.randn(1, 1, *size), torch.randn(1, 2, tiny_model.config.d_model)
+    with torch.inference_mode():
+        assert torch.equal(tiny_model.vision(image, queries), loaded.vision(image, queries))
+
+
+def test_fp16_checkpoint_is_half_size_and_close(tiny_model: SAT, saved: Path, tmp_path: Path) -> None:
+    half = save_checkpoint(tiny_model, tmp_path / "half", vocabulary_sha256="x", dtype=torch.float16)
+    assert (half / WEIGHTS_FILE).stat().st_size < 0.55 * (saved / WEIGHTS_FILE).stat().st_size
+    loaded, metadata = load_checkpoint(half)
+    assert metadata.weights_dtype == "float16"
+    assert next(loaded.vision.parameters()).dtype == torch.float32
+    size = tiny_model.config.patch_size
+    image, queries = torch.randn(1, 1, *size), torch.randn(1, 2, tiny_model.config.d_model)
+    with torch.inference_mode():
+        torch.testing.assert_close(tiny_model.vision(image, queries), loaded.vision(image, queries), atol=2e-2, rtol=0)
+
+
+def test_text_encoder_is_not_stored(saved: Path) -> None:
+    keys = load_file(str(saved / WEIGHTS_FILE)).keys()
+    assert not any(key.startswith("text.encoder.") for key in keys)
+    assert any(key.startswith("text.projection.") for key in keys)
+    assert json.loads((saved / CONFIG_FILE).read_text())["text_encoder"]["identity"] == "minilm-l6"
+
+
+def rewrite_weights(folder: Path, change) -> None:
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    change(tensors)
+    save_file(tensors, str(folder / WEIGHTS_FILE))
+
+
+def test_missing_key_is_refused_with_its_name(saved: Path) -> None:
+    rewrite_weights(saved, lambda tensors: tensors.pop("vision.mask_head.mlp.0.weight"))
+    with pytest.raises(CheckpointError, match=r"1 missing \(vision\.mask_head\.mlp\.0\.weight\)"):
+        load_checkpoint(saved)
+
+
+def test_unexpected_keys_are_refused_and_listed(saved: Path) -> None:
+    def add_prefixed_copies(tensors: dict[str, torch.Tensor]) -> None:
+        for key in list(tensors)[:10]:
+            tensors["module." + key] = tensors.pop(key)
+
+    rewrite_weights(saved, add_prefixed_copies)
+    with pytest.raises(CheckpointError, match=r"10 missing .* and 2 more\); 10 unexpected \(module\."):
+        load_checkpoint(saved)
+
+
+def test_wrong_shape_is_refused(saved: Path) -> None:
+    rewrite_weights(saved, lambda tensors: tensors.__setitem__("vision.mask_head.mlp.2.bias", torch.zeros(3)))
+    with pytest.raises(CheckpointError, match=r"vision\.mask_head\.mlp\.2\.bias"):
+        load_checkpoint(saved)
+
+
+def test_size_mismatch_between_config_and_weights_is_refused(saved: Path, tmp_path: Path) -> None:
+    config = json.loads((saved / CONFIG_FILE).read_text())
+    config["model_config"]["unet_channels"] = [8, 16, 32, 64, 96, 160]
+    (saved / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="shapes do not match"):
+        load_checkpoint(saved)
+
+
+def test_other_text_encoder_weights_are_refused(saved: Path) -> None:
+    config = json.loads((saved / CONFIG_FILE).read_text())
+    config["text_encoder"]["sha256"] = "0" * 64
+    (saved / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="text encoder 'minilm-l6' has weights sha256"):
+        load_checkpoint(saved)
+
+
+def test_truncated_weights_give_a_clear_error(saved: Path) -> None:
+    weights = saved / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="could not read"):
+        load_checkpoint(saved)
+
+
+def test_missing_folder_and_foreign_config(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"expected a folder with config\.json"):
+        read_metadata(tmp_path / "nowhere")
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"model_state_dict": {}}))
+    with pytest.raises(CheckpointError, match="import_sat"):
+        read_metadata(tmp_path)
+
+
+def test_cli_init_and_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "fresh"
+    assert checkpoint_cli(["init", "--size", "tiny", "--output", str(target), "--fp16"]) == 0
+    assert checkpoint_cli(["init", "--size", "tiny", "--output", str(target), "--if-missing"]) == 0
+    assert "kept it" in capsys.readouterr().out
+    assert checkpoint_cli(["info", str(target)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model_size"] == "tiny" and info["extra"]["trained"] is False
+    assert info["vocabulary_matches_this_install"] is True
+    assert checkpoint_cli(["info", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith("sat-checkpoint: error: no checkpoint at")
