@@ -1,0 +1,15 @@
+"""Sliding-window inference over a 3D volume with Gaussian blending (nnU-Net / SAT recipe)."""
+
+from satseg.window.importance import IMPORTANCE_PEAK, gaussian_importance_map
+from satseg.window.steps import WindowSlices, window_slices, window_starts
+from satseg.window.stitcher import Predictor, sliding_window_probabilities
+
+__all__ = [
+    "IMPORTANCE_PEAK",
+    "Predictor",
+    "WindowSlices",
+    "gaussian_importance_map",
+    "sliding_window_probabilities",
+    "window_slices",
+    "window_starts",
+]
