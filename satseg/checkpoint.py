@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from satseg import __version__
+from satseg.atomic import write_bytes_atomically
 from satseg.errors import CheckpointError
 from satseg.model.build import build_sat
 from satseg.model.config import SATConfig
@@ -102,9 +102,7 @@ def save_checkpoint(
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
     tensors = {
-        key: (value.to(dtype) if dtype is not None and value.is_floating_point() else value)
-        .contiguous()
-        .cpu()
+        key: (value.to(dtype) if dtype is not None and value.is_floating_point() else value).contiguous().cpu()
         for key, value in stored_state_dict(model).items()
     }
     weights_dtype = str(dtype or next(iter(model.vision.parameters())).dtype).removeprefix("torch.")
@@ -115,13 +113,8 @@ def save_checkpoint(
         weights_dtype=weights_dtype,
         extra=dict(extra or {}),
     )
-    with tempfile.NamedTemporaryFile(dir=target, suffix=".tmp", delete=False) as handle:
-        temporary = Path(handle.name)
-    save_file(tensors, str(temporary), metadata={"format": CHECKPOINT_FORMAT})
-    os.replace(temporary, target / WEIGHTS_FILE)
-    with tempfile.NamedTemporaryFile("w", dir=target, suffix=".tmp", delete=False) as handle:
-        json.dump(metadata.to_json(), handle, indent=2)
-    os.replace(handle.name, target / CONFIG_FILE)
+    write_bytes_atomically(target / WEIGHTS_FILE, save(tensors, metadata={"format": CHECKPOINT_FORMAT}))
+    write_bytes_atomically(target / CONFIG_FILE, json.dumps(metadata.to_json(), indent=2).encode())
     return target
 
 
@@ -167,9 +160,7 @@ def load_weights_strict(model: SAT, tensors: dict[str, torch.Tensor]) -> None:
         if tensors[key].shape != value.shape
     ]
     if wrong_shapes:
-        raise CheckpointError(
-            f"checkpoint tensor shapes do not match the model: {', '.join(wrong_shapes[:8])}"
-        )
+        raise CheckpointError(f"checkpoint tensor shapes do not match the model: {', '.join(wrong_shapes[:8])}")
     model.load_state_dict(tensors, strict=False)  # strictness was checked above; the encoder is external
 
 

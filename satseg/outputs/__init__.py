@@ -1,0 +1,20 @@
+"""Results on the input grid: NIfTI masks and label maps, statistics, JSON and a PNG preview."""
+
+from satseg.outputs.labelmap import LabelMapAccumulator
+from satseg.outputs.nifti import read_label_extension, write_nifti
+from satseg.outputs.preview import PreviewView, preview_views, save_preview
+from satseg.outputs.statistics import mask_statistics, write_json
+from satseg.outputs.writer import OutputOptions, write_segmentation
+
+__all__ = [
+    "LabelMapAccumulator",
+    "OutputOptions",
+    "PreviewView",
+    "mask_statistics",
+    "preview_views",
+    "read_label_extension",
+    "save_preview",
+    "write_json",
+    "write_nifti",
+    "write_segmentation",
+]

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -14,8 +12,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from satseg.atomic import write_bytes_atomically
 from satseg.text.vocabulary import check_modality
 
 _ENCODER_HASH = re.compile(r"[0-9A-Za-z_-]+")
@@ -137,19 +136,13 @@ class EmbeddingCache:
             return
         terms = list(table)
         metadata = {"terms": json.dumps(terms), "encoder_hash": self.encoder_hash, "modality": modality}
-        tmp_name = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
-            save_file({_EMBEDDINGS: torch.stack([table[t] for t in terms])}, tmp_name, metadata=metadata)
-            os.replace(tmp_name, path)
+            data = save({_EMBEDDINGS: torch.stack([table[t] for t in terms])}, metadata=metadata)
+            write_bytes_atomically(path, data)
         except OSError as exc:
             # The embeddings are in memory and correct; only their reuse by later runs is lost.
             warnings.warn(f"could not write embedding cache {path} ({exc})", RuntimeWarning, stacklevel=3)
-        finally:
-            if tmp_name is not None:
-                Path(tmp_name).unlink(missing_ok=True)  # already gone after os.replace
 
 
 def _checked_embeddings(embeddings: torch.Tensor, rows: int, width: int | None) -> torch.Tensor:

@@ -1,0 +1,87 @@
+"""Write one segmentation run: masks or a label map, labels, statistics and a preview."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from satseg.geometry.volume import Volume
+from satseg.outputs.labelmap import LabelMapAccumulator
+from satseg.outputs.nifti import write_nifti
+from satseg.outputs.preview import CT_SOFT_TISSUE_WINDOW, save_preview
+from satseg.outputs.statistics import mask_statistics, write_json
+
+LABELMAP_FILE = "labelmap.nii.gz"
+LABELS_FILE = "labels.json"
+STATISTICS_FILE = "statistics.json"
+PREVIEW_FILE = "preview.png"
+
+
+class PromptResult(Protocol):
+    """One prompt's result as the segmenter yields it (``satseg.pipeline.PromptProbabilities``)."""
+
+    index: int
+    term: str
+    probabilities: torch.Tensor
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Which files to write. ``threshold``: a voxel is inside where its probability exceeds it.
+
+    ``modality`` picks the preview's grey window (a soft-tissue window for CT).
+    """
+
+    merged_labelmap: bool = False
+    statistics: bool = False
+    preview: bool = False
+    threshold: float = 0.5
+    modality: str | None = None
+
+
+def mask_file_name(term: str) -> str:
+    """``"left kidney"`` -> ``"left_kidney.nii.gz"``: safe on every file system."""
+    return re.sub(r"[^a-z0-9]+", "_", term.lower()).strip("_") + ".nii.gz"
+
+
+def write_segmentation(
+    volume: Volume,
+    terms: Sequence[str],
+    results: Iterable[PromptResult],
+    output_dir: Path,
+    options: OutputOptions = OutputOptions(),
+) -> list[Path]:
+    """Consume ``results`` one prompt at a time and write the outputs on ``volume``'s grid.
+
+    Label value ``index + 1`` names ``terms[index]``. Each prompt's probabilities are thresholded
+    and dropped before the next arrives; only the merged label map (and the best probability so
+    far) persists across prompts. Files are written atomically. Returns the paths written.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    labels = {index + 1: term for index, term in enumerate(terms)}
+    merged = LabelMapAccumulator(volume.shape) if options.merged_labelmap or options.preview else None
+    statistics: dict[str, dict[str, int | float]] = {}
+    written: list[Path] = []
+    for result in results:
+        mask = (result.probabilities > options.threshold).to(torch.uint8).cpu().numpy()
+        if not options.merged_labelmap:
+            path = output_dir / mask_file_name(result.term)
+            written.append(write_nifti(mask, volume.affine, path, labels={1: result.term}))
+        statistics[result.term] = mask_statistics(mask, volume.voxel_volume_ml)
+        if merged is not None:
+            merged.add(result.index + 1, result.probabilities, options.threshold)
+    if merged is not None and options.merged_labelmap:
+        written.append(write_nifti(merged.labelmap, volume.affine, output_dir / LABELMAP_FILE, labels=labels))
+    written.append(write_json({str(value): term for value, term in labels.items()}, output_dir / LABELS_FILE))
+    if options.statistics:
+        written.append(write_json(statistics, output_dir / STATISTICS_FILE))
+    if merged is not None and options.preview:
+        path = output_dir / PREVIEW_FILE
+        window = CT_SOFT_TISSUE_WINDOW if options.modality == "ct" else None
+        written.append(save_preview(volume.array, volume.affine, merged.labelmap, labels, path, window=window))
+    return written
