@@ -1,0 +1,286 @@
+"""Reading volumes from NIfTI files and DICOM series, and checking that they are usable 3D images."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pydicom.pixels
+from nibabel.filebasedimages import ImageFileError
+from nibabel.openers import ImageOpener
+from nibabel.spatialimages import HeaderDataError
+from pydicom.errors import InvalidDicomError
+
+from satseg.errors import SatInputError
+from satseg.geometry.volume import Volume
+
+ACCEPTED_INPUT = "a .nii / .nii.gz file or a folder holding one DICOM series"
+MIN_SPACING_MM = 0.01
+MAX_SPACING_MM = 100.0
+
+_DICOM_MODALITIES: dict[str, str] = {"CT": "ct", "MR": "mri", "PT": "pet", "US": "us"}
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def load_volume(path: str | os.PathLike[str], max_voxels: int = 1_000_000_000) -> Volume:
+    """Read a NIfTI file or a folder holding one DICOM series, and check it with :func:`validate_volume`.
+
+    Returns:
+        A :class:`Volume` with a 3D array ``[I, J, K]`` and a voxel -> RAS+ mm affine.
+
+    Raises:
+        SatInputError: the path is missing or of another kind, unreadable, or not a usable 3D image.
+    """
+    path = Path(path)
+    if path.is_dir():
+        volume = load_dicom_series(path)
+    elif path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
+        volume = load_nifti(path)
+    elif not path.exists():
+        raise SatInputError(f"no such file or folder: {path}; expected {ACCEPTED_INPUT}")
+    else:
+        raise SatInputError(f"unsupported input {path.name!r}: expected {ACCEPTED_INPUT}")
+    return validate_volume(volume, max_voxels=max_voxels)
+
+
+def load_nifti(path: str | os.PathLike[str]) -> Volume:
+    """Read a ``.nii`` / ``.nii.gz`` file with nibabel (not validated: see :func:`validate_volume`).
+
+    The affine is nibabel's ``img.affine`` (sform if set, else qform, else pixdim). The array keeps its
+    stored dtype (int16 CT stays int16); scaled data (scl_slope) and float64 come back as float32.
+    """
+    path = Path(path)
+    try:
+        img = nib.load(path)
+        # nibabel reads lazily: force the read here so a truncated file fails inside this try.
+        array = np.asanyarray(img.dataobj)
+        zero_pixdim_axes = _zero_pixdim_axes(path, img)
+    except (ImageFileError, HeaderDataError, EOFError, OSError, zlib.error, ValueError) as error:
+        reason = " ".join(str(error).split())
+        raise SatInputError(
+            f"could not read NIfTI {path.name!r}: file is truncated or corrupt ({reason})"
+        ) from error
+    if array.dtype == np.float64:
+        array = array.astype(np.float32)
+    affine = np.array(img.affine, dtype=np.float64)
+    affine[:, zero_pixdim_axes] = 0.0  # so validate_volume reports the zero spacing
+    return Volume(array=array, affine=affine, modality=None)
+
+
+def _zero_pixdim_axes(path: Path, img: nib.Nifti1Image) -> list[int]:
+    """Spatial axes whose header pixdim is 0 where the affine comes from pixdim (no sform).
+
+    nibabel's load silently turns pixdim 0 into 1 mm; re-read the header unchecked to see the stored value.
+    """
+    if img.header["sform_code"] > 0:
+        return []
+    with ImageOpener(path) as fileobj:
+        raw = type(img.header).from_fileobj(fileobj, check=False)
+    return [axis for axis in range(3) if raw["pixdim"][axis + 1] == 0]
+
+
+def load_dicom_series(folder: str | os.PathLike[str]) -> Volume:
+    """Read the single-frame DICOM files of one series in ``folder`` with pydicom (not validated).
+
+    Files that are not DICOM, or DICOM without an image plane (DICOMDIR, reports), are skipped.
+    Slices are sorted along the slice normal (row cosine x column cosine) and must be evenly spaced.
+
+    Returns:
+        A :class:`Volume` whose array is ``[I, J, K]`` = [column (along the row direction),
+        row (along the column direction), slice], so the affine columns are
+        ``row cosine * PixelSpacing[1]``, ``column cosine * PixelSpacing[0]`` and the slice step
+        vector, converted from DICOM's LPS to RAS+. Values are RescaleSlope * stored + RescaleIntercept:
+        int16 when slope and intercept are integers and the result fits, else float32.
+
+    Raises:
+        SatInputError: no image slices, several series, multi-frame files, inconsistent slices,
+            a gap or uneven spacing, or pixel data that cannot be decoded.
+    """
+    folder = Path(folder)
+    headers = _read_dicom_headers(folder)
+    if not headers:
+        raise SatInputError(
+            f"no DICOM image slices in folder {folder}; expected the files of one series directly in it"
+        )
+    series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in headers}
+    if len(series) > 1:
+        raise SatInputError(
+            f"folder {folder} holds {len(series)} DICOM series; put each series in its own folder"
+        )
+    if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for _, ds in headers):
+        raise SatInputError(
+            "multi-frame (enhanced) DICOM is not supported; convert it to NIfTI first (e.g. with dcm2niix)"
+        )
+    first = headers[0][1]
+    row_cosine, col_cosine = np.reshape(np.asarray(first.ImageOrientationPatient, dtype=np.float64), (2, 3))
+    normal = np.cross(row_cosine, col_cosine)
+    for _, ds in headers:
+        same_plane = np.allclose(ds.ImageOrientationPatient, first.ImageOrientationPatient, atol=1e-4)
+        if not same_plane or (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
+            raise SatInputError(
+                "DICOM slices differ in size or orientation; one series with parallel slices is required"
+            )
+    positions = np.array([ds.ImagePositionPatient for _, ds in headers], dtype=np.float64)
+    order = np.argsort(positions @ normal, kind="stable")
+    headers = [headers[i] for i in order]
+    step = _slice_step(positions[order], normal)
+
+    between_rows, between_columns = (float(v) for v in first.PixelSpacing)  # DICOM lists rows first
+    affine = np.eye(4)
+    affine[:3, 0] = row_cosine * between_columns
+    affine[:3, 1] = col_cosine * between_rows
+    affine[:3, 2] = step
+    affine[:3, 3] = positions[order[0]]
+    array = _read_dicom_pixels([path for path, _ in headers], [ds for _, ds in headers])
+    modality = _DICOM_MODALITIES.get(str(first.get("Modality", "")).upper())
+    return Volume(array=array, affine=_LPS_TO_RAS @ affine, modality=modality)
+
+
+def _read_dicom_headers(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
+    """(path, header without pixels) of the files in ``folder`` that are DICOM images with a plane."""
+    headers = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except InvalidDicomError:
+            continue  # not DICOM (no preamble): a stray file
+        except (EOFError, OSError, ValueError) as error:
+            raise SatInputError(
+                f"could not read DICOM file {path.name!r}: file is truncated or corrupt"
+            ) from error
+        if all(
+            tag in ds for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows")
+        ):
+            headers.append((path, ds))
+    return headers
+
+
+def _slice_step(positions: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """The ``[3]`` mm vector from one slice to the next, from sorted ``[K, 3]`` ImagePositionPatient.
+
+    Raises SatInputError for one slice, repeated positions, uneven spacing or positions off a line.
+    """
+    if len(positions) < 2:
+        raise SatInputError("DICOM series has 1 slice; a 3D volume needs at least 2")
+    gaps = np.diff(positions @ normal)
+    tolerance = max(0.01, 0.01 * float(np.median(gaps)))
+    if gaps.min() <= tolerance:
+        raise SatInputError(
+            "DICOM series has several slices at the same position (several acquisitions or echoes?); "
+            "one image per position is required"
+        )
+    if gaps.max() - gaps.min() > tolerance:
+        raise SatInputError(
+            f"DICOM series has a gap: slice spacing varies from {gaps.min():.4g} to {gaps.max():.4g} mm "
+            "(a missing slice?); evenly spaced slices are required"
+        )
+    step = (positions[-1] - positions[0]) / (len(positions) - 1)
+    on_line = positions[0] + np.arange(len(positions))[:, None] * step
+    if np.abs(positions - on_line).max() > tolerance:
+        raise SatInputError(
+            "DICOM slice positions do not lie on a line; one straight stack of slices is required"
+        )
+    return step
+
+
+def _read_dicom_pixels(paths: list[Path], headers: list[pydicom.Dataset]) -> np.ndarray:
+    """``[I, J, K]`` rescaled pixel values of the sorted slices (see :func:`load_dicom_series`)."""
+    first = _decode_slice(paths[0], headers[0])
+    # Fortran order like nibabel's arrays: each slice is one contiguous block.
+    stored = np.empty((first.shape[1], first.shape[0], len(paths)), dtype=first.dtype, order="F")
+    for k, (path, ds) in enumerate(zip(paths, headers, strict=True)):
+        # pixel_array is [row, column]; the volume is [column, row, slice]
+        stored[:, :, k] = (first if k == 0 else _decode_slice(path, ds)).T
+    slopes = np.array([float(ds.get("RescaleSlope", 1) or 1) for ds in headers])
+    intercepts = np.array([float(ds.get("RescaleIntercept", 0) or 0) for ds in headers])
+    # By hand rather than pydicom's apply_rescale, which returns float64: integral rescales stay int16 HU.
+    if np.all(slopes == np.round(slopes)) and np.all(intercepts == np.round(intercepts)):
+        values = stored.astype(np.int32) * slopes.astype(np.int32) + intercepts.astype(np.int32)
+        info = np.iinfo(np.int16)
+        if values.min() >= info.min and values.max() <= info.max:
+            return values.astype(np.int16)
+    return stored.astype(np.float32) * slopes.astype(np.float32) + intercepts.astype(np.float32)
+
+
+def _decode_slice(path: Path, header: pydicom.Dataset) -> np.ndarray:
+    """The ``[Rows, Columns]`` stored pixel values of one single-frame DICOM file."""
+    try:
+        return pydicom.pixels.pixel_array(path)
+    except (NotImplementedError, RuntimeError, ValueError, OSError, EOFError) as error:
+        syntax = header.file_meta.get("TransferSyntaxUID", "unknown")
+        raise SatInputError(
+            f"could not decode the pixel data of DICOM file {path.name!r} (transfer syntax {syntax}); "
+            "uncompressed DICOM is accepted, or install pylibjpeg / gdcm for compressed files"
+        ) from error
+
+
+def validate_volume(volume: Volume, max_voxels: int = 1_000_000_000) -> Volume:
+    """Check that ``volume`` is one usable 3D image; drop trailing singleton axes (``[I, J, K, 1]``).
+
+    Accepted: a real (integer or float) array with 3 axes of at least 2 voxels, at most ``max_voxels``
+    voxels, finite values, and a finite invertible affine whose voxel spacing is 0.01 to 100 mm per axis.
+
+    Returns:
+        The volume, with its array squeezed to ``[I, J, K]`` where it had trailing size-1 axes.
+
+    Raises:
+        SatInputError: one line saying what was wrong and what is accepted.
+    """
+    array = volume.array
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    shape = "x".join(str(s) for s in array.shape)
+    if array.ndim < 3:
+        raise SatInputError(f"image is {array.ndim}D (shape {shape}); a 3D volume is required")
+    if array.ndim > 3:
+        raise SatInputError(
+            f"image is {array.ndim}D (shape {shape}); one 3D volume is accepted — split the series first"
+        )
+    if min(array.shape) < 2:
+        raise SatInputError(
+            f"image has a single voxel along an axis (shape {shape}); "
+            "a 3D volume with at least 2 voxels per axis is required"
+        )
+    if array.size > max_voxels:
+        raise SatInputError(
+            f"image has {array.size} voxels (shape {shape}); at most {max_voxels} are accepted"
+        )
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise SatInputError(f"image has dtype {array.dtype}; real integer or float voxel values are accepted")
+    if np.issubdtype(array.dtype, np.floating):
+        finite = np.isfinite(array)
+        if not finite.all():
+            n_nan = int(np.isnan(array).sum())
+            raise SatInputError(
+                f"image has {n_nan} NaN and {finite.size - int(finite.sum()) - n_nan} infinite voxel values; "
+                "only finite values are accepted"
+            )
+    _check_affine(volume.affine)
+    return dataclasses.replace(volume, array=array)
+
+
+def _check_affine(affine: np.ndarray) -> None:
+    """Raise SatInputError unless ``affine`` is a finite ``[4, 4]`` with sane spacing and invertible."""
+    affine = np.asarray(affine)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise SatInputError(
+            "image affine is not a finite 4x4 matrix; a valid voxel-to-world affine is required"
+        )
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if not ((spacing >= MIN_SPACING_MM) & (spacing <= MAX_SPACING_MM)).all():
+        found = "x".join(f"{s:.4g}" for s in spacing)
+        raise SatInputError(
+            f"voxel spacing {found} mm is not accepted; "
+            f"each axis must be {MIN_SPACING_MM:g} to {MAX_SPACING_MM:g} mm"
+        )
+    # Relative to the spacing: coplanar voxel axes give a (near-)zero volume per voxel.
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-6 * float(np.prod(spacing)):
+        raise SatInputError(
+            "image affine is singular (its voxel axes are coplanar); "
+            "a valid voxel-to-world affine is required"
+        )
