@@ -20,10 +20,6 @@ from satseg.text import (
     resolve_text_encoder,
 )
 
-SHARED_DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
-needs_shared_data = pytest.mark.skipif(
-    not SHARED_DATA.is_dir(), reason=f"shared label-name lists not found at {SHARED_DATA} (fresh clone)"
-)
 PACKAGED_JSON = Path(__file__).parents[1] / "satseg" / "text" / "vocabulary.json"
 
 
@@ -32,8 +28,8 @@ def vocabulary() -> Vocabulary:
     return Vocabulary.load()
 
 
-def shared_names(relative: str) -> list[str]:
-    return list(json.loads((SHARED_DATA / relative).read_text()).values())
+def shared_names(shared_data: Path, relative: str) -> list[str]:
+    return list(json.loads((shared_data / relative).read_text()).values())
 
 
 def write_vocabulary(path: Path, terms: list[dict[str, object]]) -> Path:
@@ -77,9 +73,7 @@ def test_parse_prompt_list_splits_strips_and_deduplicates() -> None:
 def test_empty_prompt_list_is_an_error(given: str | list[str]) -> None:
     with pytest.raises(SatInputError) as caught:
         parse_prompt_list(given)
-    assert str(caught.value) == (
-        'no prompts given; pass one or more anatomy terms, e.g. --prompts "liver,spleen"'
-    )
+    assert str(caught.value) == ('no prompts given; pass one or more anatomy terms, e.g. --prompts "liver,spleen"')
 
 
 # --- the packaged vocabulary -----------------------------------------------------------------------
@@ -155,24 +149,22 @@ def test_structure_in_both_brain_atlases_is_one_term(vocabulary: Vocabulary) -> 
     assert hippocampus == Term("left hippocampus", ("hippocampus l",), ("mri",), "brain")
 
 
-@needs_shared_data
 @pytest.mark.parametrize(
     ("names_file", "modality"),
     [("totalseg/classes_total.json", "ct"), ("totalseg/classes_total_mr.json", "mri")],
 )
 def test_every_totalsegmentator_class_resolves(
-    vocabulary: Vocabulary, names_file: str, modality: str
+    vocabulary: Vocabulary, shared_data: Path, names_file: str, modality: str
 ) -> None:
     usable = set(vocabulary.for_modality(modality))
-    for name in shared_names(names_file):
+    for name in shared_names(shared_data, names_file):
         assert vocabulary.resolve(name) in usable, f"{name} ({modality})"
 
 
-@needs_shared_data
 @pytest.mark.parametrize("names_file", ["synthseg/labels.json", "mni/aal116_labels.json"])
-def test_every_brain_label_resolves_for_mri(vocabulary: Vocabulary, names_file: str) -> None:
+def test_every_brain_label_resolves_for_mri(vocabulary: Vocabulary, shared_data: Path, names_file: str) -> None:
     usable = set(vocabulary.for_modality("mri"))
-    resolved = [vocabulary.resolve(name) for name in shared_names(names_file)]
+    resolved = [vocabulary.resolve(name) for name in shared_names(shared_data, names_file)]
     assert set(resolved) <= usable
     assert len(set(resolved)) == len(resolved), "two atlas labels map to one term"
 
@@ -268,9 +260,7 @@ def test_bad_vocabulary_files_are_input_errors(tmp_path: Path) -> None:
     with pytest.raises(SatInputError, match='term "liver" is listed twice'):
         Vocabulary.load(twice)
     unnormalised = write_vocabulary(tmp_path / "u.json", [{"term": "kidney_left", "modalities": ["ct"]}])
-    with pytest.raises(
-        SatInputError, match='term "kidney_left" must be written as normalize_prompt gives it'
-    ):
+    with pytest.raises(SatInputError, match='term "kidney_left" must be written as normalize_prompt gives it'):
         Vocabulary.load(unnormalised)
 
 

@@ -21,6 +21,9 @@ def load_hf_encoder(path: str | os.PathLike[str], *, pretrained: bool = True) ->
     encoder weights are loaded afterwards.
     """
     from transformers import AutoConfig, AutoModel  # slow import, only needed here
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # its per-tensor bar would clutter every CLI run
 
     if pretrained:
         return AutoModel.from_pretrained(path, local_files_only=True)
@@ -37,9 +40,7 @@ class TextTower(nn.Module):
     def __init__(self, encoder: nn.Module, hidden_size: int, d_model: int, num_modalities: int) -> None:
         super().__init__()
         self.encoder = encoder
-        self.projection = nn.Sequential(
-            nn.Linear(hidden_size, d_model), nn.GELU(), nn.Linear(d_model, d_model)
-        )
+        self.projection = nn.Sequential(nn.Linear(hidden_size, d_model), nn.GELU(), nn.Linear(d_model, d_model))
         self.modality_embedding = nn.Embedding(num_modalities, d_model)
 
     def forward(

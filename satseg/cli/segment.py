@@ -1,0 +1,152 @@
+"""``sat-segment``: segment a CT, MRI or PET volume from text prompts, in this process."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from satseg.cli.common import run_cli
+from satseg.errors import SatInputError
+from satseg.geometry import PreprocessConfig, load_volume
+from satseg.geometry.volume import MODALITIES
+from satseg.outputs.writer import OutputOptions, write_segmentation
+from satseg.pipeline import InferenceOptions, Segmenter, resolve_device
+from satseg.text import Vocabulary, parse_prompt_list
+
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "sat-tiny-demo"
+
+EPILOG = """examples:
+  sat-segment -i ct.nii.gz -o out/ --prompts "liver,spleen,left kidney" --statistics --preview
+  sat-segment -i dicom_series/ -o out/ --prompts "left hippocampus,right hippocampus" --modality mri --ml
+  sat-segment -i ct.nii.gz -o out/ --prompts "liver" --checkpoint checkpoints/nano --device cuda
+
+outputs (all on the input's grid, with the input's affine):
+  <term>.nii.gz     one uint8 mask per prompt (spaces become underscores), or with --ml
+  labelmap.nii.gz   one uint16 label map; where masks overlap the highest probability wins
+  labels.json       label value -> term (also stored in each NIfTI header extension)
+  statistics.json   volume in mL and voxel count per structure (--statistics)
+  preview.png       three orthogonal slices with coloured overlays (--preview)
+
+Prompts are anatomy terms from the packaged vocabulary (synonyms and snake_case such as
+"kidney_left" are understood). Not for clinical use.
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="sat-segment",
+        description="Segment anatomy named by text prompts in a 3D CT, MRI or PET volume (in-process).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-i", "--input", type=Path, required=True, help="a .nii/.nii.gz file or a DICOM series folder")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="folder for the results (created)")
+    parser.add_argument("--prompts", required=True, help='comma-separated anatomy terms, e.g. "liver,left kidney"')
+    parser.add_argument(
+        "--modality",
+        choices=MODALITIES,
+        help="imaging modality; default: read from DICOM, else ct (it selects the intensity normalisation)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=os.environ.get("SATSEG_CHECKPOINT"),
+        help="checkpoint folder (config.json + model.safetensors); default $SATSEG_CHECKPOINT or the bundled demo",
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    parser.add_argument("--ml", action="store_true", help="write one merged label map instead of one mask per prompt")
+    parser.add_argument("--statistics", action="store_true", help="write statistics.json (volume in mL per structure)")
+    parser.add_argument("--preview", action="store_true", help="write preview.png (three slices with overlays)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
+    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
+    parser.add_argument("--batch-size", type=int, default=1, help="windows per model call (default 1)")
+    parser.add_argument(
+        "--orientation",
+        default="RAS",
+        help="working orientation code (default RAS; ASR for sagittal acquisitions)",
+    )
+    parser.add_argument(
+        "--allow-free-text",
+        action="store_true",
+        help="send prompts missing from the vocabulary to the text encoder",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def choose_checkpoint(requested: Path | None) -> Path:
+    if requested is not None:
+        return requested
+    if BUNDLED_CHECKPOINT.is_dir():
+        return BUNDLED_CHECKPOINT
+    raise SatInputError(
+        "no checkpoint: pass --checkpoint DIR (a folder with config.json and model.safetensors) "
+        "or set SATSEG_CHECKPOINT; `sat-checkpoint init` makes an untrained one for trials"
+    )
+
+
+def choose_modality(requested: str | None, from_file: str | None) -> str:
+    if requested and from_file and requested != from_file:
+        print(f"note: the DICOM header says {from_file}; using --modality {requested}", file=sys.stderr)
+    if requested or from_file:
+        return requested or from_file  # type: ignore[return-value]
+    print("note: no --modality given and none in the file; assuming ct", file=sys.stderr)
+    return "ct"
+
+
+def check_options(args: argparse.Namespace) -> None:
+    if not 0.0 < args.threshold < 1.0:
+        raise SatInputError(f"--threshold {args.threshold} is outside (0, 1)")
+    if not 0.0 <= args.overlap < 1.0:
+        raise SatInputError(f"--overlap {args.overlap} is outside [0, 1)")
+    if args.batch_size < 1:
+        raise SatInputError(f"--batch-size {args.batch_size} must be at least 1")
+
+
+def segment(args: argparse.Namespace) -> int:
+    check_options(args)
+    vocabulary = Vocabulary.load()
+    terms = vocabulary.resolve_all(parse_prompt_list(args.prompts), allow_free_text=args.allow_free_text)
+    volume = load_volume(args.input)
+    modality = choose_modality(args.modality, volume.modality)
+    device = resolve_device(args.device)
+    options = InferenceOptions(
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        preprocess=PreprocessConfig(orientation=args.orientation),
+    )
+    checkpoint = choose_checkpoint(args.checkpoint)
+    segmenter = Segmenter.from_checkpoint(checkpoint, device=device, vocabulary=vocabulary, options=options)
+    if segmenter.metadata.extra.get("trained") is False:
+        print(f"warning: {checkpoint} holds untrained weights; the masks are meaningless", file=sys.stderr)
+    started = time.perf_counter()
+    results = segmenter.segment(volume, terms, modality, progress=not args.quiet)
+    written = write_segmentation(
+        volume,
+        terms,
+        results,
+        args.output,
+        OutputOptions(
+            merged_labelmap=args.ml,
+            statistics=args.statistics,
+            preview=args.preview,
+            threshold=args.threshold,
+        ),
+    )
+    print(
+        f"segmented {len(terms)} structure(s) of a {'x'.join(map(str, volume.shape))} {modality} volume "
+        f"in {time.perf_counter() - started:.1f} s on {device}; wrote {len(written)} file(s) to {args.output}"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli("sat-segment", lambda: segment(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""The reference in-process segmenter: a volume and prompts in, per-prompt probabilities on the input grid out.
+
+Everything a server or a client does later is measured against this path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from satseg.checkpoint import CheckpointMetadata, load_checkpoint
+from satseg.errors import SatInputError
+from satseg.geometry import PreprocessConfig, prepare
+from satseg.geometry.volume import MODALITIES, Volume
+from satseg.model import SAT
+from satseg.text import (
+    EmbeddingCache,
+    PromptTokenizer,
+    Vocabulary,
+    check_modality,
+    resolve_text_encoder,
+    tensor_sha256,
+)
+from satseg.window import Predictor, sliding_window_probabilities
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How windows are run and blended.
+
+    ``prompts_per_pass`` bounds memory: each pass holds ``prompts_per_pass`` fp16 probability maps
+    of the model grid (2 bytes per voxel each); more prompts take more passes over the windows.
+    """
+
+    overlap: float = 0.5
+    batch_size: int = 1
+    accumulator_dtype: torch.dtype = torch.float16
+    prompts_per_pass: int = 32
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+
+@dataclass(frozen=True)
+class PromptProbabilities:
+    """One prompt's result: ``probabilities`` float32 ``[I, J, K]`` in [0, 1] on the input grid."""
+
+    index: int
+    term: str
+    probabilities: torch.Tensor
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` (refused with a clear message when absent) or ``auto``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SatInputError("--device cuda was asked for but CUDA is not available here; use --device cpu")
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        raise SatInputError(f"unknown device {name!r}; accepted: cpu, cuda, cuda:N, auto")
+    return torch.device(name)
+
+
+def default_cache_dir() -> Path:
+    """Where prompt embeddings persist: ``$SATSEG_CACHE_DIR``, else ``$XDG_CACHE_HOME/satseg``."""
+    if "SATSEG_CACHE_DIR" in os.environ:
+        return Path(os.environ["SATSEG_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "satseg" / "embeddings"
+
+
+class Segmenter:
+    """SAT inference in this process, on CPU or one GPU.
+
+    Prompts are embedded once per (term, modality) and cached; windows run through
+    :meth:`predict_logits`, the same ``(patches, queries) -> logits`` contract that onnxruntime
+    and Triton implement; probabilities go back to the input grid one prompt at a time.
+    """
+
+    def __init__(
+        self,
+        model: SAT,
+        *,
+        vocabulary: Vocabulary | None = None,
+        device: torch.device | str = "cpu",
+        cache_dir: Path | None = None,
+        options: InferenceOptions | None = None,
+        metadata: CheckpointMetadata | None = None,
+    ) -> None:
+        self.metadata = metadata
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.vocabulary = vocabulary or Vocabulary.load()
+        self.options = options or InferenceOptions()
+        self.tokenizer = PromptTokenizer(resolve_text_encoder(model.config.text_encoder))
+        # The cached value is the final query, so the key covers the whole text tower.
+        self.embeddings = EmbeddingCache(tensor_sha256(model.text.state_dict()), cache_dir=cache_dir)
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: str | os.PathLike[str], *, device: torch.device | str = "cpu", **kwargs: object
+    ) -> Segmenter:
+        model, metadata = load_checkpoint(checkpoint, device=device)
+        return cls(model, device=device, metadata=metadata, **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        return self.model.config.patch_size
+
+    def resolve_prompts(self, prompts: Sequence[str], *, allow_free_text: bool = False) -> list[str]:
+        """Canonical vocabulary terms for ``prompts`` (or normalised free text where allowed)."""
+        return self.vocabulary.resolve_all(prompts, allow_free_text=allow_free_text)
+
+    @torch.inference_mode()
+    def _encode_uncached(self, terms: list[str], modality: str) -> torch.Tensor:
+        tokens = {key: value.to(self.device) for key, value in self.tokenizer(terms).items()}
+        modality_ids = torch.full((len(terms),), MODALITIES.index(modality), device=self.device)
+        return self.model.encode_prompts(tokens["input_ids"], tokens["attention_mask"], modality_ids).float().cpu()
+
+    def encode(self, terms: Sequence[str], modality: str) -> torch.Tensor:
+        """Queries ``[N, d_model]`` float32 for resolved ``terms`` (the encoder runs only for new ones)."""
+        return self.embeddings.get_or_compute(terms, modality, self._encode_uncached)
+
+    @torch.inference_mode()
+    def predict_logits(self, patches: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """``patches [B, 1, H, W, D]``, ``queries [B, N, d]`` -> ``logits [B, N, H, W, D]`` (the Predictor)."""
+        return self.model.vision(patches.to(self.device), queries.to(self.device))
+
+    def segment(
+        self, volume: Volume, terms: Sequence[str], modality: str, *, progress: bool = False
+    ) -> Iterator[PromptProbabilities]:
+        """Yield each term's probabilities on ``volume``'s grid, in the order of ``terms``.
+
+        ``terms`` must already be resolved (:meth:`resolve_prompts`).
+        """
+        if not terms:
+            raise ValueError("segment() needs at least one term resolved by resolve_prompts()")
+        queries = self.encode(terms, check_modality(modality))
+        stream = probabilities_on_input_grid(
+            volume, queries, self.predict_logits, self.patch_size, modality, self.options, self.device, progress
+        )
+        for index, probabilities in stream:
+            yield PromptProbabilities(index, terms[index], probabilities)
+
+
+def probabilities_on_input_grid(
+    volume: Volume,
+    queries: torch.Tensor,
+    predictor: Predictor,
+    patch_size: tuple[int, int, int],
+    modality: str,
+    options: InferenceOptions,
+    device: torch.device,
+    progress: bool = False,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """The geometry and windowing around any predictor (torch, onnxruntime or Triton).
+
+    Prepares ``volume`` on the model grid, slides windows with ``queries [N, C]`` in passes of
+    ``options.prompts_per_pass`` prompts, and yields ``(index, probabilities)`` per prompt:
+    float32 ``[I, J, K]`` in [0, 1] on the input grid. At most one pass of fp16 model-grid maps
+    and one input-grid map exist at a time.
+    """
+    prepared = prepare(volume, modality, options.preprocess)
+    image = prepared.image.to(device)
+    for start in range(0, queries.shape[0], options.prompts_per_pass):
+        probabilities = sliding_window_probabilities(
+            image,
+            queries[start : start + options.prompts_per_pass].to(device),
+            predictor,
+            patch_size,
+            overlap=options.overlap,
+            batch_size=options.batch_size,
+            accumulator_dtype=options.accumulator_dtype,
+            device=device,
+            progress=progress,
+        )
+        for offset in range(probabilities.shape[0]):
+            yield start + offset, prepared.to_input_grid(probabilities[offset].float())
+        del probabilities

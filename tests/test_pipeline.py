@@ -1,0 +1,123 @@
+"""The whole in-process path: geometry, windows and inverse around a predictor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from satseg.geometry import PreprocessConfig, Volume, prepare
+from satseg.pipeline import InferenceOptions, Segmenter, probabilities_on_input_grid
+from training.data.phantom import world_coordinates
+
+TINY_PATCH = (96, 96, 32)
+
+
+def oblique_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float], flip: bool) -> np.ndarray:
+    """Rotated about two axes, anisotropic, optionally flipped on the first axis, centred at the origin."""
+    direction = Rotation.from_euler("zx", [27, -19], degrees=True).as_matrix()
+    if flip:
+        direction = direction @ np.diag([-1.0, 1.0, 1.0])
+    affine = np.eye(4)
+    affine[:3, :3] = direction @ np.diag(spacing)
+    affine[:3, 3] = -affine[:3, :3] @ ((np.array(shape) - 1) / 2)
+    return affine
+
+
+def sphere_volume(flip: bool, centre=(8.0, -6.0, 5.0), radius: float = 22.0) -> tuple[Volume, np.ndarray, np.ndarray]:
+    """A CT with a 400 HU sphere in 0 HU tissue inside air: ``(volume, sphere mask, centre)``."""
+    shape = (64, 80, 48)
+    affine = oblique_affine(shape, (1.6, 1.3, 2.2), flip)
+    world = world_coordinates(shape, affine)
+    sphere = np.linalg.norm(world - np.array(centre, dtype=np.float32), axis=-1) <= radius
+    image = np.zeros(shape, dtype=np.int16)
+    image[:4], image[-4:] = -1000, -1000  # air slabs, so the foreground crop really crops
+    image[sphere] = 400
+    return Volume(image, affine, modality="ct"), sphere, np.array(centre)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def world_centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    indices = np.argwhere(mask).mean(axis=0)
+    return affine[:3, :3] @ indices + affine[:3, 3]
+
+
+@pytest.mark.parametrize("flip", [False, True], ids=["oblique", "oblique-flipped"])
+def test_oracle_sphere_comes_back_at_its_world_position(flip: bool) -> None:
+    """A "model" that segments the sphere in the resampled grid; the pipeline must map it home."""
+    volume, painted, centre = sphere_volume(flip)
+    model_grid = prepare(volume, "ct", PreprocessConfig()).image
+    threshold = float(model_grid.max() + model_grid.median()) / 2
+
+    def oracle(patches: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        inside = 40.0 * (patches - threshold)  # [B, 1, h, w, d]
+        return inside.expand(-1, queries.shape[1], -1, -1, -1)
+
+    queries = torch.zeros(2, 8)
+    results = dict(
+        probabilities_on_input_grid(volume, queries, oracle, TINY_PATCH, "ct", InferenceOptions(), torch.device("cpu"))
+    )
+    assert sorted(results) == [0, 1]
+    mask = (results[0] > 0.5).numpy()
+    assert mask.shape == volume.shape
+    assert dice(mask, painted) >= 0.95
+    assert np.linalg.norm(world_centroid(mask, volume.affine) - centre) < 1.0
+    assert np.linalg.norm(world_centroid(painted, volume.affine) - centre) < 1.0
+
+
+def test_a_shifted_oracle_fails_the_same_check() -> None:
+    """The Dice gate can fail: a one-voxel shift on the model grid already costs accuracy."""
+    volume, painted, _ = sphere_volume(False)
+    model_grid = prepare(volume, "ct", PreprocessConfig()).image
+    threshold = float(model_grid.max() + model_grid.median()) / 2
+
+    def shifted_oracle(patches: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        return (40.0 * (patches - threshold)).roll(shifts=4, dims=2)
+
+    ((_, probabilities),) = probabilities_on_input_grid(
+        volume, torch.zeros(1, 8), shifted_oracle, TINY_PATCH, "ct", InferenceOptions(), torch.device("cpu")
+    )
+    assert dice((probabilities > 0.5).numpy(), painted) < 0.95
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Segmenter:
+    cache = tmp_path_factory.mktemp("embeddings")
+    return Segmenter.from_checkpoint(tiny_checkpoint, cache_dir=cache, options=InferenceOptions(prompts_per_pass=2))
+
+
+def test_segmenter_streams_prompts_on_the_input_grid(segmenter: Segmenter) -> None:
+    volume, _, _ = sphere_volume(True)
+    terms = segmenter.resolve_prompts(["Liver", "kidney_left", "spleen"])
+    assert terms == ["liver", "left kidney", "spleen"]
+    results = list(segmenter.segment(volume, terms, "ct"))
+    assert [(result.index, result.term) for result in results] == [(0, "liver"), (1, "left kidney"), (2, "spleen")]
+    for result in results:
+        assert result.probabilities.shape == volume.shape
+        assert result.probabilities.dtype == torch.float32
+        assert float(result.probabilities.min()) >= 0.0 and float(result.probabilities.max()) <= 1.0
+
+
+def test_prompt_passes_do_not_change_results(segmenter: Segmenter, tiny_checkpoint) -> None:
+    """Three prompts in passes of two give what one pass of three gives."""
+    volume, _, _ = sphere_volume(False)
+    terms = ["liver", "left kidney", "spleen"]
+    in_passes = [result.probabilities for result in segmenter.segment(volume, terms, "ct")]
+    one_pass = Segmenter(segmenter.model, options=InferenceOptions(prompts_per_pass=3))
+    together = [result.probabilities for result in one_pass.segment(volume, terms, "ct")]
+    for a, b in zip(in_passes, together, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=0)
+
+
+def test_known_prompts_never_run_the_encoder_twice(segmenter: Segmenter) -> None:
+    first = segmenter.encode(["liver", "spleen"], "ct")
+    misses = segmenter.embeddings.stats.misses
+    again = segmenter.encode(["spleen", "liver"], "ct")
+    assert segmenter.embeddings.stats.misses == misses
+    assert torch.equal(again, first.flip(0))
+    mri = segmenter.encode(["liver"], "mri")
+    assert not torch.equal(mri[0], first[0]), "the modality embedding must change the query"
