@@ -31,14 +31,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "init", help="write a randomly initialised checkpoint (a starting point for training, or for tests)"
     )
     init.add_argument("--size", choices=sorted(SAT_CONFIGS), default="tiny", help="model size (default tiny)")
-    init.add_argument(
-        "--output", "-o", type=Path, required=True, help="folder to write config.json and weights"
-    )
+    init.add_argument("--output", "-o", type=Path, required=True, help="folder to write config.json and weights")
     init.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     init.add_argument("--fp16", action="store_true", help="store weights in float16 (half the size)")
-    init.add_argument(
-        "--if-missing", action="store_true", help="do nothing if the folder already has a checkpoint"
-    )
+    init.add_argument("--if-missing", action="store_true", help="do nothing if the folder already has a checkpoint")
     info = commands.add_parser("info", help="print what a checkpoint holds, as JSON")
     info.add_argument("checkpoint", type=Path, help="checkpoint folder")
     return parser.parse_args(argv)
@@ -71,9 +67,7 @@ def show_info(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli(
-        "sat-checkpoint", lambda: init_checkpoint(args) if args.command == "init" else show_info(args)
-    )
+    return run_cli("sat-checkpoint", lambda: init_checkpoint(args) if args.command == "init" else show_info(args))
 
 
 if __name__ == "__main__":

@@ -61,9 +61,7 @@ class SATConfig:
         if any(size % self.downsampling for size in self.patch_size):
             raise ValueError(f"patch_size {self.patch_size} must be divisible by {self.downsampling}")
         if self.d_model % self.decoder_heads:
-            raise ValueError(
-                f"d_model {self.d_model} must be divisible by decoder_heads {self.decoder_heads}"
-            )
+            raise ValueError(f"d_model {self.d_model} must be divisible by decoder_heads {self.decoder_heads}")
 
 
 SAT_CONFIGS: dict[str, SATConfig] = {

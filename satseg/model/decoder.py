@@ -21,9 +21,7 @@ class QueryDecoderLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d_model, ffn), nn.ReLU(inplace=True), nn.Linear(ffn, d_model))
 
     def forward(self, queries: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        attended, _ = self.cross_attention(
-            self.norm_attention(queries), tokens + positions, tokens, need_weights=False
-        )
+        attended, _ = self.cross_attention(self.norm_attention(queries), tokens + positions, tokens, need_weights=False)
         queries = queries + attended
         return queries + self.ffn(self.norm_ffn(queries))
 

@@ -30,13 +30,10 @@ class SATVision(nn.Module):
         channels = config.unet_channels
         self.backbone = UNet3D(config.in_channels, channels, config.unet_strides, config.convs_per_stage)
         self.tokenizer = ImageTokenizer(channels, config.d_model)
-        self.decoder = QueryDecoder(
-            config.d_model, config.decoder_heads, config.decoder_ffn, config.decoder_layers
-        )
+        self.decoder = QueryDecoder(config.d_model, config.decoder_heads, config.decoder_ffn, config.decoder_layers)
         self.mask_head = MaskHead(config.d_model, channels[0])
         self.deep_supervision_heads = nn.ModuleList(
-            MaskHead(config.d_model, channels[level])
-            for level in range(1, config.deep_supervision_levels + 1)
+            MaskHead(config.d_model, channels[level]) for level in range(1, config.deep_supervision_levels + 1)
         )
 
     def forward(self, image: torch.Tensor, queries: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
@@ -47,8 +44,7 @@ class SATVision(nn.Module):
         if not (self.training and self.deep_supervision):
             return logits
         auxiliary = [
-            head(decoded, decoder_maps[level])
-            for level, head in enumerate(self.deep_supervision_heads, start=1)
+            head(decoded, decoder_maps[level]) for level, head in enumerate(self.deep_supervision_heads, start=1)
         ]
         return [logits, *auxiliary]
 

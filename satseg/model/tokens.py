@@ -17,9 +17,7 @@ def sinusoidal_position_encoding_3d(grid: tuple[int, int, int], dim: int) -> tor
     ``(h, w, d)``, matching ``flatten(2)`` of a ``[B, C, h, w, d]`` map.
     """
     frequencies = dim // 6
-    inverse_frequency = torch.exp(
-        -math.log(10000.0) * torch.arange(frequencies, dtype=torch.float32) / frequencies
-    )
+    inverse_frequency = torch.exp(-math.log(10000.0) * torch.arange(frequencies, dtype=torch.float32) / frequencies)
     axes = torch.meshgrid(*(torch.arange(size, dtype=torch.float32) for size in grid), indexing="ij")
     parts = []
     for positions in axes:

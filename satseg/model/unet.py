@@ -43,9 +43,7 @@ class UNet3D(nn.Module):
             for cin, cout, stride in zip(inputs, channels, strides, strict=True)
         )
         self.upsample = nn.ModuleList(
-            nn.ConvTranspose3d(
-                channels[i + 1], channels[i], kernel_size=strides[i + 1], stride=strides[i + 1]
-            )
+            nn.ConvTranspose3d(channels[i + 1], channels[i], kernel_size=strides[i + 1], stride=strides[i + 1])
             for i in range(len(channels) - 1)
         )
         self.decoder = nn.ModuleList(
