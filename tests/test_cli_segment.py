@@ -18,8 +18,10 @@ from satseg.outputs import read_label_extension
 from training.data.phantom import centred_affine, make_torso_phantom
 
 
-def run_cli(capsys: pytest.CaptureFixture[str], *arguments: str) -> tuple[int, str, str]:
-    code = segment_cli([*arguments, "--quiet"])
+def run_cli(
+    capsys: pytest.CaptureFixture[str], source: Path, out: Path, checkpoint: Path, *options: str
+) -> tuple[int, str, str]:
+    code = segment_cli(["-i", str(source), "-o", str(out), "--checkpoint", str(checkpoint), *options, "--quiet"])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -45,17 +47,7 @@ def test_masks_labels_statistics_and_preview(
 ) -> None:
     out = tmp_path / "out"
     code, stdout, _ = run_cli(
-        capsys,
-        "-i",
-        str(phantom_path),
-        "-o",
-        str(out),
-        "--checkpoint",
-        str(tiny_checkpoint),
-        "--prompts",
-        "liver, kidney_left",
-        "--statistics",
-        "--preview",
+        capsys, phantom_path, out, tiny_checkpoint, "--prompts", "liver, kidney_left", "--statistics", "--preview"
     )
     assert code == 0, stdout
     source = nib.load(phantom_path)
@@ -77,18 +69,7 @@ def test_merged_label_map(
     phantom_path: Path, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    code, _, _ = run_cli(
-        capsys,
-        "-i",
-        str(phantom_path),
-        "-o",
-        str(out),
-        "--checkpoint",
-        str(tiny_checkpoint),
-        "--prompts",
-        "liver,spleen,stomach",
-        "--ml",
-    )
+    code, _, _ = run_cli(capsys, phantom_path, out, tiny_checkpoint, "--prompts", "liver,spleen,stomach", "--ml")
     assert code == 0
     labelmap = nib.load(out / "labelmap.nii.gz")
     assert_on_input_grid(out / "labelmap.nii.gz", nib.load(phantom_path))
@@ -118,12 +99,9 @@ def test_real_volumes_keep_their_grid(
     out = tmp_path / case
     code, _, stderr = run_cli(
         capsys,
-        "-i",
-        str(source_path),
-        "-o",
-        str(out),
-        "--checkpoint",
-        str(tiny_checkpoint),
+        source_path,
+        out,
+        tiny_checkpoint,
         "--prompts",
         prompts,
         "--modality",
@@ -142,9 +120,7 @@ def test_dicom_series_in_masks_out_on_its_grid(
     series = tmp_path / "series"
     write_series(series, np.clip(distinct_hu((40, 32, 12)), -1024, None))
     out = tmp_path / "out"
-    code, _, stderr = run_cli(
-        capsys, "-i", str(series), "-o", str(out), "--checkpoint", str(tiny_checkpoint), "--prompts", "liver"
-    )
+    code, _, stderr = run_cli(capsys, series, out, tiny_checkpoint, "--prompts", "liver")
     assert code == 0, stderr
     source = load_volume(series)
     mask = nib.load(out / "liver.nii.gz")
@@ -219,9 +195,7 @@ def test_bad_input_gives_one_line_and_keeps_earlier_results(
     earlier = out / "liver.nii.gz"
     earlier.write_bytes(b"an earlier result")
     source = make_input(tmp_path)
-    code, _, stderr = run_cli(
-        capsys, "-i", str(source), "-o", str(out), "--checkpoint", str(tiny_checkpoint), "--prompts", prompts
-    )
+    code, _, stderr = run_cli(capsys, source, out, tiny_checkpoint, "--prompts", prompts)
     assert code == 2
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sat-segment: error: "), stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from satseg.checkpoint import CONFIG_FILE, read_metadata, save_checkpoint
-from satseg.cli.common import run_cli
+from satseg.cli.common import cli_parser, run_cli
 from satseg.model import SAT_CONFIGS, build_sat
 from satseg.text import Vocabulary
 
@@ -20,11 +20,8 @@ EPILOG = """examples:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="sat-checkpoint",
-        description="Create a freshly initialised SAT checkpoint, or describe an existing one.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = cli_parser(
+        "sat-checkpoint", "Create a freshly initialised SAT checkpoint, or describe an existing one.", EPILOG
     )
     commands = parser.add_subparsers(dest="command", required=True)
     init = commands.add_parser(

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from satseg.cli.common import run_cli
+from satseg.cli.common import cli_parser, run_cli
 from satseg.errors import SatInputError
 from satseg.geometry import PreprocessConfig, load_volume
 from satseg.geometry.volume import MODALITIES
@@ -36,11 +36,8 @@ Prompts are anatomy terms from the packaged vocabulary (synonyms and snake_case 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="sat-segment",
-        description="Segment anatomy named by text prompts in a 3D CT, MRI or PET volume (in-process).",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = cli_parser(
+        "sat-segment", "Segment anatomy named by text prompts in a 3D CT, MRI or PET volume (in-process).", EPILOG
     )
     parser.add_argument("-i", "--input", type=Path, required=True, help="a .nii/.nii.gz file or a DICOM series folder")
     parser.add_argument("-o", "--output", type=Path, required=True, help="folder for the results (created)")

@@ -62,9 +62,7 @@ def load_nifti(path: str | os.PathLike[str]) -> Volume:
         zero_pixdim_axes = _zero_pixdim_axes(path, img)
     except (ImageFileError, HeaderDataError, EOFError, OSError, zlib.error, ValueError) as error:
         reason = " ".join(str(error).split())
-        raise SatInputError(
-            f"could not read NIfTI {path.name!r}: file is truncated or corrupt ({reason})"
-        ) from error
+        raise SatInputError(f"could not read NIfTI {path.name!r}: file is truncated or corrupt ({reason})") from error
     if array.dtype == np.float64:
         array = array.astype(np.float32)
     affine = np.array(img.affine, dtype=np.float64)
@@ -109,9 +107,7 @@ def load_dicom_series(folder: str | os.PathLike[str]) -> Volume:
         )
     series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in headers}
     if len(series) > 1:
-        raise SatInputError(
-            f"folder {folder} holds {len(series)} DICOM series; put each series in its own folder"
-        )
+        raise SatInputError(f"folder {folder} holds {len(series)} DICOM series; put each series in its own folder")
     if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for _, ds in headers):
         raise SatInputError(
             "multi-frame (enhanced) DICOM is not supported; convert it to NIfTI first (e.g. with dcm2niix)"
@@ -150,12 +146,8 @@ def _read_dicom_headers(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
         except InvalidDicomError:
             continue  # not DICOM (no preamble): a stray file
         except (EOFError, OSError, ValueError) as error:
-            raise SatInputError(
-                f"could not read DICOM file {path.name!r}: file is truncated or corrupt"
-            ) from error
-        if all(
-            tag in ds for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows")
-        ):
+            raise SatInputError(f"could not read DICOM file {path.name!r}: file is truncated or corrupt") from error
+        if all(tag in ds for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows")):
             headers.append((path, ds))
     return headers
 
@@ -182,9 +174,7 @@ def _slice_step(positions: np.ndarray, normal: np.ndarray) -> np.ndarray:
     step = (positions[-1] - positions[0]) / (len(positions) - 1)
     on_line = positions[0] + np.arange(len(positions))[:, None] * step
     if np.abs(positions - on_line).max() > tolerance:
-        raise SatInputError(
-            "DICOM slice positions do not lie on a line; one straight stack of slices is required"
-        )
+        raise SatInputError("DICOM slice positions do not lie on a line; one straight stack of slices is required")
     return step
 
 
@@ -247,9 +237,7 @@ def validate_volume(volume: Volume, max_voxels: int = 1_000_000_000) -> Volume:
             "a 3D volume with at least 2 voxels per axis is required"
         )
     if array.size > max_voxels:
-        raise SatInputError(
-            f"image has {array.size} voxels (shape {shape}); at most {max_voxels} are accepted"
-        )
+        raise SatInputError(f"image has {array.size} voxels (shape {shape}); at most {max_voxels} are accepted")
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         raise SatInputError(f"image has dtype {array.dtype}; real integer or float voxel values are accepted")
     if np.issubdtype(array.dtype, np.floating):
@@ -268,19 +256,15 @@ def _check_affine(affine: np.ndarray) -> None:
     """Raise SatInputError unless ``affine`` is a finite ``[4, 4]`` with sane spacing and invertible."""
     affine = np.asarray(affine)
     if affine.shape != (4, 4) or not np.isfinite(affine).all():
-        raise SatInputError(
-            "image affine is not a finite 4x4 matrix; a valid voxel-to-world affine is required"
-        )
+        raise SatInputError("image affine is not a finite 4x4 matrix; a valid voxel-to-world affine is required")
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     if not ((spacing >= MIN_SPACING_MM) & (spacing <= MAX_SPACING_MM)).all():
         found = "x".join(f"{s:.4g}" for s in spacing)
         raise SatInputError(
-            f"voxel spacing {found} mm is not accepted; "
-            f"each axis must be {MIN_SPACING_MM:g} to {MAX_SPACING_MM:g} mm"
+            f"voxel spacing {found} mm is not accepted; each axis must be {MIN_SPACING_MM:g} to {MAX_SPACING_MM:g} mm"
         )
     # Relative to the spacing: coplanar voxel axes give a (near-)zero volume per voxel.
     if abs(np.linalg.det(affine[:3, :3])) < 1e-6 * float(np.prod(spacing)):
         raise SatInputError(
-            "image affine is singular (its voxel axes are coplanar); "
-            "a valid voxel-to-world affine is required"
+            "image affine is singular (its voxel axes are coplanar); a valid voxel-to-world affine is required"
         )

@@ -62,9 +62,7 @@ class PreprocessConfig:
                 f"target spacing {self.target_spacing} is not accepted; it must be three positive sizes in mm"
             )
         if not math.isfinite(self.crop_margin_mm) or self.crop_margin_mm < 0:
-            raise SatInputError(
-                f"crop margin {self.crop_margin_mm} mm is not accepted; it must be 0 mm or more"
-            )
+            raise SatInputError(f"crop margin {self.crop_margin_mm} mm is not accepted; it must be 0 mm or more")
         try:
             axes = axcodes2ornt(tuple(self.orientation))[:, 0]
         except ValueError:
@@ -180,9 +178,7 @@ def normalize_intensity(image: torch.Tensor, modality: str) -> torch.Tensor:
 
 def _check_modality(modality: str) -> None:
     if modality not in MODALITIES:
-        raise SatInputError(
-            f"modality {modality!r} is not accepted; it must be one of {', '.join(MODALITIES)}"
-        )
+        raise SatInputError(f"modality {modality!r} is not accepted; it must be one of {', '.join(MODALITIES)}")
 
 
 def _grid_to_input(
@@ -228,9 +224,7 @@ def _as_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def _resample(
-    source: torch.Tensor, out_to_source: np.ndarray, out_shape: tuple[int, int, int]
-) -> torch.Tensor:
+def _resample(source: torch.Tensor, out_to_source: np.ndarray, out_shape: tuple[int, int, int]) -> torch.Tensor:
     """Trilinear resampling of ``source`` [A, B, C] (any real dtype) onto a float32 ``out_shape`` grid.
 
     ``out_to_source`` [4, 4] maps output voxel indices to source voxel indices and must be axis-aligned

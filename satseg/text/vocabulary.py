@@ -125,8 +125,7 @@ def _term_from_json(entry: Any, source: str) -> Term:
         raise SatInputError(f'vocabulary {source}: "synonyms" of "{name}" must be a list of strings')
     if not (isinstance(modalities, list) and modalities and set(modalities) <= set(MODALITIES)):
         raise SatInputError(
-            f'vocabulary {source}: "modalities" of "{name}" must be a non-empty list of '
-            f"{', '.join(MODALITIES)}"
+            f'vocabulary {source}: "modalities" of "{name}" must be a non-empty list of {", ".join(MODALITIES)}'
         )
     if region is not None and not isinstance(region, str):
         raise SatInputError(f'vocabulary {source}: "region" of "{name}" must be a string or null')
