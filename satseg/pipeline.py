@@ -15,13 +15,12 @@ import torch
 from satseg.checkpoint import CheckpointMetadata, load_checkpoint
 from satseg.errors import SatInputError
 from satseg.geometry import PreprocessConfig, prepare
-from satseg.geometry.volume import MODALITIES, Volume
+from satseg.geometry.volume import MODALITIES, Volume, check_modality
 from satseg.model import SAT
 from satseg.text import (
     EmbeddingCache,
     PromptTokenizer,
     Vocabulary,
-    check_modality,
     resolve_text_encoder,
     tensor_sha256,
 )
@@ -136,7 +135,8 @@ class Segmenter:
         """
         if not terms:
             raise ValueError("segment() needs at least one term resolved by resolve_prompts()")
-        queries = self.encode(terms, check_modality(modality))
+        modality = check_modality(modality)
+        queries = self.encode(terms, modality)
         stream = probabilities_on_input_grid(
             volume, queries, self.predict_logits, self.patch_size, modality, self.options, self.device, progress
         )

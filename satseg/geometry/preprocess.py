@@ -23,7 +23,7 @@ from monai.transforms import generate_spatial_bounding_box, percentile
 from nibabel.orientations import axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
 from satseg.errors import SatInputError
-from satseg.geometry.volume import MODALITIES, Volume
+from satseg.geometry.volume import Volume, check_modality
 
 CT_WINDOW_HU: tuple[float, float] = (-500.0, 1000.0)
 """CT intensities are clipped to this range before the z-score."""
@@ -129,7 +129,7 @@ def prepare(volume: Volume, modality: str, config: PreprocessConfig = Preprocess
     Returns:
         The :class:`PreparedVolume`; ``to_input_grid`` maps predictions back to ``volume``'s grid.
     """
-    _check_modality(modality)
+    modality = check_modality(modality)
     grid_to_input, grid_shape = _grid_to_input(volume.affine, volume.shape, config)
     grid = _resample(_as_tensor(volume.array), grid_to_input, grid_shape)
     start, stop = (0, 0, 0), grid_shape
@@ -163,7 +163,7 @@ def normalize_intensity(image: torch.Tensor, modality: str) -> torch.Tensor:
     Returns:
         A new float32 tensor of the same shape, mean 0 and std 1 (unless constant).
     """
-    _check_modality(modality)
+    modality = check_modality(modality)
     image = image.to(torch.float32)
     if modality == "ct":
         low, high = CT_WINDOW_HU
@@ -174,11 +174,6 @@ def normalize_intensity(image: torch.Tensor, modality: str) -> torch.Tensor:
     # By hand rather than MONAI's NormalizeIntensity, which returns a MetaTensor under global track_meta.
     std = float(clipped.std(correction=0))
     return clipped.sub_(clipped.mean()).div_(std if std > 0 else 1.0)
-
-
-def _check_modality(modality: str) -> None:
-    if modality not in MODALITIES:
-        raise SatInputError(f"modality {modality!r} is not accepted; it must be one of {', '.join(MODALITIES)}")
 
 
 def _grid_to_input(

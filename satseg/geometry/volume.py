@@ -6,8 +6,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from satseg.errors import SatInputError
+
 MODALITIES: tuple[str, ...] = ("ct", "mri", "us", "pet")
 """Modality names in the order of the model's modality embedding (ct = 0, mri = 1, us = 2, pet = 3)."""
+
+
+def check_modality(modality: str) -> str:
+    """``modality`` in its canonical lower-case spelling, one of :data:`MODALITIES`.
+
+    Raises:
+        SatInputError: any other name.
+    """
+    name = modality.strip().lower()
+    if name not in MODALITIES:
+        raise SatInputError(f'unknown modality "{modality}"; accepted: {", ".join(MODALITIES)}')
+    return name
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ from satseg.text.tokenize import PromptTokenizer
 from satseg.text.vocabulary import (
     Term,
     Vocabulary,
-    check_modality,
     normalize_prompt,
     parse_prompt_list,
 )
@@ -18,7 +17,6 @@ __all__ = [
     "PromptTokenizer",
     "Term",
     "Vocabulary",
-    "check_modality",
     "normalize_prompt",
     "parse_prompt_list",
     "resolve_text_encoder",

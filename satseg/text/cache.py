@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from satseg.atomic import write_bytes_atomically
-from satseg.text.vocabulary import check_modality
+from satseg.geometry.volume import check_modality
 
 _ENCODER_HASH = re.compile(r"[0-9A-Za-z_-]+")
 _EMBEDDINGS = "embeddings"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from satseg.errors import SatInputError
-from satseg.geometry.volume import MODALITIES
+from satseg.geometry.volume import MODALITIES, check_modality
 
 VOCABULARY_FORMAT_VERSION = 1
 _PACKAGED_VOCABULARY = "vocabulary.json"
@@ -73,18 +73,6 @@ def parse_prompt_list(text: str | Sequence[str]) -> list[str]:
     if not prompts:
         raise SatInputError(_NO_PROMPTS)
     return list(prompts.values())
-
-
-def check_modality(modality: str) -> str:
-    """``modality`` in its canonical lower-case spelling, one of :data:`MODALITIES`.
-
-    Raises:
-        SatInputError: any other name.
-    """
-    name = modality.strip().lower()
-    if name not in MODALITIES:
-        raise SatInputError(f'unknown modality "{modality}"; accepted: {", ".join(MODALITIES)}')
-    return name
 
 
 @dataclass(frozen=True)
