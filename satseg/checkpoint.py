@@ -1,9 +1,10 @@
 """Checkpoints: ``model.safetensors`` plus ``config.json``, loaded strictly or not at all.
 
-A checkpoint folder holds the vision network and the text tower's projection and modality
-embedding. The text encoder itself is named by identity (``config.text_encoder``) and pinned by
-the sha256 of its tensors, so a checkpoint stays small and a wrong pairing is refused instead of
-silently producing garbage (the reference code's worst trap).
+A checkpoint folder holds the vision network, the text tower's projection and modality
+embedding, and any text-encoder layers that knowledge pretraining changed. The base text encoder
+itself is named by identity (``config.text_encoder``) and pinned by the sha256 of its tensors, so
+a checkpoint stays small and a wrong pairing is refused instead of silently producing garbage
+(the reference code's worst trap).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 EXTERNAL_PREFIX = "text.encoder."
-"""State-dict keys under this prefix are the external text encoder's, not stored in the checkpoint."""
+"""State-dict keys under this prefix are the base text encoder's: stored only where trained."""
+TEXT_PRETRAINING_WEIGHTS = "text_encoder_layers.safetensors"
+"""``training/pretrain_text.py`` writes the trained encoder layers here, beside a ``config.json``."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class CheckpointMetadata:
     config: SATConfig
     vocabulary_sha256: str
     text_encoder_sha256: str
+    trained_encoder_prefixes: tuple[str, ...] = ()
     weights_dtype: str = "float32"
     created_by: str = f"satseg {__version__}"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -52,7 +56,11 @@ class CheckpointMetadata:
             "model_size": self.config.name,
             "model_config": self.config.to_dict(),
             "vocabulary_sha256": self.vocabulary_sha256,
-            "text_encoder": {"identity": self.config.text_encoder, "sha256": self.text_encoder_sha256},
+            "text_encoder": {
+                "identity": self.config.text_encoder,
+                "sha256": self.text_encoder_sha256,
+                "trained_prefixes": list(self.trained_encoder_prefixes),
+            },
             "weights_dtype": self.weights_dtype,
             "created_by": self.created_by,
             "extra": self.extra,
@@ -69,6 +77,7 @@ class CheckpointMetadata:
             config=SATConfig.from_dict(values["model_config"]),
             vocabulary_sha256=values["vocabulary_sha256"],
             text_encoder_sha256=values["text_encoder"]["sha256"],
+            trained_encoder_prefixes=tuple(values["text_encoder"].get("trained_prefixes", ())),
             weights_dtype=values["weights_dtype"],
             created_by=values.get("created_by", "unknown"),
             extra=values.get("extra", {}),
@@ -76,13 +85,63 @@ class CheckpointMetadata:
 
 
 def text_encoder_sha256(model: SAT) -> str:
-    """The identity hash of the model's text encoder weights."""
-    return tensor_sha256(model.text.encoder.state_dict())
+    """The identity hash of the model's base text encoder (before any knowledge pretraining)."""
+    return model.text.base_encoder_sha256 or tensor_sha256(model.text.encoder.state_dict())
 
 
 def stored_state_dict(model: SAT) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint stores: everything except the external text encoder."""
-    return {key: value for key, value in model.state_dict().items() if not key.startswith(EXTERNAL_PREFIX)}
+    """The tensors a checkpoint stores: all but the base text encoder's untouched layers."""
+    trained = tuple(EXTERNAL_PREFIX + prefix for prefix in model.text.trained_encoder_prefixes)
+    return {
+        key: value
+        for key, value in model.state_dict().items()
+        if not key.startswith(EXTERNAL_PREFIX) or key.startswith(trained)
+    }
+
+
+def replace_encoder_layers(
+    model: SAT, tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...], base_sha256: str
+) -> None:
+    """Load trained encoder layers (keys relative to the encoder) over the base encoder, strictly.
+
+    The base encoder must be the one they were trained from; every key under ``prefixes`` must be
+    given and no other.
+    """
+    found = tensor_sha256(model.text.encoder.state_dict())
+    if found != base_sha256:
+        raise CheckpointError(
+            f"text encoder {model.config.text_encoder!r} has weights sha256 {found[:12]}…, "
+            f"the trained layers were made from {base_sha256[:12]}…; use the matching encoder"
+        )
+    expected = {key for key in model.text.encoder.state_dict() if key.startswith(prefixes)}
+    mismatch = describe_key_mismatch(expected - set(tensors), set(tensors) - expected)
+    if mismatch:
+        raise CheckpointError(f"trained text-encoder layers do not match {prefixes}: {mismatch}")
+    model.text.encoder.load_state_dict(tensors, strict=False)  # strictness was checked above
+    model.text.trained_encoder_prefixes = prefixes
+    model.text.base_encoder_sha256 = base_sha256
+
+
+def load_text_pretraining(model: SAT, directory: str | os.PathLike[str]) -> tuple[str, ...]:
+    """Put the layers ``training/pretrain_text.py`` trained into ``model``'s text encoder.
+
+    ``directory`` holds ``config.json`` (``base``, ``base_sha256``, ``trained_prefixes``) and
+    :data:`TEXT_PRETRAINING_WEIGHTS`. Returns the trained prefixes.
+    """
+    folder = Path(directory)
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        tensors = load_file(str(folder / TEXT_PRETRAINING_WEIGHTS))
+    except (OSError, json.JSONDecodeError, SafetensorError) as error:
+        raise CheckpointError(f"could not read text pretraining in {folder}: {error}") from None
+    if config.get("base") != model.config.text_encoder:
+        raise CheckpointError(
+            f"text pretraining in {folder} starts from {config.get('base')!r}, "
+            f"the model uses {model.config.text_encoder!r}"
+        )
+    prefixes = tuple(config["trained_prefixes"])
+    replace_encoder_layers(model, tensors, prefixes, config["base_sha256"])
+    return prefixes
 
 
 def save_checkpoint(
@@ -110,6 +169,7 @@ def save_checkpoint(
         config=model.config,
         vocabulary_sha256=vocabulary_sha256,
         text_encoder_sha256=text_encoder_sha256(model),
+        trained_encoder_prefixes=model.text.trained_encoder_prefixes,
         weights_dtype=weights_dtype,
         extra=dict(extra or {}),
     )
@@ -180,11 +240,9 @@ def load_checkpoint(
     except (FileNotFoundError, SafetensorError, OSError) as error:
         raise CheckpointError(f"could not read {weights_path}: {error}") from None
     model = build_sat(metadata.config)
-    found_hash = text_encoder_sha256(model)
-    if found_hash != metadata.text_encoder_sha256:
-        raise CheckpointError(
-            f"text encoder {metadata.config.text_encoder!r} has weights sha256 {found_hash[:12]}…, "
-            f"the checkpoint was trained with {metadata.text_encoder_sha256[:12]}…; use the matching encoder"
-        )
+    prefixes = metadata.trained_encoder_prefixes
+    encoder_keys = {EXTERNAL_PREFIX + key for key in model.text.encoder.state_dict() if key.startswith(prefixes)}
+    trained_layers = {key.removeprefix(EXTERNAL_PREFIX): tensors[key] for key in encoder_keys if key in tensors}
+    replace_encoder_layers(model, trained_layers, prefixes, metadata.text_encoder_sha256)
     load_weights_strict(model, tensors)
     return model.to(device).eval(), metadata

@@ -9,11 +9,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from satseg.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint, read_metadata, save_checkpoint
+from satseg.checkpoint import (
+    CONFIG_FILE,
+    TEXT_PRETRAINING_WEIGHTS,
+    WEIGHTS_FILE,
+    load_checkpoint,
+    load_text_pretraining,
+    read_metadata,
+    save_checkpoint,
+)
 from satseg.cli.checkpoint import main as checkpoint_cli
 from satseg.errors import CheckpointError
 from satseg.model import SAT, build_sat
-from satseg.text import Vocabulary
+from satseg.text import Vocabulary, tensor_sha256
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +133,43 @@ def test_cli_init_and_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert info["vocabulary_matches_this_install"] is True
     assert checkpoint_cli(["info", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.startswith("sat-checkpoint: error: no checkpoint at")
+
+
+def pretrained_layers(model: SAT, folder: Path, prefixes: tuple[str, ...]) -> Path:
+    """What training/pretrain_text.py writes: changed top layers and their base's hash."""
+    folder.mkdir()
+    base = tensor_sha256(model.text.encoder.state_dict())
+    layers = {key: value + 0.01 for key, value in model.text.encoder.state_dict().items() if key.startswith(prefixes)}
+    save_file(layers, str(folder / TEXT_PRETRAINING_WEIGHTS))
+    config = {"base": "minilm-l6", "base_sha256": base, "trained_prefixes": list(prefixes)}
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+    return folder
+
+
+def test_knowledge_pretrained_layers_travel_with_the_checkpoint(tmp_path: Path) -> None:
+    model = build_sat("tiny")
+    prefixes = ("encoder.layer.5.",)
+    assert load_text_pretraining(model, pretrained_layers(model, tmp_path / "pre", prefixes)) == prefixes
+    saved = save_checkpoint(model, tmp_path / "ckpt", vocabulary_sha256="x", dtype=torch.float16)
+    keys = load_file(str(saved / WEIGHTS_FILE)).keys()
+    encoder_keys = {key for key in keys if key.startswith("text.encoder.")}
+    assert encoder_keys and all(key.startswith("text.encoder.encoder.layer.5.") for key in encoder_keys)
+    loaded, metadata = load_checkpoint(saved)
+    assert metadata.trained_encoder_prefixes == prefixes
+    for key, value in model.text.encoder.state_dict().items():
+        torch.testing.assert_close(loaded.text.encoder.state_dict()[key], value, atol=1e-2, rtol=0)
+    fresh = build_sat("tiny")
+    assert not torch.equal(
+        fresh.text.encoder.state_dict()["encoder.layer.5.output.dense.weight"],
+        loaded.text.encoder.state_dict()["encoder.layer.5.output.dense.weight"],
+    )
+
+
+def test_text_pretraining_from_another_base_is_refused(tmp_path: Path) -> None:
+    model = build_sat("tiny")
+    folder = pretrained_layers(model, tmp_path / "pre", ("encoder.layer.5.",))
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    config["base_sha256"] = "f" * 64
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="the trained layers were made from ffffffffffff"):
+        load_text_pretraining(model, folder)

@@ -42,6 +42,9 @@ class TextTower(nn.Module):
         self.encoder = encoder
         self.projection = nn.Sequential(nn.Linear(hidden_size, d_model), nn.GELU(), nn.Linear(d_model, d_model))
         self.modality_embedding = nn.Embedding(num_modalities, d_model)
+        # Set when knowledge-pretrained top layers replace the base encoder's (satseg.checkpoint).
+        self.trained_encoder_prefixes: tuple[str, ...] = ()
+        self.base_encoder_sha256: str | None = None
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, modality_ids: torch.Tensor
