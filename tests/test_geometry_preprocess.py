@@ -243,3 +243,25 @@ def test_real_mr_labels_survive_the_round_trip(shared_data: Path) -> None:
     for label in np.unique(labels.array)[1:4]:
         back = _to_input(prepared, on_model == label) > 0.5
         assert _dice(back, labels.array == label) >= 0.98
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES.values(), ids=GEOMETRIES.keys())
+def test_labels_land_on_the_image_grid_by_nearest_neighbour(geometry: tuple[np.ndarray, tuple[int, int, int]]) -> None:
+    affine, shape = geometry  # oblique with a flipped axis, and permuted with all axes flipped
+    world = _centres(affine, shape)
+    centre = world.reshape(-1, 3).mean(axis=0) + np.array([2.3, -1.7, 3.1])
+    labels = np.zeros(shape, np.int32)
+    labels[_ball(world, centre, 12.0)] = 300
+    labels[_ball(world, centre + np.array([0.0, 0.0, 12.0]), 6.0)] = 7  # painted over part of the first ball
+    prepared = prepare(Volume(_body(affine, shape, centre), affine), "ct")
+    on_model = prepared.labels_to_grid(labels)
+    assert on_model.dtype == np.uint16 and on_model.shape == tuple(prepared.image.shape)
+    assert set(np.unique(on_model).tolist()) == {0, 7, 300}
+    model_world = _centres(prepared.affine, on_model.shape)
+    for value in (7, 300):
+        error = np.linalg.norm(model_world[on_model == value].mean(axis=0) - world[labels == value].mean(axis=0))
+        assert error <= 1.0  # within the finest model voxel; a half-voxel slip along z alone is 1.5 mm
+    with pytest.raises(ValueError, match="integer dtype"):
+        prepared.labels_to_grid(labels.astype(np.float32))
+    with pytest.raises(SatInputError, match=r"0\.\.65535"):
+        prepared.labels_to_grid(np.full(shape, -1, np.int16))

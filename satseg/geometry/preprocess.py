@@ -117,6 +117,44 @@ class PreparedVolume:
             pad += [before, self.grid_shape[axis] - before - values.shape[axis]]
         return _resample(F.pad(values, pad), self.input_to_grid, self.input_shape)
 
+    def labels_to_grid(self, labels: np.ndarray) -> np.ndarray:
+        """Put a label map of the input grid onto the cropped model grid, voxel for voxel with ``image``.
+
+        Nearest neighbour through the same index map as ``image`` (``input_to_grid``, ``crop_start``), so
+        no new label values appear. Like the image, model voxels beyond the outermost input voxel centres
+        (the grid overhangs by under half a model voxel) take the edge value.
+
+        Args:
+            labels: ``[I, J, K]`` (``input_shape``) label values, any integer dtype, each in 0..65535.
+
+        Returns:
+            ``[H, W, D]`` (``image.shape``) uint16 label values from ``labels``.
+
+        Raises:
+            ValueError: ``labels`` has another shape or a non-integer dtype.
+            SatInputError: a label value is outside 0..65535.
+        """
+        if tuple(labels.shape) != self.input_shape:
+            raise ValueError(f"labels have shape {tuple(labels.shape)}; expected {self.input_shape}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must have an integer dtype, got {labels.dtype}")
+        if labels.size and (int(labels.min()) < 0 or int(labels.max()) > np.iinfo(np.uint16).max):
+            raise SatInputError(
+                f"label values span {int(labels.min())}..{int(labels.max())}; label maps must hold 0..65535"
+            )
+        grid_to_input = np.linalg.inv(self.input_to_grid)
+        linear = grid_to_input[:3, :3]
+        output_axis = np.abs(linear).argmax(axis=1)  # the model axis along which each input axis runs
+        indices = []
+        for q in range(3):
+            p = output_axis[q]
+            grid_index = self.crop_start[p] + np.arange(self.image.shape[p])
+            positions = linear[q, p] * grid_index + grid_to_input[q, 3]
+            # floor(x + 0.5), not np.rint: round half to even would pick neighbours unevenly along the axis.
+            indices.append(np.clip(np.floor(positions + 0.5), 0, self.input_shape[q] - 1).astype(np.intp))
+        picked = labels[np.ix_(*indices)]  # axes in input order, each as long as its model axis
+        return np.ascontiguousarray(picked.transpose(np.argsort(output_axis)), dtype=np.uint16)
+
 
 def prepare(volume: Volume, modality: str, config: PreprocessConfig = PreprocessConfig()) -> PreparedVolume:
     """Put a volume on the model grid: reorient, resample (trilinear), crop the foreground, normalise.

@@ -60,27 +60,44 @@ def write_nifti(
     if any(not 1 <= int(value) <= top for value in labels):
         raise ValueError(f"label values must be in 1..{top} for {array.dtype}, got {sorted(labels)}")
 
-    image = nib.Nifti1Image(array, affine)
-    image.set_sform(affine, code=_SCANNER)
-    image.set_qform(affine, code=_SCANNER)
-    image.header.set_data_dtype(array.dtype)
-    image.header.set_slope_inter(1.0, 0.0)
     content = {
         "labels": {str(int(value)): name for value, name in sorted(labels.items())},
         "generated_by": GENERATED_BY,
         "note": DISCLAIMER,
     }
-    extension = nib.nifti1.Nifti1Extension(_COMMENT_EXTENSION, json.dumps(content).encode())
-    image.header.extensions.append(extension)
+    return save_nifti_exact(array, affine, path, comment=content)
 
+
+def save_nifti_exact(
+    array: np.ndarray,
+    affine: np.ndarray,
+    path: Path,
+    *,
+    comment: Mapping[str, object] | None = None,
+    compresslevel: int = 9,
+) -> Path:
+    """Write ``array`` as ``.nii.gz`` with exactly ``affine`` (sform and qform, code 1), atomically.
+
+    The data dtype is kept and unscaled (slope 1, intercept 0); ``comment`` goes into a JSON
+    "comment" header extension. Equal inputs give byte-identical files.
+    """
+    image = nib.Nifti1Image(array, affine)
+    image.set_sform(affine, code=_SCANNER)
+    image.set_qform(affine, code=_SCANNER)
+    image.header.set_data_dtype(array.dtype)
+    image.header.set_slope_inter(1.0, 0.0)
+    if comment is not None:
+        extension = nib.nifti1.Nifti1Extension(_COMMENT_EXTENSION, json.dumps(comment).encode())
+        image.header.extensions.append(extension)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     # filename: the gzip header names the final file, not the temporary one;
     # mtime 0: equal outputs are byte-identical.
     with (
-        atomic_file(path) as file,
-        gzip.GzipFile(filename=path.name, mode="wb", fileobj=file, mtime=0) as gz,
+        atomic_file(Path(path)) as file,
+        gzip.GzipFile(Path(path).name, "wb", compresslevel, file, mtime=0) as gz,
     ):
         image.to_stream(gz)
-    return path
+    return Path(path)
 
 
 def read_label_extension(path: Path) -> dict[int, str]:

@@ -1,0 +1,102 @@
+"""SynthSeg-style training images synthesised from label maps on the fly (Billot et al., 2023).
+
+Every call draws a new contrast: a random mean and spread per label value, a smooth multiplicative bias
+field, blur and a random acquisition resolution, so a model trained on them sees no single MR contrast
+and learns shape instead. Values are drawn per label value, including values that are no class (SynthSeg's
+extra-cerebral tissues 502-530), so the whole head is painted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from satseg.geometry import normalize_intensity
+
+MEAN_RANGE: tuple[float, float] = (0.0, 255.0)
+"""Each label value's mean intensity is uniform in this range."""
+STD_RANGE: tuple[float, float] = (0.0, 25.0)
+"""Each label value's intensity spread (std of its Gaussian noise) is uniform in this range."""
+BACKGROUND_ZERO_PROBABILITY = 0.5
+"""Probability that label 0 is black (mean and spread 0), as outside the head in a skull-stripped scan."""
+BIAS_LOG_STD_RANGE: tuple[float, float] = (0.0, 0.4)
+"""Std of the log of the bias field, uniform in this range (0.4: the field mostly spans about 0.5..2)."""
+BIAS_CONTROL_SPACING_MM = 40.0
+"""Distance between the bias field's random control points: the field varies over a few centimetres."""
+BLUR_SIGMA_MM_RANGE: tuple[float, float] = (0.0, 1.0)
+"""Gaussian blur sigma per axis in mm, uniform in this range."""
+RESOLUTION_AXIS_PROBABILITY = 0.5
+"""Probability that an axis is acquired at a lower resolution."""
+RESOLUTION_FACTOR_RANGE: tuple[float, float] = (1.0, 3.0)
+"""The voxel size of such an axis is multiplied by a factor uniform in this range (3 mm slices up to 9 mm)."""
+
+
+def synthesize_image(
+    labels: np.ndarray, rng: np.random.Generator, *, spacing: tuple[float, float, float] = (1.0, 1.0, 3.0)
+) -> np.ndarray:
+    """A random-contrast image of a label map.
+
+    Steps: a mean (uniform 0-255) and a spread per label value, painted with Gaussian noise; a smooth
+    multiplicative bias field (random log-field on a coarse grid, upsampled, exponentiated); Gaussian blur
+    with a random sigma; a random resolution (average down by a random factor along random axes, then
+    trilinear back up); then SAT's MRI normalisation (:func:`satseg.geometry.normalize_intensity`).
+
+    Args:
+        labels: ``[H, W, D]`` label values, any integer dtype, each in 0..65535 (e.g. a training crop of a
+            standardised map).
+        rng: the source of every random draw: the same seed and labels give the same image.
+        spacing: voxel size in mm along the axes of ``labels`` (the model grid's 1x1x3 by default), so
+            the bias field, blur and resolution are drawn in millimetres.
+
+    Returns:
+        ``[H, W, D]`` float32, finite, z-scored (clipped to the 0.5/99.5 percentiles, mean 0, std 1).
+
+    Raises:
+        ValueError: ``labels`` is not a 3D integer array with values in 0..65535.
+    """
+    if labels.ndim != 3 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a 3D integer array, got {labels.dtype} of shape {labels.shape}")
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) > np.iinfo(np.uint16).max):
+        raise ValueError(f"label values must be in 0..65535, got {int(labels.min())}..{int(labels.max())}")
+    spacing_mm = np.asarray(spacing, dtype=np.float64)
+    image = _paint(labels, rng)
+    image *= _bias_field(labels.shape, spacing_mm, rng)
+    image = ndimage.gaussian_filter(image, sigma=rng.uniform(*BLUR_SIGMA_MM_RANGE, size=3) / spacing_mm)
+    image = _random_resolution(image, rng)
+    return normalize_intensity(torch.from_numpy(image), "mri").numpy()
+
+
+def _paint(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``[H, W, D]`` float32 >= 0: each label value's random mean plus its random-spread Gaussian noise."""
+    count = int(labels.max()) + 1 if labels.size else 1
+    # Lookup tables over every value up to the largest: indexing is far faster than np.unique's sort.
+    means = rng.uniform(*MEAN_RANGE, size=count).astype(np.float32)
+    spreads = rng.uniform(*STD_RANGE, size=count).astype(np.float32)
+    if rng.random() < BACKGROUND_ZERO_PROBABILITY:
+        means[0] = spreads[0] = 0.0
+    index = labels.astype(np.intp, copy=False)
+    image = means[index]
+    image += spreads[index] * rng.standard_normal(labels.shape, dtype=np.float32)
+    return np.maximum(image, 0.0, out=image)  # intensities are non-negative, as in a magnitude image
+
+
+def _bias_field(shape: tuple[int, ...], spacing_mm: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``shape`` float32 > 0: exp of a random field on control points about 40 mm apart, trilinearly upsampled."""
+    extent_mm = np.asarray(shape) * spacing_mm
+    coarse = np.maximum(2, np.ceil(extent_mm / BIAS_CONTROL_SPACING_MM).astype(int) + 1)
+    log_field = rng.normal(0.0, rng.uniform(*BIAS_LOG_STD_RANGE), size=tuple(coarse)).astype(np.float32)
+    field = F.interpolate(torch.from_numpy(log_field)[None, None], size=shape, mode="trilinear", align_corners=True)
+    return field[0, 0].exp_().numpy()
+
+
+def _random_resolution(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``image`` as if acquired with coarser voxels along random axes: box-averaged down, trilinear back up."""
+    factors = np.where(rng.random(3) < RESOLUTION_AXIS_PROBABILITY, rng.uniform(*RESOLUTION_FACTOR_RANGE, size=3), 1.0)
+    coarse = tuple(int(n) for n in np.maximum(1, np.round(np.asarray(image.shape) / factors)))
+    if coarse == image.shape:
+        return image
+    # Averaging voxels down is how a larger voxel integrates signal (and it avoids aliasing).
+    low = F.adaptive_avg_pool3d(torch.from_numpy(image)[None, None], coarse)
+    return F.interpolate(low, size=image.shape, mode="trilinear", align_corners=False)[0, 0].numpy()
