@@ -126,22 +126,37 @@ class Segmenter:
         """``patches [B, 1, H, W, D]``, ``queries [B, N, d]`` -> ``logits [B, N, H, W, D]`` (the Predictor)."""
         return self.model.vision(patches.to(self.device), queries.to(self.device))
 
+    @property
+    def trained_terms(self) -> frozenset[str] | None:
+        """The terms the checkpoint was trained on as positives, where its metadata records them."""
+        recorded = self.metadata.extra.get("trained_terms") if self.metadata else None
+        return frozenset(recorded) if recorded is not None else None
+
+    def components(self, term: str) -> list[str]:
+        """The terms the model is asked for to segment ``term`` (a parent becomes its trained children)."""
+        return self.vocabulary.expand(term, self.trained_terms)
+
     def segment(
         self, volume: Volume, terms: Sequence[str], modality: str, *, progress: bool = False
     ) -> Iterator[PromptProbabilities]:
         """Yield each term's probabilities on ``volume``'s grid, in the order of ``terms``.
 
-        ``terms`` must already be resolved (:meth:`resolve_prompts`).
+        ``terms`` must already be resolved (:meth:`resolve_prompts`). A parent term ("kidney") the
+        model was not trained on is the union (voxel-wise maximum) of its trained children's maps.
         """
         if not terms:
             raise ValueError("segment() needs at least one term resolved by resolve_prompts()")
         modality = check_modality(modality)
-        queries = self.encode(terms, modality)
+        plan = [self.components(term) for term in terms]
+        queries = self.encode([component for components in plan for component in components], modality)
         stream = probabilities_on_input_grid(
             volume, queries, self.predict_logits, self.patch_size, modality, self.options, self.device, progress
         )
-        for index, probabilities in stream:
-            yield PromptProbabilities(index, terms[index], probabilities)
+        for index, components in enumerate(plan):
+            union = next(stream)[1]
+            for _ in components[1:]:
+                torch.maximum(union, next(stream)[1], out=union)
+            yield PromptProbabilities(index, terms[index], union)
 
 
 def probabilities_on_input_grid(

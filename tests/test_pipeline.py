@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -121,3 +123,17 @@ def test_known_prompts_never_run_the_encoder_twice(segmenter: Segmenter) -> None
     assert torch.equal(again, first.flip(0))
     mri = segmenter.encode(["liver"], "mri")
     assert not torch.equal(mri[0], first[0]), "the modality embedding must change the query"
+
+
+def test_a_parent_prompt_is_the_union_of_its_trained_children(segmenter: Segmenter) -> None:
+    volume, _, _ = sphere_volume(False)
+    trained = Segmenter(
+        segmenter.model,
+        metadata=dataclasses.replace(segmenter.metadata, extra={"trained_terms": ["left kidney", "right kidney"]}),
+    )
+    assert trained.components("kidney") == ["left kidney", "right kidney"]
+    assert segmenter.components("kidney") == ["kidney"], "unknown training terms: the parent is asked as is"
+    parent, left, right = (
+        result.probabilities for result in trained.segment(volume, ["kidney", *trained.components("kidney")], "ct")
+    )
+    torch.testing.assert_close(parent, torch.maximum(left, right))

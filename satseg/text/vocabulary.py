@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
@@ -75,6 +75,38 @@ def parse_prompt_list(text: str | Sequence[str]) -> list[str]:
     return list(prompts.values())
 
 
+def expand_to_trained(
+    term: str, children_of: Callable[[str], Sequence[str]], trained_terms: Collection[str]
+) -> list[str]:
+    """The terms a model trained on ``trained_terms`` is asked for to segment ``term``.
+
+    ``[term]`` when the model was trained on ``term`` itself. Otherwise its children stand in for
+    it, each by the same rule, recursively ("lung" -> "left lung" -> its lobes), provided every
+    one of them can be covered: the result lists trained terms whose union is ``term``, in
+    children order, once each. When some part was never trained, ``[term]``: the prompt goes to
+    the model as it is. ``children_of`` gives a term's children (empty for a leaf).
+    """
+    trained = frozenset(trained_terms)
+
+    def cover(name: str) -> list[str] | None:
+        if name in trained:
+            return [name]
+        children = children_of(name)
+        if not children:
+            return None
+        leaves: list[str] = []
+        for child in children:
+            part = cover(child)
+            if part is None:
+                return None
+            leaves.extend(part)
+        return leaves
+
+    found = cover(term)
+    # A leaf reachable through two children (a shared part) is segmented once.
+    return [term] if found is None else list(dict.fromkeys(found))
+
+
 @dataclass(frozen=True)
 class Term:
     """One canonical anatomy term.
@@ -82,14 +114,18 @@ class Term:
     Attributes:
         name: the canonical term, normalised, the text the encoder sees ("left kidney").
         synonyms: other spellings that resolve to ``name`` (matched after normalisation).
-        modalities: the :data:`MODALITIES` the term has training labels in.
+        modalities: the :data:`MODALITIES` the term can be segmented in: those it has training
+            labels in, plus its children's.
         region: body region ("abdomen", "brain", ...), informative only.
+        children: terms whose union is this structure ("kidney": "left kidney", "right kidney"),
+            so a model not trained on the term itself can segment it from them; empty for a leaf.
     """
 
     name: str
     synonyms: tuple[str, ...]
     modalities: tuple[str, ...]
     region: str | None
+    children: tuple[str, ...] = ()
 
 
 def _one_line(text: str) -> str:
@@ -109,6 +145,7 @@ def _term_from_json(entry: Any, source: str) -> Term:
     synonyms = entry.get("synonyms", [])
     modalities = entry.get("modalities", [])
     region = entry.get("region")
+    children = entry.get("children", [])
     if not (isinstance(synonyms, list) and all(isinstance(s, str) for s in synonyms)):
         raise SatInputError(f'vocabulary {source}: "synonyms" of "{name}" must be a list of strings')
     if not (isinstance(modalities, list) and modalities and set(modalities) <= set(MODALITIES)):
@@ -117,7 +154,9 @@ def _term_from_json(entry: Any, source: str) -> Term:
         )
     if region is not None and not isinstance(region, str):
         raise SatInputError(f'vocabulary {source}: "region" of "{name}" must be a string or null')
-    return Term(name, tuple(synonyms), tuple(modalities), region)
+    if not (isinstance(children, list) and all(isinstance(c, str) for c in children)):
+        raise SatInputError(f'vocabulary {source}: "children" of "{name}" must be a list of strings')
+    return Term(name, tuple(synonyms), tuple(modalities), region, tuple(children))
 
 
 class Vocabulary:
@@ -131,7 +170,8 @@ class Vocabulary:
         """Index ``terms``.
 
         Raises:
-            SatInputError: a term is given twice, or a term or synonym names two terms.
+            SatInputError: a term is given twice, a term or synonym names two terms, or a child is
+                not a term.
         """
         self._terms = tuple(sorted(terms, key=lambda term: term.name))
         self._index: dict[str, str] = {}
@@ -139,6 +179,13 @@ class Vocabulary:
             self._add_key(term.name, term.name, source, is_term=True)
             for synonym in term.synonyms:
                 self._add_key(synonym, term.name, source, is_term=False)
+        self._by_name = {term.name: term for term in self._terms}
+        for term in self._terms:
+            unknown = [child for child in term.children if child not in self._by_name]
+            if unknown:
+                raise SatInputError(
+                    f'vocabulary {source}: children of "{term.name}" are not terms: {", ".join(unknown)}'
+                )
 
     def _add_key(self, spelling: str, name: str, source: str, *, is_term: bool) -> None:
         key = normalize_prompt(spelling)
@@ -204,7 +251,7 @@ class Vocabulary:
         """Hex sha256 of the content in canonical form (terms sorted, synonyms and modalities sorted).
 
         Independent of the file's formatting and entry order; any change to a term, synonym,
-        modality or region changes it. Checkpoints record it to pair with their vocabulary.
+        modality, region or child changes it. Checkpoints record it to pair with their vocabulary.
         """
         canonical = [
             {
@@ -212,6 +259,8 @@ class Vocabulary:
                 "synonyms": sorted(term.synonyms),
                 "modalities": sorted(term.modalities),
                 "region": term.region,
+                # Only where present, so vocabularies without children keep the hashes they had.
+                **({"children": sorted(term.children)} if term.children else {}),
             }
             for term in self._terms
         ]
@@ -256,6 +305,27 @@ class Vocabulary:
         """
         resolved = (self.resolve(p, allow_free_text=allow_free_text) for p in parse_prompt_list(prompts))
         return list(dict.fromkeys(resolved))
+
+    def children_of(self, term: str) -> tuple[str, ...]:
+        """The children of the term ``term`` names (a term or synonym): terms whose union it is.
+
+        Empty for a leaf.
+
+        Raises:
+            SatInputError: ``term`` is empty or unknown.
+        """
+        return self._by_name[self.resolve(term)].children
+
+    def expand(self, term: str, trained_terms: Collection[str] | None) -> list[str]:
+        """The terms a model trained on ``trained_terms`` is asked for to segment the resolved ``term``.
+
+        See :func:`expand_to_trained`. ``[term]`` for free text (not a term) and when the trained
+        terms are not known (``None``).
+        """
+        if trained_terms is None:
+            return [term]
+        by_name = self._by_name
+        return expand_to_trained(term, lambda name: by_name[name].children if name in by_name else (), trained_terms)
 
     def for_modality(self, modality: str) -> list[str]:
         """Canonical terms usable with ``modality``, sorted.
