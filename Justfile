@@ -24,10 +24,43 @@ env extras="dev":
         touch "$stamp"
     fi
 
-# Lint and run the whole test suite on the CPU.
+# Lint, run the whole test suite on the CPU, then the training smoke run.
 test: (env "dev")
     {{bin}}/ruff check .
     {{bin}}/pytest
+    just train-smoke
+
+# Six training steps of the tiny model on synthetic torso CTs, in a temporary folder (CPU, about a minute).
+train-smoke: (env "dev")
+    #!/usr/bin/env bash
+    set -euo pipefail
+    run=$(mktemp -d)
+    trap 'rm -rf "$run"' EXIT
+    {{bin}}/python -m training.train --config training/configs/smoke.toml --output "$run"
+    {{bin}}/python -m training.train --config training/configs/smoke.toml --output "$run" --resume train.steps=8
+    test -f "$run/checkpoint/model.safetensors"
+
+# Standardise the real data beside the repository (../shared/data) into data/standardised for training.
+standardise-shared: (env "dev")
+    {{bin}}/sat-standardise -o data/standardised --labelmap ../shared/data/totalseg/example_ct.nii.gz \
+        ../shared/data/totalseg/example_seg_fast_force_split.nii.gz ../shared/data/totalseg/classes_total.json \
+        --modality ct --dataset totalseg_ct
+    {{bin}}/sat-standardise -o data/standardised --labelmap ../shared/data/totalseg/example_mr_sm.nii.gz \
+        ../shared/data/totalseg/example_seg_mr.nii.gz ../shared/data/totalseg/classes_total_mr.json \
+        --modality mri --dataset totalseg_mr
+    {{bin}}/sat-standardise -o data/standardised --synthseg ../shared/data/synthseg
+
+# Knowledge pretraining of the text encoder (a few minutes on CPU); writes runs/pretrain_text.
+pretrain-text: (env "dev")
+    {{bin}}/sat-pretrain-text --output runs/pretrain_text
+
+# Train the demo model on the standardised real data (see training/configs/demo.toml).
+train-demo: standardise-shared
+    {{bin}}/sat-train --config training/configs/demo.toml --output runs/demo
+
+# Training throughput of the tiny model on this machine (and nano on a GPU if there is one).
+bench-train: (env "dev")
+    {{bin}}/python benchmarks/train_throughput.py
 
 # Segment the demo CT in-process and write masks, a label map, statistics and a PNG preview.
 demo: (env "dev")

@@ -1,0 +1,481 @@
+"""Dice and normalised surface Dice (NSD) per structure, measured through the serving path.
+
+Every case runs through :meth:`satseg.pipeline.Segmenter.segment` on the image's own grid, exactly as
+``sat-segment`` does, and the thresholded masks are compared with the label map on that same grid: what is
+measured is what ships. ``--geometry`` re-evaluates on a second grid of the same world content (reoriented,
+or rotated and resampled), to show that results do not depend on how the input was stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+import zlib
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+from scipy import ndimage
+from scipy.spatial.transform import Rotation
+from tqdm.auto import tqdm
+
+from satseg.cli.common import cli_parser, run_cli
+from satseg.errors import SatInputError
+from satseg.geometry import PreprocessConfig, Volume, load_volume
+from satseg.geometry.volume import check_modality
+from satseg.pipeline import Segmenter, resolve_device
+from satseg.text import Vocabulary
+from training.data.names import map_label_names
+from training.data.readers import check_same_grid, nifti_stem, read_labels, read_names
+from training.data.standardised import StandardisedDataset
+
+PROG = "sat-evaluate"
+DEFAULT_TOLERANCE_MM = 2.0
+INPUT_GEOMETRY = "input"
+OBLIQUE = "oblique"
+NO_REGION = "other"
+ALL_REGIONS = "all"
+
+EPILOG = """examples (sat-evaluate is the installed name of python -m training.evaluate):
+  python -m training.evaluate --checkpoint runs/demo/checkpoint --output runs/demo/evaluation \\
+      --case ct.nii.gz seg.nii.gz classes_total.json ct --geometry lps oblique15
+  python -m training.evaluate --checkpoint runs/demo/checkpoint --output runs/demo/evaluation-holdout \\
+      --standardised data/standardised --cases synthseg/training_seg_17,synthseg/training_seg_18
+  python -m training.evaluate --checkpoint CKPT --output OUT --case ct.nii.gz seg.nii.gz classes.json ct \\
+      --prompts "liver,kidney=left kidney+right kidney"
+
+outputs (under --output):
+  evaluation.md     per-region summary and per-structure table (Markdown)
+  evaluation.json   the same numbers, plus the settings
+
+Prompts: by default every vocabulary term labelled in a case. With --prompts, each item is a prompt,
+optionally "=" and the label terms (joined by "+") whose union is its ground truth; without "=", a parent
+term's ground truth is the union of its own and its descendants' labels.
+Geometries: "input" (always), nibabel axis codes such as "lps" or "asr" (exact reorientation), or
+"obliqueN" (the voxel axes rotated N degrees about z and x; image linear, labels nearest-neighbour).
+NSD counts the surface within the tolerance (mm, voxel spacing respected; MONAI's compute_surface_dice).
+"""
+
+
+@dataclass(frozen=True)
+class EvaluationCase:
+    """One labelled volume on its own grid.
+
+    Attributes:
+        name: shown in the reports.
+        volume: the image as a user would pass it to ``sat-segment``.
+        labels: ``[I, J, K]`` integer label values on ``volume``'s grid, 0 background.
+        classes: label value -> canonical vocabulary term (several values may share a term).
+        modality: one of ``MODALITIES``.
+    """
+
+    name: str
+    volume: Volume
+    labels: np.ndarray
+    classes: dict[int, str]
+    modality: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What is asked (``term``, sent to the model) and the label terms whose union is its ground truth."""
+
+    term: str
+    truth: tuple[str, ...]
+
+
+def dice_score(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """``2 |P & T| / (|P| + |T|)`` of two boolean masks of one shape, in [0, 1]; 1.0 when both are empty."""
+    total = int(prediction.sum()) + int(truth.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(prediction, truth).sum()) / total
+
+
+def surface_dice(
+    prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float], tolerance_mm: float = DEFAULT_TOLERANCE_MM
+) -> float:
+    """Normalised surface Dice of two boolean ``[I, J, K]`` masks, in [0, 1].
+
+    The fraction of both surfaces (weighted by surface area, DeepMind's surface elements via MONAI's
+    ``use_subvoxels``) lying within ``tolerance_mm`` of the other surface, distances in mm with the voxel
+    ``spacing``. 1.0 when both masks are empty, 0.0 when exactly one is.
+    """
+    from monai.metrics import compute_surface_dice  # slow import, only needed here
+
+    if not prediction.any() or not truth.any():
+        return float(prediction.any() == truth.any())
+    with warnings.catch_warnings():
+        # MONAI 1.5+ passes its own deprecated argument internally; nothing for a caller to change.
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+        value = compute_surface_dice(
+            torch.from_numpy(np.ascontiguousarray(prediction))[None, None],
+            torch.from_numpy(np.ascontiguousarray(truth))[None, None],
+            class_thresholds=[float(tolerance_mm)],
+            include_background=True,
+            spacing=[float(size) for size in spacing],
+            use_subvoxels=True,
+        )
+    return float(value[0, 0])
+
+
+def check_geometry(geometry: str) -> str:
+    """``geometry`` in its canonical spelling: ``input``, axis codes (``lps``) or ``obliqueN`` (``oblique15``).
+
+    Raises:
+        SatInputError: any other name.
+    """
+    name = geometry.strip().lower()
+    if name == INPUT_GEOMETRY:
+        return name
+    if name.startswith(OBLIQUE):
+        try:
+            float(name[len(OBLIQUE) :])
+        except ValueError:
+            raise SatInputError(f"geometry {geometry!r}: expected obliqueN with N in degrees, e.g. oblique15") from None
+        return name
+    try:
+        PreprocessConfig(orientation=name.upper())  # the model grid's own check of axis codes
+    except SatInputError as error:
+        raise SatInputError(f"geometry {geometry!r}: expected input, obliqueN or axis codes; {error}") from None
+    return name
+
+
+def regrid(volume: Volume, labels: np.ndarray, geometry: str) -> tuple[Volume, np.ndarray]:
+    """The same world content on another grid: ``(volume, labels)`` for ``geometry`` (see :func:`check_geometry`).
+
+    Axis codes reorient exactly (a signed permutation of the arrays); ``obliqueN`` resamples (:func:`_rotated`).
+    """
+    name = check_geometry(geometry)
+    if name == INPUT_GEOMETRY:
+        return volume, labels
+    if name.startswith(OBLIQUE):
+        return _rotated(volume, labels, float(name[len(OBLIQUE) :]))
+    ornt = ornt_transform(io_orientation(volume.affine), axcodes2ornt(tuple(name.upper())))
+    affine = volume.affine @ inv_ornt_aff(ornt, volume.shape)
+    array = np.ascontiguousarray(apply_orientation(volume.array, ornt))
+    return Volume(array, affine, volume.modality), np.ascontiguousarray(apply_orientation(labels, ornt))
+
+
+def _rotated(volume: Volume, labels: np.ndarray, degrees: float) -> tuple[Volume, np.ndarray]:
+    """A grid whose voxel axes are rotated ``degrees`` about world z then x, same spacing, covering the input.
+
+    The image is resampled linearly (outside the input: its minimum, air for CT), the labels by nearest
+    neighbour (outside: 0).
+    """
+    direction = Rotation.from_euler("zx", [degrees, degrees], degrees=True).as_matrix() @ volume.affine[:3, :3]
+    corners = np.array(np.meshgrid(*[[-0.5, size - 0.5] for size in volume.shape], indexing="ij")).reshape(3, -1)
+    world = volume.affine[:3, :3] @ corners + volume.affine[:3, 3:4]
+    positions = np.linalg.solve(direction, world)  # the corners in voxel units of the rotated axes
+    low = np.ceil(positions.min(axis=1))
+    shape = tuple(int(size) for size in np.floor(positions.max(axis=1)) - low + 1)
+    affine = np.eye(4)
+    affine[:3, :3] = direction
+    affine[:3, 3] = direction @ low
+    new_to_old = np.linalg.solve(volume.affine, affine)
+    matrix, offset = new_to_old[:3, :3], new_to_old[:3, 3]
+    image = ndimage.affine_transform(
+        volume.array.astype(np.float32),
+        matrix,
+        offset,
+        output_shape=shape,
+        order=1,
+        mode="grid-constant",
+        cval=float(volume.array.min()),
+    )
+    resampled = ndimage.affine_transform(
+        labels, matrix, offset, output_shape=shape, order=0, mode="grid-constant", cval=0
+    )
+    return Volume(image, affine, volume.modality), resampled
+
+
+def case_from_files(
+    image: Path, labels: Path, names: Path | Mapping[int, str], modality: str, vocabulary: Vocabulary
+) -> EvaluationCase:
+    """A case from an image, its label map and the label names (a JSON file ``{"1": "spleen"}`` or a mapping).
+
+    Names are resolved to vocabulary terms ("kidney_left" -> "left kidney"); unresolved ones are left out
+    (with a warning).
+
+    Raises:
+        SatInputError: unreadable files, labels off the image's grid, an unknown modality.
+    """
+    raw = read_names(Path(names)) if isinstance(names, Path | str) else dict(names)
+    volume, label_volume = load_volume(image), read_labels(Path(labels))
+    check_same_grid(volume, label_volume, f"labels {Path(labels).name}")
+    name = nifti_stem(Path(image))
+    mapped, _ = map_label_names(raw, vocabulary, source=f"case {name}")
+    return EvaluationCase(name, volume, label_volume.array, mapped, check_modality(modality))
+
+
+def standardised_cases(root: Path, keys: Sequence[str] | None, seed: int = 0) -> list[EvaluationCase]:
+    """Cases of a standardised root (all, or those whose ``<dataset>/<case>`` key is in ``keys``).
+
+    Their grid is the standardised model grid (the original is not kept). Label-only maps get an image
+    synthesised with a generator seeded by ``seed`` and the case key, so reruns see the same image.
+    Non-CT images are shifted to start at 0: they are z-scored, and the MRI/PET foreground crop keeps
+    values above 0, while the normalisation itself ignores a shift.
+
+    Raises:
+        SatInputError: an unreadable root, or a key naming no case.
+    """
+    dataset = StandardisedDataset(root)
+    index = {entry.case: position for position, entry in enumerate(dataset.cases)}
+    wanted = list(index) if keys is None else list(keys)
+    missing = [key for key in wanted if key not in index]
+    if missing:
+        raise SatInputError(f"cases not in {root / 'manifest.jsonl'}: {', '.join(missing)}")
+    cases = []
+    for key in wanted:
+        image, labels, entry = dataset.load(index[key])
+        if image is None:
+            from training.data.synthseg import synthesize_image  # only label-only maps need it
+
+            rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+            image = synthesize_image(labels, rng)  # on the model grid, its default spacing
+        if entry.modality != "ct":
+            image = image - image.min()
+        volume = Volume(image, entry.affine, entry.modality)
+        cases.append(EvaluationCase(key, volume, labels, dict(entry.classes), entry.modality))
+    return cases
+
+
+def descendants(term: str, vocabulary: Vocabulary) -> tuple[str, ...]:
+    """``term`` and every term below it in the vocabulary's children (just ``term`` for free text)."""
+    found = [term]
+    pending = [term]
+    while pending:
+        current = pending.pop()
+        children = vocabulary.children_of(current) if current in vocabulary else ()
+        for child in children:
+            if child not in found:
+                found.append(child)
+                pending.append(child)
+    return tuple(found)
+
+
+def parse_prompts(text: str, vocabulary: Vocabulary, *, allow_free_text: bool = False) -> list[Prompt]:
+    """Prompts from ``"liver,kidney=left kidney+right kidney"`` (see the EPILOG).
+
+    Raises:
+        SatInputError: no prompts, an unknown prompt (unless ``allow_free_text``) or an unknown label term.
+    """
+    prompts = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        spoken, _, parts = item.partition("=")
+        term = vocabulary.resolve_all([spoken], allow_free_text=allow_free_text)[0]
+        truth = tuple(vocabulary.resolve(name) for name in parts.split("+")) if parts else descendants(term, vocabulary)
+        prompts.append(Prompt(term, truth))
+    if not prompts:
+        raise SatInputError('no prompts in --prompts; pass e.g. "liver,kidney=left kidney+right kidney"')
+    return prompts
+
+
+def labelled_prompts(case: EvaluationCase) -> list[Prompt]:
+    """One prompt per term labelled in ``case`` (values absent from its label map are skipped)."""
+    present = set(np.unique(case.labels).tolist())
+    terms = sorted({term for value, term in case.classes.items() if value in present})
+    return [Prompt(term, (term,)) for term in terms]
+
+
+def truth_mask(case_labels: np.ndarray, classes: Mapping[int, str], truth: Sequence[str]) -> np.ndarray:
+    """Boolean mask of the label values whose term is one of ``truth`` (their union)."""
+    values = [value for value, term in classes.items() if term in truth]
+    return np.isin(case_labels, values)
+
+
+def evaluate_case(
+    segmenter: Segmenter,
+    case: EvaluationCase,
+    prompts: Sequence[Prompt],
+    geometry: str,
+    *,
+    tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+    threshold: float = 0.5,
+) -> list[dict[str, Any]]:
+    """Segment ``case`` on ``geometry``'s grid through the serving path and score every prompt.
+
+    Returns:
+        One row per prompt: case, geometry, structure, dice, nsd, truth_ml, predicted_ml, truth_voxels.
+    """
+    volume, labels = regrid(case.volume, case.labels, geometry)
+    rows = []
+    results = segmenter.segment(volume, [prompt.term for prompt in prompts], case.modality)
+    for prompt, result in zip(prompts, results, strict=True):
+        prediction = (result.probabilities >= threshold).numpy()
+        truth = truth_mask(labels, case.classes, prompt.truth)
+        rows.append(
+            {
+                "case": case.name,
+                "geometry": geometry,
+                "structure": prompt.term,
+                "dice": dice_score(prediction, truth),
+                "nsd": surface_dice(prediction, truth, volume.spacing, tolerance_mm),
+                "truth_ml": float(truth.sum()) * volume.voxel_volume_ml,
+                "predicted_ml": float(prediction.sum()) * volume.voxel_volume_ml,
+                "truth_voxels": int(truth.sum()),
+            }
+        )
+    return rows
+
+
+def region_summary(rows: Sequence[dict[str, Any]], regions: Mapping[str, str | None]) -> list[dict[str, Any]]:
+    """Mean Dice and NSD per (geometry, region) and per geometry over all regions (``"all"``).
+
+    Rows whose ground truth is empty are left out (their Dice only says whether anything was predicted).
+    """
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["truth_voxels"]:
+            groups[(row["geometry"], regions.get(row["structure"]) or NO_REGION)].append(row)
+            groups[(row["geometry"], ALL_REGIONS)].append(row)
+    return [
+        {
+            "geometry": geometry,
+            "region": region,
+            "structures": len(members),
+            "dice": float(np.mean([row["dice"] for row in members])),
+            "nsd": float(np.mean([row["nsd"] for row in members])),
+        }
+        for (geometry, region), members in sorted(groups.items())
+    ]
+
+
+def grid_dependence(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Per extra geometry, the largest ``|Dice - Dice on the input grid|`` over the same (case, structure)."""
+    on_input = {(row["case"], row["structure"]): row["dice"] for row in rows if row["geometry"] == INPUT_GEOMETRY}
+    largest: dict[str, float] = {}
+    for row in rows:
+        if row["geometry"] != INPUT_GEOMETRY:
+            difference = abs(row["dice"] - on_input[(row["case"], row["structure"])])
+            largest[row["geometry"]] = max(largest.get(row["geometry"], 0.0), difference)
+    return largest
+
+
+def markdown_report(
+    rows: Sequence[dict[str, Any]],
+    summary: Sequence[dict[str, Any]],
+    dependence: Mapping[str, float],
+    settings: Mapping[str, Any],
+) -> str:
+    """``evaluation.md``: the settings, the per-region summary, grid dependence and the per-structure table."""
+    tolerance = f"NSD@{settings['tolerance_mm']:g}mm"
+    lines = [
+        "# SAT evaluation",
+        "",
+        *(f"- {key}: {value}" for key, value in settings.items()),
+        *(
+            f"- largest |Dice change| on the {name} grid vs the input grid: {value:.3f}"
+            for name, value in dependence.items()
+        ),
+        "",
+        "## Per region (structures with ground truth)",
+        "",
+        f"| geometry | region | structures | mean Dice | mean {tolerance} |",
+        "|---|---|---:|---:|---:|",
+        *(
+            f"| {item['geometry']} | {item['region']} | {item['structures']} | {item['dice']:.3f} | {item['nsd']:.3f} |"
+            for item in summary
+        ),
+        "",
+        "## Per structure",
+        "",
+        f"| case | geometry | structure | Dice | {tolerance} | truth mL | predicted mL |",
+        "|---|---|---|---:|---:|---:|---:|",
+        *(
+            f"| {row['case']} | {row['geometry']} | {row['structure']} | {row['dice']:.3f} | {row['nsd']:.3f} "
+            f"| {row['truth_ml']:.1f} | {row['predicted_ml']:.1f} |"
+            for row in rows
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = cli_parser(PROG, "Dice and NSD per structure through the serving path, on the input's own grid.", EPILOG)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="satseg checkpoint folder")
+    parser.add_argument("--output", type=Path, required=True, help="folder for evaluation.md and evaluation.json")
+    parser.add_argument(
+        "--case",
+        nargs=4,
+        action="append",
+        default=[],
+        metavar=("IMAGE", "LABELS", "NAMES", "MODALITY"),
+        help='image, label map on its grid, names JSON {"1": "spleen", ...}, modality (repeatable)',
+    )
+    parser.add_argument("--standardised", type=Path, help="a standardised root (manifest.jsonl) to evaluate")
+    parser.add_argument(
+        "--cases", help="with --standardised: comma-separated case keys (<dataset>/<case>); default all"
+    )
+    parser.add_argument(
+        "--prompts", help='comma-separated prompts, each optionally "=label+label"; default: all labelled'
+    )
+    parser.add_argument(
+        "--allow-free-text", action="store_true", help="send prompts outside the vocabulary as they are"
+    )
+    parser.add_argument(
+        "--geometry", nargs="*", default=[], help="extra grids to evaluate on: lps, asr, ..., obliqueN (e.g. oblique15)"
+    )
+    parser.add_argument(
+        "--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM, help="NSD tolerance in mm (default 2)"
+    )
+    parser.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the images synthesised for label-only cases")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.case and args.standardised is None:
+        raise SatInputError("nothing to evaluate: pass --case (repeatable) and/or --standardised")
+    geometries = list(dict.fromkeys([INPUT_GEOMETRY, *(check_geometry(name) for name in args.geometry)]))
+    segmenter = Segmenter.from_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    vocabulary = segmenter.vocabulary
+    asked = parse_prompts(args.prompts, vocabulary, allow_free_text=args.allow_free_text) if args.prompts else None
+    cases = [
+        case_from_files(Path(image), Path(labels), Path(names), modality, vocabulary)
+        for image, labels, names, modality in args.case
+    ]
+    if args.standardised is not None:
+        keys = [key.strip() for key in args.cases.split(",") if key.strip()] if args.cases else None
+        cases += standardised_cases(args.standardised, keys, args.seed)
+    work = [(case, asked or labelled_prompts(case), geometry) for case in cases for geometry in geometries]
+    rows: list[dict[str, Any]] = []
+    for case, prompts, geometry in tqdm(work, desc="evaluate", unit="grid"):
+        rows += evaluate_case(
+            segmenter, case, prompts, geometry, tolerance_mm=args.tolerance_mm, threshold=args.threshold
+        )
+    summary = region_summary(rows, {term.name: term.region for term in vocabulary.terms})
+    dependence = grid_dependence(rows)
+    extra = segmenter.metadata.extra if segmenter.metadata else {}
+    settings = {
+        "checkpoint": str(args.checkpoint),
+        "trained steps": extra.get("steps", "untrained"),
+        "tolerance_mm": args.tolerance_mm,
+        "threshold": args.threshold,
+        "geometries": ", ".join(geometries),
+        "cases": len(cases),
+    }
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "evaluation.md").write_text(markdown_report(rows, summary, dependence, settings))
+    document = {"settings": settings, "regions": summary, "grid_dependence": dependence, "structures": rows}
+    (args.output / "evaluation.json").write_text(json.dumps(document, indent=2) + "\n")
+    for item in summary:
+        print(f"{item['geometry']:>12} {item['region']:<12} Dice {item['dice']:.3f}  NSD {item['nsd']:.3f}")
+    print(f"wrote {args.output / 'evaluation.md'} and evaluation.json")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli(PROG, lambda: run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
