@@ -36,6 +36,7 @@ train-smoke: (env "dev")
     set -euo pipefail
     run=$(mktemp -d)
     trap 'rm -rf "$run"' EXIT
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread each: 2-core CI machines stall with two
     {{bin}}/python -m training.train --config training/configs/smoke.toml --output "$run"
     {{bin}}/python -m training.train --config training/configs/smoke.toml --output "$run" --resume train.steps=8
     test -f "$run/checkpoint/model.safetensors"
