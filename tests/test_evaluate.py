@@ -12,7 +12,7 @@ import pytest
 from satseg.errors import SatInputError
 from satseg.geometry import Volume
 from satseg.text import Vocabulary
-from training.data.phantom import centred_affine, make_torso_phantom
+from training.data.phantom import centred_affine, class_names, make_torso_phantom
 from training.evaluate import (
     Prompt,
     case_from_files,
@@ -24,14 +24,7 @@ from training.evaluate import (
     surface_dice,
 )
 
-PHANTOM_NAMES = {
-    "1": "liver",
-    "2": "spleen",
-    "3": "stomach",
-    "4": "kidney_right",
-    "5": "kidney_left",
-    "6": "spinal_cord",
-}
+PHANTOM_NAMES = class_names()
 
 
 def cube(shift: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:

@@ -18,7 +18,7 @@ from satseg.errors import SatInputError
 from satseg.geometry import PreprocessConfig, Volume, prepare
 from satseg.text import Vocabulary
 from training.data.names import map_label_names
-from training.data.phantom import centred_affine, make_torso_phantom, world_coordinates
+from training.data.phantom import centred_affine, class_names, make_torso_phantom, world_coordinates
 from training.data.readers import (
     CaseSource,
     labelmap_case,
@@ -37,14 +37,7 @@ SHAPE = (40, 32, 12)
 # Rotated 20 degrees about z and x, and the second axis flipped.
 OBLIQUE = centred_affine(SHAPE, (4.0, -4.0, 8.0), 20.0)
 AXIAL = centred_affine(SHAPE, (4.0, 4.0, 8.0))
-PHANTOM_NAMES = {
-    "1": "liver",
-    "2": "spleen",
-    "3": "stomach",
-    "4": "kidney_right",
-    "5": "kidney_left",
-    "6": "spinal_cord",
-}
+PHANTOM_NAMES = class_names()
 PHANTOM_TERMS = {
     "1": "liver",
     "2": "spleen",
@@ -438,4 +431,3 @@ def test_synthesis_checks_its_input() -> None:
         synthesize_image(labels.astype(np.float32), rng)
     with pytest.raises(ValueError, match=r"0\.\.65535"):
         synthesize_image(np.full((4, 4, 4), -1, np.int32), rng)
-

@@ -15,13 +15,18 @@ import nibabel as nib
 import numpy as np
 
 from satseg.geometry.volume import Volume
+from satseg.outputs import write_json
 
 
 @dataclass(frozen=True)
 class Ellipsoid:
-    """An organ: a label, its HU, a centre and semi-axes in RAS mm (relative to the torso centre)."""
+    """An organ: its term, its TotalSegmentator class name, its HU, a centre and semi-axes in RAS mm.
+
+    The centre is relative to the torso centre.
+    """
 
     name: str
+    class_name: str
     hounsfield: float
     centre: tuple[float, float, float]
     semi_axes: tuple[float, float, float]
@@ -29,15 +34,20 @@ class Ellipsoid:
 
 # Painted in order, later ones over earlier ones; RAS+: +x is the patient's right.
 TORSO_ORGANS: tuple[Ellipsoid, ...] = (
-    Ellipsoid("liver", 60.0, (70.0, 10.0, 40.0), (65.0, 55.0, 55.0)),
-    Ellipsoid("spleen", 45.0, (-80.0, -20.0, 50.0), (28.0, 35.0, 40.0)),
-    Ellipsoid("stomach", 20.0, (-40.0, 35.0, 50.0), (35.0, 25.0, 30.0)),
-    Ellipsoid("right kidney", 30.0, (55.0, -45.0, -20.0), (22.0, 25.0, 45.0)),
-    Ellipsoid("left kidney", 30.0, (-55.0, -45.0, -15.0), (22.0, 25.0, 45.0)),
-    Ellipsoid("spinal cord", 25.0, (0.0, -60.0, 0.0), (7.0, 7.0, 400.0)),
+    Ellipsoid("liver", "liver", 60.0, (70.0, 10.0, 40.0), (65.0, 55.0, 55.0)),
+    Ellipsoid("spleen", "spleen", 45.0, (-80.0, -20.0, 50.0), (28.0, 35.0, 40.0)),
+    Ellipsoid("stomach", "stomach", 20.0, (-40.0, 35.0, 50.0), (35.0, 25.0, 30.0)),
+    Ellipsoid("right kidney", "kidney_right", 30.0, (55.0, -45.0, -20.0), (22.0, 25.0, 45.0)),
+    Ellipsoid("left kidney", "kidney_left", 30.0, (-55.0, -45.0, -15.0), (22.0, 25.0, 45.0)),
+    Ellipsoid("spinal cord", "spinal_cord", 25.0, (0.0, -60.0, 0.0), (7.0, 7.0, 400.0)),
 )
 BODY_SEMI_AXES = (150.0, 105.0)
 """Semi-axes (x, y) in mm of the elliptic body cross-section, infinite along z."""
+
+
+def class_names() -> dict[str, str]:
+    """The label map's names as TotalSegmentator writes them (``{"1": "liver", "5": "kidney_left", ...}``)."""
+    return {str(value): organ.class_name for value, organ in enumerate(TORSO_ORGANS, start=1)}
 
 
 def world_coordinates(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
@@ -113,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("-o", "--output", type=Path, required=True, help="CT image to write (.nii.gz)")
     parser.add_argument("--labels", type=Path, help="also write the label map here (.nii.gz)")
+    parser.add_argument("--names", type=Path, help="also write the label names here (TotalSegmentator-style JSON)")
     parser.add_argument("--shape", type=int, nargs=3, default=(120, 100, 40), metavar=("I", "J", "K"))
     parser.add_argument("--spacing", type=float, nargs=3, default=(2.5, 2.5, 5.0), metavar=("X", "Y", "Z"))
     parser.add_argument("--rotate", type=float, default=0.0, help="oblique rotation in degrees (default 0)")
@@ -125,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     nib.save(nib.Nifti1Image(volume.array, volume.affine), args.output)
     if args.labels:
         nib.save(nib.Nifti1Image(labels, volume.affine), args.labels)
+    if args.names:
+        write_json(class_names(), args.names)
     print(f"wrote {args.output} ({'x'.join(map(str, shape))}, labels: {', '.join(names.values())})")
     return 0
 
