@@ -28,7 +28,7 @@ env extras="dev":
 test: (env "dev")
     {{bin}}/ruff check .
     {{bin}}/pytest
-    just train-smoke
+    {{just_executable()}} train-smoke
 
 # Six training steps of the tiny model on synthetic torso CTs, in a temporary folder (CPU, about a minute).
 train-smoke: (env "dev")
