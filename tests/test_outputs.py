@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib.image
 import nibabel as nib
@@ -15,13 +16,16 @@ import torch
 from satseg.errors import SatInputError
 from satseg.outputs import (
     LabelMapAccumulator,
+    OutputOptions,
     mask_statistics,
     preview_views,
     read_label_extension,
     save_preview,
     write_json,
     write_nifti,
+    write_segmentation,
 )
+from training.data.phantom import make_torso_phantom
 
 SHAPE = (12, 10, 8)
 
@@ -324,3 +328,15 @@ def test_save_preview_needs_a_name_for_every_shown_label(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="no name"):
         save_preview(*phantom(), {1: "liver"}, tmp_path / "preview.png")
     assert no_leftovers(tmp_path)
+
+
+def test_ct_previews_use_the_soft_tissue_window(tmp_path: Path) -> None:
+    """A CT's preview is windowed at W400/L40, so soft tissue is mid-grey, not washed out by air."""
+    volume, labels, _ = make_torso_phantom((40, 32, 12))
+    result = SimpleNamespace(index=0, term="liver", probabilities=torch.from_numpy((labels == 1).astype(np.float32)))
+    pictures = {}
+    for modality in ("ct", None):
+        out = tmp_path / str(modality)
+        write_segmentation(volume, ["liver"], [result], out, OutputOptions(preview=True, modality=modality))
+        pictures[modality] = (out / "preview.png").read_bytes()
+    assert pictures["ct"] != pictures[None]

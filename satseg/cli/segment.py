@@ -131,6 +131,7 @@ def segment(args: argparse.Namespace) -> int:
             statistics=args.statistics,
             preview=args.preview,
             threshold=args.threshold,
+            modality=modality,
         ),
     )
     print(
