@@ -15,7 +15,7 @@ from satseg.text import Vocabulary
 
 EPILOG = """examples:
   sat-checkpoint init --size tiny --output checkpoints/tiny-untrained
-  sat-checkpoint info models/sat-tiny-demo
+  sat-checkpoint info models/demo
 """
 
 

@@ -16,7 +16,7 @@ from satseg.outputs.writer import OutputOptions, write_segmentation
 from satseg.pipeline import InferenceOptions, Segmenter, resolve_device
 from satseg.text import Vocabulary, parse_prompt_list
 
-BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "sat-tiny-demo"
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "demo"
 
 EPILOG = """examples:
   sat-segment -i ct.nii.gz -o out/ --prompts "liver,spleen,left kidney" --statistics --preview
