@@ -34,6 +34,7 @@ import numpy as np
 from satseg.errors import SatInputError
 from satseg.geometry import Volume, load_volume
 from satseg.geometry.volume import check_modality
+from training.data.jsonl import numbered_lines
 
 GRID_TOLERANCE_MM = 1e-3
 """A label map lies on its image's grid when the shapes match and the affines differ by at most this."""
@@ -301,15 +302,10 @@ def manifest_cases(path: Path) -> list[CaseSource]:
         SatInputError: the manifest is unreadable, or a line is not such an object (its number is given).
     """
     path = Path(path)
-    try:
-        lines = path.read_text("utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise SatInputError(f"cannot read manifest {path}: {' '.join(str(error).split())}") from error
-    cases = []
-    for number, line in enumerate(lines, start=1):
-        if line.strip():
-            cases.append(_manifest_line(line, f"manifest {path.name} line {number}", path.parent, path.stem))
-    return cases
+    return [
+        _manifest_line(line, f"manifest {path.name} line {number}", path.parent, path.stem)
+        for number, line in numbered_lines(path)
+    ]
 
 
 def synthseg_cases(folder: Path) -> list[CaseSource]:

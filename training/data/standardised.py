@@ -34,6 +34,7 @@ import numpy as np
 
 from satseg.errors import SatInputError
 from satseg.geometry import load_nifti
+from training.data.jsonl import numbered_lines
 
 MANIFEST = "manifest.jsonl"
 UNMAPPED = "unmapped.json"
@@ -136,14 +137,8 @@ class StandardisedDataset:
         """
         self.root = Path(root)
         path = self.root / MANIFEST
-        try:
-            lines = path.read_text("utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as error:
-            raise SatInputError(f"cannot read {path}: {' '.join(str(error).split())}") from error
         entries = []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
+        for number, line in numbered_lines(path):
             try:
                 entries.append(parse_manifest_line(line))
             except (ValueError, KeyError, TypeError, AttributeError) as error:
