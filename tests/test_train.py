@@ -25,6 +25,7 @@ from training.config import DataSettings, load_config, parse_override
 from training.data.phantom import centred_affine, make_torso_phantom
 from training.data.readers import labelmap_case, synthseg_cases
 from training.data.standardise import standardise
+from training.data.synthseg import synthesize_image
 from training.losses import (
     DEEP_SUPERVISION_WEIGHTS,
     deep_supervision_loss,
@@ -279,6 +280,39 @@ def test_standardised_pools_weights_holdout_and_synthesis(standardised_root: Pat
     assert not torch.equal(brain[1]["image"], sample["image"])  # a new contrast per sample
     torso = PatchDataset(pools[1:], np.ones(1), terms, vocabulary, SMALL_PATCH, settings, 2)
     assert torso[0]["positive"].any()  # centred on a labelled voxel
+
+
+def test_structures_limit_prompts_and_centring(standardised_root: Path) -> None:
+    vocabulary = Vocabulary.load()
+    terms = [term.name for term in vocabulary.terms]
+    pools = standardised_pools([standardised_root], [], cached_cases=2)
+    torso = [pool for pool in pools if pool.name == "torso"]
+    # Prompts are normalised to their term; every crop is centred on the spleen, the only prompt.
+    settings = DataSettings(roots=(str(standardised_root),), structures=("Spleen",), positive_centre_probability=1.0)
+    dataset = PatchDataset(torso, np.ones(1), terms, vocabulary, SMALL_PATCH, settings, 6)
+    for index in range(6):
+        sample = dataset[index]
+        assert [terms[i] for i in sample["term_ids"].tolist()] == ["spleen"]
+        assert sample["positive"].all() and sample["masks"].any()
+    with pytest.raises(SatInputError, match="unknown prompt"):
+        PatchDataset(torso, np.ones(1), terms, vocabulary, SMALL_PATCH, DataSettings(structures=("spleeen",)), 1)
+
+
+def test_synthesis_strips_the_skull_in_some_samples() -> None:
+    labels = np.zeros((32, 32, 12), np.uint16)
+    labels[2:30, 2:30, 1:11] = 502  # head tissue
+    labels[8:24, 8:24, 3:9] = 2  # brain
+    brain = labels == 2
+    stripped = 0
+    for seed in range(16):
+        image = synthesize_image(labels, np.random.default_rng(seed), brain=brain)
+        outside = image[~brain]
+        if np.ptp(outside) == 0:  # one value outside the brain: the zero before normalisation
+            stripped += 1
+            assert float(outside[0]) < float(np.median(image[brain])) or np.ptp(image[brain]) == 0
+    assert 3 <= stripped <= 13
+    with pytest.raises(ValueError, match="brain mask shape"):
+        synthesize_image(labels, np.random.default_rng(0), brain=brain[:4])
 
 
 # --- queries ------------------------------------------------------------------------------------------

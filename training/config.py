@@ -3,8 +3,8 @@
 Three tables, every key optional except ``train.steps`` (defaults below)::
 
     [model]  size, patch_size, text_pretraining
-    [data]   roots, phantom, holdout, weights, max_prompts, positive_centre_probability, negatives,
-             seed, num_workers, cached_cases
+    [data]   roots, phantom, holdout, weights, structures, max_prompts, positive_centre_probability,
+             negatives, seed, num_workers, cached_cases
     [train]  steps, batch_size, gradient_accumulation, learning_rate, final_learning_rate, warmup_steps,
              weight_decay, gradient_clip, mixed_precision, seed, save_every, export_every, keep_states
 
@@ -73,6 +73,9 @@ class DataSettings:
         holdout: case keys (``<dataset>/<case id>``, as in the manifest) never trained on.
         weights: per-dataset sampling weight overrides; the default is ``1 / sqrt(cases in the dataset)``
             (the phantom counts as one case), normalised over datasets.
+        structures: the only terms prompted (vocabulary terms or synonyms; empty: every labelled term). Other
+            labelled structures are then plain background: a small run learns a few structures well
+            instead of many poorly, and crops are centred on these structures only.
         max_prompts: most positive prompts per sample (labels present in the crop beyond it are subsampled).
         positive_centre_probability: chance that a crop is centred on a voxel of a random label of the case
             (else the crop position is uniform).
@@ -89,6 +92,7 @@ class DataSettings:
     phantom: bool = False
     holdout: tuple[str, ...] = ()
     weights: dict[str, float] = field(default_factory=dict)
+    structures: tuple[str, ...] = ()
     max_prompts: int = 32
     positive_centre_probability: float = 0.5
     negatives: str = "dataset"

@@ -172,12 +172,23 @@ def crop_start(
     return starts[0], starts[1], starts[2]
 
 
-def labelled_voxel(case: CaseArrays, rng: np.random.Generator) -> tuple[int, int, int]:
-    """A random voxel of a random class of ``case`` (classes equally likely, so small structures get centred too)."""
-    value = rng.choice(sorted(case.classes))
-    voxels = np.flatnonzero(case.labels == value)
-    index = np.unravel_index(voxels[rng.integers(len(voxels))], case.labels.shape)
+def labelled_voxel(labels: np.ndarray, classes: dict[int, str], rng: np.random.Generator) -> tuple[int, int, int]:
+    """A random voxel of ``labels`` of a random one of ``classes`` (equally likely, so small ones get centred too)."""
+    value = rng.choice(sorted(classes))
+    voxels = np.flatnonzero(labels == value)
+    index = np.unravel_index(voxels[rng.integers(len(voxels))], labels.shape)
     return int(index[0]), int(index[1]), int(index[2])
+
+
+def prompted_terms(structures: Sequence[str], vocabulary: Vocabulary) -> frozenset[str] | None:
+    """The canonical terms of ``structures`` (``None``, meaning every term, when it is empty).
+
+    Raises:
+        SatInputError: a structure the vocabulary does not know (the message lists the closest terms).
+    """
+    if not structures:
+        return None
+    return frozenset(vocabulary.resolve(structure) for structure in structures)
 
 
 def crop(array: np.ndarray, start: Sequence[int], patch: Sequence[int], fill: float) -> np.ndarray:
@@ -250,6 +261,7 @@ class PatchDataset(Dataset):
         unknown = sorted(term for pool in self.pools for term in pool.labelled_terms if term not in self.term_ids)
         if unknown:
             raise SatInputError(f"labelled terms missing from the vocabulary (re-standardise the data?): {unknown}")
+        self.prompted = prompted_terms(settings.structures, vocabulary)
         self.patch_size = patch_size
         self.settings = settings
         self.length = length
@@ -261,6 +273,10 @@ class PatchDataset(Dataset):
 
     def __len__(self) -> int:
         return self.length
+
+    def is_prompted(self, term: str) -> bool:
+        """Whether ``term`` may be a prompt (``DataSettings.structures``; every term when it is empty)."""
+        return self.prompted is None or term in self.prompted
 
     def absent_terms(self, pool: CasePool, modality: str, present: set[str]) -> list[str]:
         """Negative candidates for a crop of a ``pool`` case holding ``present`` (see ``DataSettings.negatives``).
@@ -276,7 +292,7 @@ class PatchDataset(Dataset):
                 if parent not in covered:
                     covered.add(parent)
                     pending.append(parent)
-        usable = [term for term in self._modality_terms[modality] if term not in covered]
+        usable = [term for term in self._modality_terms[modality] if term not in covered and self.is_prompted(term)]
         if self.settings.negatives == "dataset":
             labelled = [term for term in usable if term in pool.labelled_terms]
             return labelled or usable
@@ -286,21 +302,25 @@ class PatchDataset(Dataset):
         rng = np.random.default_rng([self.settings.seed, index])
         pool = self.pools[int(rng.choice(len(self.pools), p=self.weights))]
         case = pool.draw(rng)
+        classes = {value: term for value, term in case.classes.items() if self.is_prompted(term)}
         centre = None
-        if case.classes and rng.random() < self.settings.positive_centre_probability:
-            centre = labelled_voxel(case, rng)
+        if classes and rng.random() < self.settings.positive_centre_probability:
+            centre = labelled_voxel(case.labels, classes, rng)
         start = crop_start(case.labels.shape, self.patch_size, centre, rng)
         labels = crop(case.labels, start, self.patch_size, fill=0)
         if case.image is None:
             from training.data.synthseg import synthesize_image  # only label-only datasets need it
 
-            image = synthesize_image(labels, rng)  # on the model grid, its default spacing
+            # Every named structure is brain; the rest (0 and the unnamed head tissues) is what skull
+            # stripping removes.
+            brain = np.isin(labels, list(case.classes))
+            image = synthesize_image(labels, rng, brain=brain)  # on the model grid, its default spacing
         else:
             image = crop(case.image, start, self.patch_size, fill=float(case.image.min()))
         values_of: dict[str, list[int]] = defaultdict(list)
         for value in np.unique(labels).tolist():
-            if value in case.classes:
-                values_of[case.classes[value]].append(value)
+            if value in classes:
+                values_of[classes[value]].append(value)
         absent = self.absent_terms(pool, case.modality, set(values_of))
         positives, negatives = pick_prompts(sorted(values_of), absent, self.settings.max_prompts, rng)
         masks = np.zeros((len(positives) + len(negatives), *self.patch_size), dtype=np.uint8)

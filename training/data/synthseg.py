@@ -27,6 +27,8 @@ BIAS_CONTROL_SPACING_MM = 40.0
 """Distance between the bias field's random control points: the field varies over a few centimetres."""
 BLUR_SIGMA_MM_RANGE: tuple[float, float] = (0.0, 1.0)
 """Gaussian blur sigma per axis in mm, uniform in this range."""
+SKULL_STRIP_PROBABILITY = 0.5
+"""Probability that everything outside the brain is black, as in a skull-stripped scan (templates, many pipelines)."""
 RESOLUTION_AXIS_PROBABILITY = 0.5
 """Probability that an axis is acquired at a lower resolution."""
 RESOLUTION_FACTOR_RANGE: tuple[float, float] = (1.0, 3.0)
@@ -34,14 +36,20 @@ RESOLUTION_FACTOR_RANGE: tuple[float, float] = (1.0, 3.0)
 
 
 def synthesize_image(
-    labels: np.ndarray, rng: np.random.Generator, *, spacing: tuple[float, float, float] = (1.0, 1.0, 3.0)
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 3.0),
+    brain: np.ndarray | None = None,
 ) -> np.ndarray:
     """A random-contrast image of a label map.
 
     Steps: a mean (uniform 0-255) and a spread per label value, painted with Gaussian noise; a smooth
     multiplicative bias field (random log-field on a coarse grid, upsampled, exponentiated); Gaussian blur
     with a random sigma; a random resolution (average down by a random factor along random axes, then
-    trilinear back up); then SAT's MRI normalisation (:func:`satseg.geometry.normalize_intensity`).
+    trilinear back up); with ``brain`` given, skull stripping half of the time (zero outside it, after the
+    acquisition steps, so the brain's edge stays sharp as a brain mask leaves it); then SAT's MRI
+    normalisation (:func:`satseg.geometry.normalize_intensity`).
 
     Args:
         labels: ``[H, W, D]`` label values, any integer dtype, each in 0..65535 (e.g. a training crop of a
@@ -49,6 +57,7 @@ def synthesize_image(
         rng: the source of every random draw: the same seed and labels give the same image.
         spacing: voxel size in mm along the axes of ``labels`` (the model grid's 1x1x3 by default), so
             the bias field, blur and resolution are drawn in millimetres.
+        brain: ``[H, W, D]`` bool, the voxels a skull-stripping mask keeps (``None``: never stripped).
 
     Returns:
         ``[H, W, D]`` float32, finite, z-scored (clipped to the 0.5/99.5 percentiles, mean 0, std 1).
@@ -58,6 +67,8 @@ def synthesize_image(
     """
     if labels.ndim != 3 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be a 3D integer array, got {labels.dtype} of shape {labels.shape}")
+    if brain is not None and brain.shape != labels.shape:
+        raise ValueError(f"brain mask shape {brain.shape} differs from the labels' {labels.shape}")
     if labels.size and (int(labels.min()) < 0 or int(labels.max()) > np.iinfo(np.uint16).max):
         raise ValueError(f"label values must be in 0..65535, got {int(labels.min())}..{int(labels.max())}")
     spacing_mm = np.asarray(spacing, dtype=np.float64)
@@ -65,6 +76,8 @@ def synthesize_image(
     image *= _bias_field(labels.shape, spacing_mm, rng)
     image = ndimage.gaussian_filter(image, sigma=rng.uniform(*BLUR_SIGMA_MM_RANGE, size=3) / spacing_mm)
     image = _random_resolution(image, rng)
+    if brain is not None and rng.random() < SKULL_STRIP_PROBABILITY:
+        image[~brain] = 0.0
     return normalize_intensity(torch.from_numpy(image), "mri").numpy()
 
 
