@@ -12,6 +12,7 @@ import pytest
 from satseg.errors import SatInputError
 from satseg.geometry import Volume
 from satseg.text import Vocabulary
+from training.data.mni152 import main as mni152_main
 from training.data.phantom import centred_affine, class_names, make_torso_phantom
 from training.evaluate import (
     Prompt,
@@ -19,6 +20,7 @@ from training.evaluate import (
     check_geometry,
     dice_score,
     main,
+    mni152_case,
     parse_prompts,
     regrid,
     surface_dice,
@@ -123,6 +125,29 @@ def test_cases_take_names_from_json_or_a_mapping(phantom_case: tuple[Path, Path,
     assert from_json.classes[4] == "right kidney" and from_json.classes[6] == "spinal cord"
     assert from_mapping.classes == {4: "right kidney", 5: "left kidney"} and from_mapping.modality == "ct"
     assert isinstance(from_json.volume, Volume) and from_json.labels.shape == from_json.volume.shape
+
+
+def test_mni152_case_is_nilearns_template_with_tissue_labels() -> None:
+    pytest.importorskip("nilearn", reason="nilearn (the train extra) ships the MNI152 template")
+    case = mni152_case()
+    assert case.modality == "mri" and case.labels.shape == case.volume.shape == (197, 233, 189)
+    assert case.classes == {1: "cerebral white matter", 2: "cerebral cortex"}
+    white, grey = np.count_nonzero(case.labels == 1), np.count_nonzero(case.labels == 2)
+    assert 400_000 < white < 1_000_000 and grey > white  # mL at 1 mm: an adult brain's tissue volumes
+    brain = case.volume.array > 0
+    assert np.count_nonzero(case.labels[~brain]) < 0.05 * np.count_nonzero(case.labels)  # tissue lies in the brain
+    assert case.volume.affine[0, 0] > 0 and case.volume.affine[1, 1] > 0  # RAS, as nilearn stores it
+
+
+def test_sat_mni152_writes_the_template_and_its_tissue_labels(tmp_path: Path) -> None:
+    pytest.importorskip("nilearn", reason="nilearn (the train extra) ships the MNI152 template")
+    image, labels, names = tmp_path / "t1.nii.gz", tmp_path / "tissues.nii.gz", tmp_path / "tissues.json"
+    assert mni152_main(["-o", str(image), "--labels", str(labels), "--names", str(names)]) == 0
+    case = case_from_files(image, labels, names, "mri", Vocabulary.load())
+    reference = mni152_case()
+    np.testing.assert_array_equal(case.labels, reference.labels)
+    np.testing.assert_allclose(case.volume.affine, reference.volume.affine)
+    assert case.classes == reference.classes
 
 
 def test_evaluation_runs_through_the_serving_path(

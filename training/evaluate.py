@@ -31,6 +31,7 @@ from satseg.geometry import PreprocessConfig, Volume, load_volume
 from satseg.geometry.volume import check_modality
 from satseg.pipeline import Segmenter, resolve_device
 from satseg.text import Vocabulary
+from training.data.mni152 import MNI152_TISSUES, load_mni152
 from training.data.names import map_label_names
 from training.data.readers import check_same_grid, nifti_stem, read_labels, read_names
 from training.data.standardised import StandardisedDataset
@@ -49,6 +50,8 @@ EPILOG = """examples (sat-evaluate is the installed name of python -m training.e
       --standardised data/standardised --cases synthseg/training_seg_17,synthseg/training_seg_18
   python -m training.evaluate --checkpoint CKPT --output OUT --case ct.nii.gz seg.nii.gz classes.json ct \\
       --prompts "liver,kidney=left kidney+right kidney"
+  python -m training.evaluate --checkpoint models/demo --output runs/mni --mni152 \\
+      --prompts "cerebral white matter,cerebral cortex"
 
 outputs (under --output):
   evaluation.md     per-region summary and per-structure table (Markdown)
@@ -210,6 +213,12 @@ def case_from_files(
     name = nifti_stem(Path(image))
     mapped, _ = map_label_names(raw, vocabulary, source=f"case {name}")
     return EvaluationCase(name, volume, label_volume.array, mapped, check_modality(modality))
+
+
+def mni152_case() -> EvaluationCase:
+    """nilearn's MNI152 2009 T1 template scored against its white/grey-matter maps (see ``training.data.mni152``)."""
+    volume, labels = load_mni152()
+    return EvaluationCase("mni152_2009_nilearn", volume, labels, dict(MNI152_TISSUES), "mri")
 
 
 def standardised_cases(root: Path, keys: Sequence[str] | None, seed: int = 0) -> list[EvaluationCase]:
@@ -409,6 +418,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar=("IMAGE", "LABELS", "NAMES", "MODALITY"),
         help='image, label map on its grid, names JSON {"1": "spleen", ...}, modality (repeatable)',
     )
+    parser.add_argument(
+        "--mni152",
+        action="store_true",
+        help="add nilearn's MNI152 T1 template, scored against its white/grey matter (probability > 0.5)",
+    )
     parser.add_argument("--standardised", type=Path, help="a standardised root (manifest.jsonl) to evaluate")
     parser.add_argument(
         "--cases", help="with --standardised: comma-separated case keys (<dataset>/<case>); default all"
@@ -432,8 +446,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.case and args.standardised is None:
-        raise SatInputError("nothing to evaluate: pass --case (repeatable) and/or --standardised")
+    if not args.case and args.standardised is None and not args.mni152:
+        raise SatInputError("nothing to evaluate: pass --case (repeatable), --standardised and/or --mni152")
     geometries = list(dict.fromkeys([INPUT_GEOMETRY, *(check_geometry(name) for name in args.geometry)]))
     segmenter = Segmenter.from_checkpoint(args.checkpoint, device=resolve_device(args.device))
     vocabulary = segmenter.vocabulary
@@ -442,6 +456,8 @@ def run(args: argparse.Namespace) -> int:
         case_from_files(Path(image), Path(labels), Path(names), modality, vocabulary)
         for image, labels, names, modality in args.case
     ]
+    if args.mni152:
+        cases.append(mni152_case())
     if args.standardised is not None:
         keys = [key.strip() for key in args.cases.split(",") if key.strip()] if args.cases else None
         cases += standardised_cases(args.standardised, keys, args.seed)
