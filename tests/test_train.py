@@ -294,6 +294,20 @@ def test_structures_limit_prompts_and_centring(standardised_root: Path) -> None:
         sample = dataset[index]
         assert [terms[i] for i in sample["term_ids"].tolist()] == ["spleen"]
         assert sample["positive"].all() and sample["masks"].any()
+    # A listed parent is trained on the union of its labelled children; unlisted children are not prompted.
+    settings = DataSettings(roots=(str(standardised_root),), structures=("kidney", "liver"))
+    dataset = PatchDataset(torso, np.ones(1), terms, vocabulary, SMALL_PATCH, settings, 1)
+    assert dataset.targets_of("left kidney") == ["kidney"] and dataset.targets_of("spleen") == []
+    for index in range(40):
+        sample = dataset[index]
+        names = [terms[i] for i in sample["term_ids"].tolist()]
+        assert set(names) <= {"kidney", "liver"}
+        if "kidney" in names and sample["positive"][names.index("kidney")]:
+            break
+    else:
+        pytest.fail("no crop in 40 held a kidney")
+    kidneys = sample["masks"][names.index("kidney")].bool()
+    assert kidneys.any()
     with pytest.raises(SatInputError, match="unknown prompt"):
         PatchDataset(torso, np.ones(1), terms, vocabulary, SMALL_PATCH, DataSettings(structures=("spleeen",)), 1)
 

@@ -75,7 +75,8 @@ class DataSettings:
             (the phantom counts as one case), normalised over datasets.
         structures: the only terms prompted (vocabulary terms or synonyms; empty: every labelled term). Other
             labelled structures are then plain background: a small run learns a few structures well
-            instead of many poorly, and crops are centred on these structures only.
+            instead of many poorly, and crops are centred on these structures only. A parent listed here
+            ("cerebral white matter") is trained on the union of its labelled descendants.
         max_prompts: most positive prompts per sample (labels present in the crop beyond it are subsampled).
         positive_centre_probability: chance that a crop is centred on a voxel of a random label of the case
             (else the crop position is uniform).

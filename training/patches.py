@@ -285,24 +285,39 @@ class PatchDataset(Dataset):
         absent where "left kidney" is present); with ``negatives = "dataset"`` only those the pool labels,
         unless the crop holds all of them.
         """
-        covered = set(present)
-        pending = list(present)
-        while pending:
-            for parent in self._parents[pending.pop()]:
-                if parent not in covered:
-                    covered.add(parent)
-                    pending.append(parent)
+        covered = set(present).union(*(self.ancestors(term) for term in present))
         usable = [term for term in self._modality_terms[modality] if term not in covered and self.is_prompted(term)]
         if self.settings.negatives == "dataset":
-            labelled = [term for term in usable if term in pool.labelled_terms]
-            return labelled or usable
+            labelled = pool.labelled_terms.union(*(self.ancestors(term) for term in pool.labelled_terms))
+            return [term for term in usable if term in labelled] or usable
         return usable
+
+    def ancestors(self, term: str) -> frozenset[str]:
+        """Every parent of ``term`` in the vocabulary's tree, transitively ("left kidney" -> "kidney", ...)."""
+        found: set[str] = set()
+        pending = [term]
+        while pending:
+            for parent in self._parents[pending.pop()]:
+                if parent not in found:
+                    found.add(parent)
+                    pending.append(parent)
+        return frozenset(found)
+
+    def targets_of(self, term: str) -> list[str]:
+        """The prompts a voxel labelled ``term`` is inside of.
+
+        Without ``structures``, the labelled term alone. With it, the term and its ancestors that are listed:
+        a listed parent ("cerebral white matter") is trained on the union of its labelled descendants.
+        """
+        if self.prompted is None:
+            return [term]
+        return sorted(name for name in (term, *self.ancestors(term)) if name in self.prompted)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.settings.seed, index])
         pool = self.pools[int(rng.choice(len(self.pools), p=self.weights))]
         case = pool.draw(rng)
-        classes = {value: term for value, term in case.classes.items() if self.is_prompted(term)}
+        classes = {value: term for value, term in case.classes.items() if self.targets_of(term)}
         centre = None
         if classes and rng.random() < self.settings.positive_centre_probability:
             centre = labelled_voxel(case.labels, classes, rng)
@@ -317,11 +332,14 @@ class PatchDataset(Dataset):
             image = synthesize_image(labels, rng, brain=brain)  # on the model grid, its default spacing
         else:
             image = crop(case.image, start, self.patch_size, fill=float(case.image.min()))
-        values_of: dict[str, list[int]] = defaultdict(list)
+        values_of: dict[str, list[int]] = defaultdict(list)  # prompted term -> its label values in the crop
+        present = set()
         for value in np.unique(labels).tolist():
-            if value in classes:
-                values_of[classes[value]].append(value)
-        absent = self.absent_terms(pool, case.modality, set(values_of))
+            if value in case.classes:
+                present.add(case.classes[value])
+                for term in self.targets_of(case.classes[value]):
+                    values_of[term].append(value)
+        absent = self.absent_terms(pool, case.modality, present)
         positives, negatives = pick_prompts(sorted(values_of), absent, self.settings.max_prompts, rng)
         masks = np.zeros((len(positives) + len(negatives), *self.patch_size), dtype=np.uint8)
         for row, term in enumerate(positives):
