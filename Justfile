@@ -6,6 +6,7 @@ bin := venv / "bin"
 # The CPU build of torch goes in first, so no later requirement pulls a multi-GB CUDA build.
 torch_pin := "torch==2.13.0"
 demo_dir := "demo_output"
+brain_prompts := "cerebral white matter,cerebral cortex,lateral ventricle,thalamus,cerebellum cortex,cerebellum white matter,brain-stem"
 
 # List the recipes.
 default:
@@ -57,20 +58,42 @@ pretrain-text: (env "dev")
 
 # Train the demo model on the standardised real data (see training/configs/demo.toml).
 train-demo: standardise-shared
+    [ -f runs/pretrain_text/text_encoder_layers.safetensors ] || {{just_executable()}} pretrain-text
     {{bin}}/sat-train --config training/configs/demo.toml --output runs/demo
+
+# The training CT on its own grid and rotated 15 degrees, the real MNI152 T1 against nilearn's tissue
+# masks, and the held-out SynthSeg maps; writes runs/demo/evaluation-*.
+# The model card's learning checks of a checkpoint (default: the demo run's).
+evaluate-demo checkpoint="runs/demo/checkpoint": (env "dev")
+    {{bin}}/sat-evaluate --checkpoint {{checkpoint}} --output runs/demo/evaluation-ct --geometry oblique15 \
+        --case ../shared/data/totalseg/example_ct.nii.gz ../shared/data/totalseg/example_seg_fast_force_split.nii.gz \
+        ../shared/data/totalseg/classes_total.json ct --prompts "liver,spleen,left kidney,right kidney,stomach,aorta"
+    {{bin}}/sat-evaluate --checkpoint {{checkpoint}} --output runs/demo/evaluation-mni152 --mni152 \
+        --prompts "cerebral white matter,cerebral cortex"
+    {{bin}}/sat-evaluate --checkpoint {{checkpoint}} --output runs/demo/evaluation-synthseg \
+        --standardised data/standardised --prompts "{{brain_prompts}}" \
+        --cases synthseg/training_seg_17,synthseg/training_seg_18,synthseg/training_seg_19,synthseg/training_seg_20
 
 # Training throughput of the tiny model on this machine (and nano on a GPU if there is one).
 bench-train: (env "dev")
     {{bin}}/python benchmarks/train_throughput.py
 
-# Segment the demo CT in-process and write masks, a label map, statistics and a PNG preview.
+# Writes masks, label maps, statistics and previews under demo_output/; the CT part needs ../shared.
+# Segment a real brain MRI (nilearn's MNI152) and the real abdominal CT with the bundled demo model.
 demo: (env "dev")
-    {{bin}}/sat-phantom -o {{demo_dir}}/phantom_ct.nii.gz --rotate 12
-    {{bin}}/sat-checkpoint init --size tiny --output {{demo_dir}}/checkpoint-tiny-untrained --if-missing
-    {{bin}}/sat-segment -i {{demo_dir}}/phantom_ct.nii.gz -o {{demo_dir}}/segmentation \
-        --checkpoint {{demo_dir}}/checkpoint-tiny-untrained \
-        --prompts "liver,spleen,left kidney,right kidney" --modality ct --ml --statistics --preview
-    @echo "Open {{demo_dir}}/segmentation/preview.png to look at the result."
+    #!/usr/bin/env bash
+    set -euo pipefail
+    {{bin}}/sat-mni152 -o {{demo_dir}}/mni152_t1.nii.gz
+    {{bin}}/sat-segment -i {{demo_dir}}/mni152_t1.nii.gz -o {{demo_dir}}/brain --modality mri --ml --statistics \
+        --preview --prompts "{{brain_prompts}}"
+    ct=../shared/data/totalseg/example_ct.nii.gz
+    if [ -f "$ct" ]; then
+        {{bin}}/sat-segment -i "$ct" -o {{demo_dir}}/abdomen --modality ct --ml --statistics --preview \
+            --prompts "liver,spleen,kidney,stomach,aorta"
+    else
+        echo "($ct is not here: the CT part of the demo is skipped)"
+    fi
+    echo "Open {{demo_dir}}/brain/preview.png (and abdomen/preview.png) to look at the results."
 
 # Measure peak memory of the whole sat-segment path on a 512x512x300 CT with 32 prompts.
 bench-memory: (env "dev")
