@@ -12,3 +12,8 @@ class SatInputError(ValueError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint that does not match its config or the code (never loaded partially)."""
+
+
+class ExportError(RuntimeError):
+    """An export step that cannot be done here or failed its gate: no TensorRT, a plan built for another
+    GPU or TensorRT version, a parity gate missed. The message names the way forward."""

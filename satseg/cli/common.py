@@ -6,9 +6,9 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from satseg.errors import CheckpointError, SatInputError
+from satseg.errors import CheckpointError, ExportError, SatInputError
 
-USER_ERRORS = (SatInputError, CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError)
+USER_ERRORS = (SatInputError, CheckpointError, ExportError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def run_cli(prog: str, body: Callable[[], int]) -> int:

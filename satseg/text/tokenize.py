@@ -37,3 +37,9 @@ class PromptTokenizer:
             list(texts), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         return {key: batch[key].to(torch.int64) for key in ("input_ids", "attention_mask")}
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the tokenizer files (``AutoTokenizer.from_pretrained`` reads them back) into ``folder``."""
+        folder = Path(folder)
+        self._tokenizer.save_pretrained(str(folder))
+        return folder

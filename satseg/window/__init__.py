@@ -2,13 +2,14 @@
 
 from satseg.window.importance import IMPORTANCE_PEAK, gaussian_importance_map
 from satseg.window.steps import WindowSlices, window_slices, window_starts
-from satseg.window.stitcher import Predictor, sliding_window_probabilities
+from satseg.window.stitcher import Predictor, pad_to_patch, sliding_window_probabilities
 
 __all__ = [
     "IMPORTANCE_PEAK",
     "Predictor",
     "WindowSlices",
     "gaussian_importance_map",
+    "pad_to_patch",
     "sliding_window_probabilities",
     "window_slices",
     "window_starts",

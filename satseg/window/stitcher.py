@@ -71,7 +71,7 @@ def sliding_window_probabilities(
     _check_arguments(image, queries, patch_size, batch_size, accumulator_dtype)
     device = image.device if device is None else torch.device(device)
     with torch.inference_mode():
-        padded, crop = _pad_to_patch(image.to(device=device, dtype=torch.float32), patch_size)
+        padded, crop = pad_to_patch(image.to(device=device, dtype=torch.float32), patch_size)
         queries = queries.to(device=device, dtype=torch.float32)
         windows = window_slices(tuple(padded.shape), patch_size, overlap)  # type: ignore[arg-type]
         num_prompts = queries.shape[0]
@@ -128,7 +128,7 @@ def _check_arguments(
         raise SatInputError(f"accumulator dtype must be a float dtype, got {accumulator_dtype}")
 
 
-def _pad_to_patch(
+def pad_to_patch(
     image: torch.Tensor, patch_size: tuple[int, int, int]
 ) -> tuple[torch.Tensor, tuple[slice, slice, slice]]:
     """Pad ``[H, W, D]`` to at least ``patch_size``, centred as nnU-Net does.

@@ -1,0 +1,1 @@
+"""Export: ONNX graphs, parity gates, TensorRT engines and the Triton model repository of a checkpoint."""
