@@ -95,6 +95,11 @@ demo: (env "dev")
     fi
     echo "Open {{demo_dir}}/brain/preview.png (and abdomen/preview.png) to look at the results."
 
+# Runs the parity gates first: nothing is installed unless FP32 ONNX agrees with PyTorch (Dice >= 0.99).
+# Fill triton_repo/ from a checkpoint (default: the bundled demo model): ONNX, FP16 ONNX, embeddings, metadata.
+export checkpoint="models/demo" *args="": (env "dev")
+    {{bin}}/sat-export {{checkpoint}} {{args}}
+
 # Measure peak memory of the whole sat-segment path on a 512x512x300 CT with 32 prompts.
 bench-memory: (env "dev")
     {{bin}}/python benchmarks/memory_segment.py

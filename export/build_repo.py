@@ -1,0 +1,360 @@
+"""``sat-export``: fill the Triton model repository from a checkpoint, behind parity gates.
+
+What lands in the repository (the configs and ``model.py`` files are versioned; these are built):
+
+- ``text_encoder/1/model.onnx`` and ``vision/1/model.onnx`` (FP32, served on CPU by ``configs/cpu.pbtxt``),
+  their FP16 variants ``model.fp16.onnx`` (onnxruntime-gpu, TensorRT 11), and with ``--tensorrt``
+  ``model.plan`` + ``manifest.json`` (TensorRT FP16, the production ``config.pbtxt``);
+- ``prompt_encoder/1/tokenizer/`` and ``prompt_encoder/1/embeddings.safetensors``: the queries of every
+  vocabulary term for every modality, so known prompts never run the text encoder;
+- ``sat/metadata.json``: the input/output contract (MONAI bundle style) and ``sat/export_report.{json,md}``:
+  the parity of every graph against PyTorch.
+
+Nothing is written into the repository unless every parity gate passes: graphs are built in a staging
+folder first, so a failed export leaves the previous repository as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from export.fp16 import convert_to_fp16
+from export.onnx import ExportedGraph, export_text_encoder, export_vision
+from export.parity import DEFAULT_MIN_DICE, ParityReport, compare_text, compare_vision, volume_patches
+from satseg import __version__
+from satseg.checkpoint import CheckpointMetadata, load_checkpoint
+from satseg.cli.common import cli_parser, run_cli
+from satseg.errors import ExportError
+from satseg.geometry import MODALITIES, PreprocessConfig, Volume, load_volume
+from satseg.geometry.preprocess import CT_WINDOW_HU
+from satseg.model import SAT
+from satseg.text import PromptTokenizer, Vocabulary, resolve_text_encoder
+
+PROG = "sat-export"
+DEFAULT_REPOSITORY = Path(__file__).resolve().parents[1] / "triton_repo"
+TEXT_MAX_ABS_ERROR = 1e-3
+"""FP32 text-encoder queries may differ from PyTorch's by at most this (they are O(1) values)."""
+PARITY_PROMPTS = ("liver", "spleen", "left kidney", "right kidney", "aorta", "cerebral white matter")
+RANDOM_PATCHES = 2
+REAL_PATCHES = 4
+EMBEDDING_BATCH = 64
+NOT_FOR_CLINICAL_USE = "Research use only. Not for clinical use: outputs are AI-generated and unverified."
+
+EPILOG = """examples:
+  sat-export models/demo                      # triton_repo/ for CPU serving from the bundled demo model
+  sat-export CKPT --volume ct.nii.gz --modality ct --prompts "liver,spleen"   # parity on a real CT's windows
+  sat-export CKPT --tensorrt                  # also FP16 TensorRT plans (on the target GPU, in NVIDIA's container)
+
+The vision graph is compared with PyTorch on random patches and on the windows of a real volume (--volume,
+default: a synthetic torso CT): every prompt's thresholded mask must agree to Dice >= --min-dice (0.99).
+"""
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """What ``sat-export`` was asked for."""
+
+    checkpoint: Path
+    repository: Path
+    volume: Path | None = None
+    modality: str = "ct"
+    prompts: tuple[str, ...] = PARITY_PROMPTS
+    min_dice: float = DEFAULT_MIN_DICE
+    tensorrt: bool = False
+    keep_norms_fp32: bool = False
+    seed: int = 0
+
+
+def build_repository(settings: ExportSettings) -> list[ParityReport]:
+    """Export, gate and install everything the repository needs for ``settings.checkpoint``; returns the reports.
+
+    Raises:
+        ExportError: a parity gate failed (nothing was installed), or ``--tensorrt`` without TensorRT.
+    """
+    sat, metadata = load_checkpoint(settings.checkpoint)
+    vocabulary = Vocabulary.load()
+    with tempfile.TemporaryDirectory(prefix="sat-export-") as staging_name:
+        staging = Path(staging_name)
+        graphs = {
+            "text_encoder": export_text_encoder(sat, staging / "text_encoder" / "1" / "model.onnx"),
+            "vision": export_vision(sat, staging / "vision" / "1" / "model.onnx"),
+        }
+        for name, graph in list(graphs.items()):
+            graphs[f"{name} fp16"] = convert_to_fp16(graph.path, graph.path.with_name("model.fp16.onnx"))
+        reports = check_parity(sat, graphs, settings, vocabulary)
+        failed = [report for report in reports if not report.passed]
+        if failed:
+            raise ExportError("parity gate failed, nothing installed: " + "; ".join(r.summary() for r in failed))
+        write_prompt_assets(sat, vocabulary, staging / "prompt_encoder" / "1")
+        (staging / "sat").mkdir()
+        write_metadata(staging / "sat" / "metadata.json", sat, metadata, vocabulary, graphs, settings)
+        write_report(staging / "sat", reports, settings)
+        if settings.tensorrt:
+            build_plans(graphs, sat, settings)
+        install(staging, settings.repository)
+    return reports
+
+
+def check_parity(
+    sat: SAT, graphs: dict[str, ExportedGraph], settings: ExportSettings, vocabulary: Vocabulary
+) -> list[ParityReport]:
+    """Every graph onnxruntime can run here, against PyTorch (FP32 gated; FP16 reported, gated at 0.95 Dice)."""
+    prompts = vocabulary.resolve_all(list(settings.prompts))
+    tokenizer = PromptTokenizer(resolve_text_encoder(sat.config.text_encoder))
+    tokens = tokenizer(prompts)
+    modality_ids = torch.full((len(prompts),), MODALITIES.index(settings.modality))
+    with torch.inference_mode():
+        queries = sat.encode_prompts(tokens["input_ids"], tokens["attention_mask"], modality_ids).float()
+    generator = torch.Generator().manual_seed(settings.seed)
+    random_patches = torch.randn((RANDOM_PATCHES, 1, *sat.config.patch_size), generator=generator)
+    volume, source = parity_volume(settings)
+    real_patches = volume_patches(volume, settings.modality, sat.config.patch_size, REAL_PATCHES)
+    reports = []
+    for name, graph in graphs.items():
+        session = _session(graph.path)
+        if session is None:
+            continue  # this onnxruntime has no kernels for the graph's types (FP16 on CPU): checked on GPU
+        gate = settings.min_dice if "fp16" not in name else min(settings.min_dice, 0.95)
+        if name.startswith("text_encoder"):
+            feeds = {"input_ids": tokens["input_ids"].numpy(), "attention_mask": tokens["attention_mask"].numpy()}
+            got = session.run(None, {**feeds, "modality": modality_ids.numpy()})[0]
+            bound = TEXT_MAX_ABS_ERROR if "fp16" not in name else 0.05
+            reports.append(compare_text(queries.numpy(), got, graph=name, inputs="prompts", max_abs_error=bound))
+            continue
+
+        def run_graph(image: np.ndarray, batched: np.ndarray, session: Any = session) -> np.ndarray:
+            return session.run(None, {"image": image, "queries": batched})[0]
+
+        for patches, label in ((random_patches, "random patches"), (real_patches, f"{source} windows")):
+            reports.append(
+                compare_vision(
+                    sat.vision, run_graph, patches, queries, prompts, graph=name, inputs=label, min_dice=gate
+                )
+            )
+    return reports
+
+
+def parity_volume(settings: ExportSettings) -> tuple[Volume, str]:
+    """The real volume whose windows the vision graphs are checked on: ``--volume``, else a synthetic torso CT."""
+    if settings.volume is not None:
+        return load_volume(settings.volume), settings.volume.name.split(".")[0]
+    from training.data.phantom import centred_affine, make_torso_phantom  # the default needs no data
+
+    shape = (120, 100, 40)
+    volume, _, _ = make_torso_phantom(shape, centred_affine(shape, (2.5, 2.5, 5.0), 12.0), seed=settings.seed)
+    return volume, "phantom CT"
+
+
+def _session(path: Path) -> Any | None:
+    """An onnxruntime CPU session on ``path``, or ``None`` when this build has no kernel for one of its ops."""
+    import onnxruntime
+
+    try:
+        return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own NotImplemented/Fail types, not importable portably
+        if "NOT_IMPLEMENTED" in str(error) or "Could not find an implementation" in str(error):
+            return None
+        raise
+
+
+def write_prompt_assets(sat: SAT, vocabulary: Vocabulary, folder: Path) -> None:
+    """Tokenizer files and the query of every vocabulary term for every modality (``embeddings.safetensors``).
+
+    The table is ``[modalities, terms, d_model]`` float32 in ``MODALITIES`` and vocabulary order; its
+    metadata names both orders and the vocabulary's sha256, so a mismatched table is refused at load.
+    """
+    tokenizer = PromptTokenizer(resolve_text_encoder(sat.config.text_encoder))
+    tokenizer.save(folder / "tokenizer")
+    terms = [term.name for term in vocabulary.terms]
+    table = torch.empty((len(MODALITIES), len(terms), sat.config.d_model))
+    with torch.inference_mode():
+        for start in range(0, len(terms), EMBEDDING_BATCH):
+            tokens = tokenizer(terms[start : start + EMBEDDING_BATCH])
+            count = tokens["input_ids"].shape[0]
+            for index, _ in enumerate(MODALITIES):
+                modality_ids = torch.full((count,), index)
+                rows = sat.encode_prompts(tokens["input_ids"], tokens["attention_mask"], modality_ids)
+                table[index, start : start + count] = rows.float()
+    save_file(
+        {"embeddings": table.contiguous()},
+        str(folder / "embeddings.safetensors"),
+        metadata={
+            "terms": json.dumps(terms),
+            "modalities": json.dumps(list(MODALITIES)),
+            "vocabulary_sha256": vocabulary.sha256,
+        },
+    )
+
+
+def write_metadata(
+    path: Path,
+    sat: SAT,
+    metadata: CheckpointMetadata,
+    vocabulary: Vocabulary,
+    graphs: dict[str, ExportedGraph],
+    settings: ExportSettings,
+) -> None:
+    """The ensemble's machine-readable contract (inputs, outputs, preprocessing, vocabulary, intended use)."""
+    preprocess = PreprocessConfig()
+    trained = metadata.extra.get("trained_terms")
+    contract: dict[str, Any] = {
+        "schema": "satseg-metadata/1",
+        "name": "SAT text-prompted 3D segmentation",
+        "version": __version__,
+        "intended_use": NOT_FOR_CLINICAL_USE,
+        "checkpoint": {"source": settings.checkpoint.name, **metadata.to_json()},
+        "inputs": {
+            "IMAGE": {
+                "dtype": ["INT16", "FP32"],
+                "shape": [-1, -1, -1],
+                "description": "the volume in its stored voxel order; CT in Hounsfield units",
+            },
+            "AFFINE": {"dtype": "FP64", "shape": [4, 4], "description": "voxel index -> RAS+ world mm"},
+            "MODALITY": {"dtype": "BYTES", "shape": [1], "values": list(MODALITIES)},
+            "PROMPTS": {"dtype": "BYTES", "shape": [-1], "description": "anatomical terms, see vocabulary"},
+        },
+        "outputs": {
+            "MASKS": {"dtype": "UINT8", "shape": [-1, -1, -1, -1], "description": "one mask per prompt, input grid"},
+            "LABELMAP": {"dtype": "UINT16", "shape": [-1, -1, -1], "description": "merged labels, input grid"},
+            "LABELS": {"dtype": "BYTES", "shape": [-1], "description": "the term of each mask / label value"},
+            "VOLUMES_ML": {"dtype": "FP32", "shape": [-1], "description": "volume of each mask in mL"},
+        },
+        "preprocessing": {
+            "orientation": preprocess.orientation,
+            "spacing_mm": list(preprocess.target_spacing),
+            "crop_foreground": preprocess.crop_foreground,
+            "ct_window_hu": list(CT_WINDOW_HU),
+            "mri_pet": "clip to the 0.5/99.5 percentiles, then z-score",
+        },
+        "sliding_window": {"patch_size": list(sat.config.patch_size), "overlap": 0.5, "blend": "gaussian"},
+        "vocabulary": {
+            "terms": len(vocabulary),
+            "sha256": vocabulary.sha256,
+            "trained_terms": trained,
+        },
+        "graphs": {
+            name: {
+                "file": f"{name.split()[0]}/1/{graph.path.name}",
+                "sha256": graph.sha256,
+                "inputs": graph.inputs,
+                "outputs": graph.outputs,
+            }
+            for name, graph in graphs.items()
+        },
+    }
+    path.write_text(json.dumps(contract, indent=2) + "\n")
+
+
+def write_report(folder: Path, reports: Sequence[ParityReport], settings: ExportSettings) -> None:
+    """``export_report.json`` and ``export_report.md``: each graph's parity against PyTorch."""
+    (folder / "export_report.json").write_text(json.dumps([report.to_json() for report in reports], indent=2) + "\n")
+    lines = [
+        f"# Export parity: {settings.checkpoint.name}",
+        "",
+        "| graph | inputs | max abs error | p99 abs error | worst prompt Dice | gate | result |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for report in reports:
+        worst = f"{min(report.dice.values()):.4f}" if report.dice else "n/a"
+        gate = f"Dice >= {report.min_dice}" if report.dice else "max error"
+        lines.append(
+            f"| {report.graph} | {report.inputs} | {report.max_abs_error:.2e} | {report.p99_abs_error:.2e} "
+            f"| {worst} | {gate} | {'pass' if report.passed else 'FAIL'} |"
+        )
+    (folder / "export_report.md").write_text("\n".join(lines) + "\n")
+
+
+def build_plans(graphs: dict[str, ExportedGraph], sat: SAT, settings: ExportSettings) -> None:
+    """TensorRT plans next to the ONNX graphs (only on a machine with TensorRT and the target GPU)."""
+    from export.tensorrt import build_engine, current_runtime, fp16_method, text_profiles, vision_profiles
+
+    strongly_typed = fp16_method(current_runtime().tensorrt) != "builder-flag"
+    for name, profiles in (
+        ("text_encoder", text_profiles()),
+        ("vision", vision_profiles(sat.config.patch_size, sat.config.d_model)),
+    ):
+        graph = graphs[f"{name} fp16"] if strongly_typed else graphs[name]
+        build_engine(
+            graph.path,
+            graph.path.with_name("model.plan"),
+            profiles,
+            onnx_sha256=graph.sha256,
+            keep_norms_fp32=settings.keep_norms_fp32,
+        )
+
+
+def install(staging: Path, repository: Path) -> None:
+    """Copy the staged artefacts into ``repository``, over the previous build (versioned files untouched)."""
+    for source in sorted(staging.rglob("*")):
+        if source.is_file():
+            target = repository / source.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = cli_parser(
+        PROG, "Export a checkpoint to ONNX (and TensorRT) and fill the Triton model repository.", EPILOG
+    )
+    parser.add_argument("checkpoint", type=Path, help="satseg checkpoint folder (config.json + model.safetensors)")
+    parser.add_argument(
+        "--repository", "-o", type=Path, default=DEFAULT_REPOSITORY, help="model repository (default triton_repo/)"
+    )
+    parser.add_argument("--volume", type=Path, help="a real volume whose windows the vision graph is checked on")
+    parser.add_argument(
+        "--modality", default="ct", choices=MODALITIES, help="modality of --volume and the prompts (default ct)"
+    )
+    parser.add_argument(
+        "--prompts", default=",".join(PARITY_PROMPTS), help="prompts of the parity check (comma-separated)"
+    )
+    parser.add_argument(
+        "--min-dice", type=float, default=DEFAULT_MIN_DICE, help="per-prompt Dice gate of FP32 ONNX (default 0.99)"
+    )
+    parser.add_argument(
+        "--tensorrt", action="store_true", help="also build FP16 TensorRT plans (needs TensorRT and the GPU)"
+    )
+    parser.add_argument(
+        "--keep-norms-fp32", action="store_true", help="keep InstanceNorm/LayerNorm in FP32 in the plans"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def body() -> int:
+        settings = ExportSettings(
+            checkpoint=args.checkpoint,
+            repository=args.repository,
+            volume=args.volume,
+            modality=args.modality,
+            prompts=tuple(prompt.strip() for prompt in args.prompts.split(",") if prompt.strip()),
+            min_dice=args.min_dice,
+            tensorrt=args.tensorrt,
+            keep_norms_fp32=args.keep_norms_fp32,
+        )
+        if settings.tensorrt:
+            from export.tensorrt import current_runtime
+
+            current_runtime()  # fail in one line before minutes of export when there is no TensorRT or GPU
+        for report in build_repository(settings):
+            print(report.summary())
+        print(f"installed into {settings.repository} (report: {settings.repository / 'sat' / 'export_report.md'})")
+        return 0
+
+    return run_cli(PROG, body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

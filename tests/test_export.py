@@ -1,0 +1,237 @@
+"""Export: ONNX graphs and their parity with PyTorch, FP16 variants, the repository builder, TensorRT logic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from export.build_repo import ExportSettings, build_repository, main
+from export.onnx import file_sha256
+from export.parity import absolute_errors, compare_vision, mask_agreement
+from export.tensorrt import (
+    NO_TENSORRT,
+    RuntimeIdentity,
+    ShapeProfile,
+    build_engine,
+    check_plan,
+    fp16_method,
+    read_manifest,
+    text_profiles,
+    trtexec_command,
+    vision_profiles,
+    write_manifest,
+)
+from satseg.checkpoint import load_checkpoint
+from satseg.errors import ExportError
+from satseg.geometry import MODALITIES
+from satseg.pipeline import Segmenter
+
+onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime (the cpu extra) runs the exported graphs")
+pytest.importorskip("onnx", reason="onnx (the export extra) writes and checks the graphs")
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    """One export of the random tiny checkpoint into a fresh repository (the slow part: about a minute)."""
+    repository = tmp_path_factory.mktemp("triton_repo")
+    reports = build_repository(ExportSettings(checkpoint=tiny_checkpoint, repository=repository))
+    return repository, reports
+
+
+def test_repository_holds_every_artefact_with_its_hash(exported: tuple[Path, list]) -> None:
+    repository, _ = exported
+    for model in ("text_encoder", "vision"):
+        for name in ("model.onnx", "model.fp16.onnx"):
+            graph = repository / model / "1" / name
+            recorded = (graph.parent / f"{name}.sha256").read_text().split()
+            assert recorded == [file_sha256(graph), name]
+    assert (repository / "prompt_encoder" / "1" / "tokenizer" / "tokenizer.json").is_file()
+    metadata = json.loads((repository / "sat" / "metadata.json").read_text())
+    assert "not for clinical use" in metadata["intended_use"].lower()
+    assert metadata["inputs"]["AFFINE"] == {
+        "dtype": "FP64",
+        "shape": [4, 4],
+        "description": "voxel index -> RAS+ world mm",
+    }
+    assert metadata["graphs"]["vision"]["inputs"] == {
+        "image": ["batch", 1, 96, 96, 32],
+        "queries": ["batch", "prompts", 192],
+    }
+    assert metadata["graphs"]["text_encoder"]["inputs"]["input_ids"] == ["batch", "tokens"]
+    assert metadata["graphs"]["vision"]["sha256"] == file_sha256(repository / "vision" / "1" / "model.onnx")
+
+
+def test_every_graph_passes_its_parity_gate(exported: tuple[Path, list]) -> None:
+    repository, reports = exported
+    graphs = {(report.graph, report.inputs) for report in reports}
+    assert ("vision", "random patches") in graphs and ("vision", "phantom CT windows") in graphs
+    assert ("text_encoder", "prompts") in graphs
+    for report in reports:
+        assert report.passed, report.summary()
+        if report.graph == "vision":
+            assert min(report.dice.values()) >= 0.99 and report.max_abs_error < 1e-2
+    written = json.loads((repository / "sat" / "export_report.json").read_text())
+    assert len(written) == len(reports)
+
+
+def test_graphs_take_any_batch_and_prompt_count(exported: tuple[Path, list], tiny_checkpoint: Path) -> None:
+    repository, _ = exported
+    sat, _ = load_checkpoint(tiny_checkpoint)
+    session = onnxruntime.InferenceSession(str(repository / "vision" / "1" / "model.onnx"))
+    generator = torch.Generator().manual_seed(3)
+    image = torch.randn((3, 1, *sat.config.patch_size), generator=generator)
+    queries = torch.randn((3, 5, sat.config.d_model), generator=generator)
+    got = session.run(None, {"image": image.numpy(), "queries": queries.numpy()})[0]
+    with torch.inference_mode():
+        expected = sat.vision(image, queries).numpy()
+    assert got.shape == (3, 5, *sat.config.patch_size)
+    assert absolute_errors(expected, got)[0] < 1e-3
+
+
+def test_fp16_graphs_keep_float32_io_and_norms(exported: tuple[Path, list]) -> None:
+    import onnx
+
+    repository, _ = exported
+    model = onnx.load(str(repository / "vision" / "1" / "model.fp16.onnx"))
+    float32, float16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    assert {value.type.tensor_type.elem_type for value in [*model.graph.input, *model.graph.output]} == {float32}
+    assert any(init.data_type == float16 for init in model.graph.initializer)
+    conv_weights = {node.input[1] for node in model.graph.node if node.op_type == "Conv"}
+    assert {init.data_type for init in model.graph.initializer if init.name in conv_weights} == {float16}
+    # Norms compute in float32: every input of theirs comes through a Cast to float32.
+    producers = {output: node for node in model.graph.node for output in node.output}
+    norms = [node for node in model.graph.node if node.op_type in ("InstanceNormalization", "LayerNormalization")]
+    assert norms
+    for node in norms:
+        for name in node.input:
+            cast = producers[name]
+            assert cast.op_type == "Cast" and cast.attribute[0].i == float32, (node.name, name)
+
+
+def test_embedding_table_matches_the_in_process_queries(exported: tuple[Path, list], tiny_checkpoint: Path) -> None:
+    repository, _ = exported
+    with safe_open(str(repository / "prompt_encoder" / "1" / "embeddings.safetensors"), "pt") as table:
+        embeddings = table.get_tensor("embeddings")
+        terms = json.loads(table.metadata()["terms"])
+        assert json.loads(table.metadata()["modalities"]) == list(MODALITIES)
+    segmenter = Segmenter.from_checkpoint(tiny_checkpoint)
+    assert embeddings.shape == (len(MODALITIES), len(segmenter.vocabulary), segmenter.model.config.d_model)
+    for term, modality in (("liver", "ct"), ("right hippocampus", "mri")):
+        expected = segmenter.encode([term], modality)[0]
+        row = embeddings[MODALITIES.index(modality), terms.index(term)]
+        torch.testing.assert_close(row, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_mask_agreement_and_the_gate_catch_a_wrong_graph() -> None:
+    logits = np.random.default_rng(0).normal(size=(2, 3, 8, 8, 4)).astype(np.float32)
+    assert mask_agreement(logits, logits, ["a", "b", "c"]) == {"a": 1.0, "b": 1.0, "c": 1.0}
+    flipped = logits.copy()
+    flipped[:, 1] *= -1
+    agreement = mask_agreement(logits, flipped, ["a", "b", "c"])
+    assert agreement["b"] == 0.0 and agreement["a"] == 1.0
+    empty = -np.abs(logits)
+    assert mask_agreement(empty, empty, ["a", "b", "c"])["a"] == 1.0  # empty in both: agreement
+
+    def reference(patches: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bnd,bchwk->bnhwk", queries, patches)
+
+    def wrong(patches: np.ndarray, queries: np.ndarray) -> np.ndarray:
+        return -reference(torch.from_numpy(patches), torch.from_numpy(queries)).numpy()
+
+    patches, queries = torch.randn(2, 1, 8, 8, 4), torch.randn(3, 1)
+    report = compare_vision(reference, wrong, patches, queries, ["a", "b", "c"], graph="vision", inputs="random")
+    assert not report.passed and "FAIL" in report.summary()
+    good = compare_vision(
+        reference,
+        lambda p, q: reference(torch.from_numpy(p), torch.from_numpy(q)).numpy(),
+        patches,
+        queries,
+        ["a", "b", "c"],
+        graph="vision",
+        inputs="random",
+    )
+    assert good.passed and good.max_abs_error == 0.0
+
+
+# --- TensorRT: everything around the builder, without TensorRT -------------------------------------------------
+
+
+def test_profiles_follow_the_graph_inputs() -> None:
+    vision = vision_profiles((96, 96, 32), 192, batch=(1, 2, 4), prompts=(1, 8, 32))
+    assert [profile.name for profile in vision] == ["image", "queries"]
+    assert vision[0].max == (4, 1, 96, 96, 32) and vision[1].opt == (2, 8, 192)
+    text = text_profiles(batch=(1, 8, 64), tokens=(2, 8, 32))
+    assert [profile.name for profile in text] == ["input_ids", "attention_mask", "modality"]
+    assert text[2].max == (64,)
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        ShapeProfile("image", (2,), (1,), (4,))
+
+
+def test_the_fp16_choice_follows_the_tensorrt_version() -> None:
+    assert fp16_method("10.8.0.43") == "builder-flag"
+    assert fp16_method("11.0.0") == "strongly-typed-fp16-onnx"
+    profiles = vision_profiles((96, 96, 32), 192)
+    line = trtexec_command(Path("vision/1/model.onnx"), Path("vision/1/model.plan"), profiles)
+    assert line.startswith("trtexec --onnx=vision/1/model.onnx --saveEngine=vision/1/model.plan --fp16 ")
+    assert "--minShapes=image:1x1x96x96x32,queries:1x1x192" in line and "--maxShapes=image:4x1x96x96x32" in line
+    assert "--stronglyTyped" in trtexec_command(
+        Path("a.onnx"), Path("a.plan"), profiles, method="strongly-typed-fp16-onnx"
+    )
+
+
+def test_a_plan_is_refused_on_another_gpu_or_tensorrt(tmp_path: Path) -> None:
+    plan = tmp_path / "vision" / "1" / "model.plan"
+    plan.parent.mkdir(parents=True)
+    plan.write_bytes(b"engine")
+    with pytest.raises(ExportError, match=r"no manifest\.json"):
+        check_plan(plan, RuntimeIdentity("10.8.0", "NVIDIA H100 80GB HBM3", "9.0"))
+    built = RuntimeIdentity("10.8.0", "NVIDIA H100 80GB HBM3", "9.0")
+    write_manifest(
+        plan,
+        built,
+        vision_profiles((96, 96, 32), 192),
+        precision="fp16",
+        method="builder-flag",
+        onnx_sha256="ab" * 32,
+        fp32_layers=[],
+    )
+    manifest = read_manifest(plan)
+    assert manifest["profiles"]["image"]["opt"] == [2, 1, 96, 96, 32] and manifest["precision"] == "fp16"
+    assert check_plan(plan, built)["onnx_sha256"] == "ab" * 32
+    with pytest.raises(ExportError, match=r"compute_capability 9\.0 \(here 8\.0\)") as caught:
+        check_plan(plan, RuntimeIdentity("10.9.0", "NVIDIA A100-SXM4-80GB", "8.0"))
+    assert "tensorrt 10.8.0 (here 10.9.0)" in str(caught.value) and "rebuild" in str(caught.value)
+
+
+def test_without_tensorrt_the_build_says_where_engines_are_built(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("TensorRT is installed here: the real build is tested instead")
+    with pytest.raises(ExportError) as caught:
+        build_engine(tmp_path / "a.onnx", tmp_path / "a.plan", text_profiles(), onnx_sha256="0" * 64)
+    assert str(caught.value) == NO_TENSORRT
+    assert main([str(tmp_path), "--tensorrt"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("sat-export: error: TensorRT is not installed here") and "\n" not in error
+
+
+def test_real_tensorrt_build(exported: tuple[Path, list], tmp_path: Path) -> None:
+    pytest.importorskip("tensorrt", reason="TensorRT is only in NVIDIA's containers (BRIEF section 4)")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT engines need a CUDA GPU")
+    repository, _ = exported
+    onnx_path = repository / "vision" / "1" / "model.onnx"
+    plan = build_engine(
+        onnx_path, tmp_path / "model.plan", vision_profiles((96, 96, 32), 192), onnx_sha256=file_sha256(onnx_path)
+    )
+    assert plan.stat().st_size > 0 and read_manifest(plan)["onnx_sha256"] == file_sha256(onnx_path)
