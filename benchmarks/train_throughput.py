@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import platform
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from machine import cpu_model
 
 from satseg.model import build_sat, get_config
 from satseg.text import Vocabulary
@@ -34,17 +34,6 @@ from training.train import train_step
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "demo.toml"
 DISTINCT_BATCHES = 2
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(size: str, device: str, batch_size: int, steps: int, warmup: int) -> str:
