@@ -170,6 +170,8 @@ def test_crop_pads_short_axes_and_prompts_are_capped() -> None:
     assert len(positives) == 32 and set(positives) <= set(present) and negatives == ["a", "b", "c"]
     assert pick_prompts([], ["a", "b"], 32, rng)[1] in (["a"], ["b"])
     assert pick_prompts(["x", "y", "z", "w"], ["a", "b", "c"], 32, rng)[1].__len__() == 2
+    assert pick_prompts(["x", "y", "z", "w"], ["a", "b", "c"], 32, rng, negative_ratio=100)[1] == ["a", "b", "c"]
+    assert len(pick_prompts(["x", "y", "z", "w"], ["a", "b", "c"], 32, rng, negative_ratio=0.0)[1]) == 1
 
 
 def test_phantom_patches_are_deterministic_and_prompts_follow_the_labels() -> None:

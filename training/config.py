@@ -4,7 +4,7 @@ Three tables, every key optional except ``train.steps`` (defaults below)::
 
     [model]  size, patch_size, text_pretraining
     [data]   roots, phantom, holdout, weights, structures, max_prompts, positive_centre_probability,
-             negatives, seed, num_workers, cached_cases
+             negatives, negative_ratio, seed, num_workers, cached_cases
     [train]  steps, batch_size, gradient_accumulation, learning_rate, final_learning_rate, warmup_steps,
              weight_decay, gradient_clip, mixed_precision, seed, save_every, export_every, keep_states
 
@@ -83,7 +83,10 @@ class DataSettings:
         negatives: where absent-structure prompts come from, always among the terms usable with the case's
             modality: ``"dataset"``, the terms the case's dataset labels (absent from the crop means absent:
             a term the dataset never labels may be in the crop unlabelled, e.g. "brain" on a SynthSeg map);
-            ``"modality"``, any such vocabulary term. Up to half the positives, at least one.
+            ``"modality"``, any such vocabulary term. How many: ``negative_ratio``.
+        negative_ratio: negatives per positive (at least one, at most every candidate): the reference's 0.5.
+            A run with few structures can afford them all (a large value): whole-volume inference asks about
+            every structure in every window, and absent ones are most of those answers.
         seed: data seed; sample ``i`` of the run is drawn from a generator seeded by ``(seed, i)``.
         num_workers: DataLoader worker processes per training process.
         cached_cases: decoded cases kept in memory per worker (standardised roots).
@@ -97,6 +100,7 @@ class DataSettings:
     max_prompts: int = 32
     positive_centre_probability: float = 0.5
     negatives: str = "dataset"
+    negative_ratio: float = 0.5
     seed: int = 0
     num_workers: int = 0
     cached_cases: int = 8
@@ -159,6 +163,8 @@ class TrainingConfig:
             problems.append(f"data.negatives must be one of {', '.join(NEGATIVE_POOLS)}")
         if train.mixed_precision not in (None, *MIXED_PRECISION):
             problems.append(f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
+        if data.negative_ratio < 0:
+            problems.append("data.negative_ratio must be >= 0")
         if not 0.0 <= data.positive_centre_probability <= 1.0:
             problems.append("data.positive_centre_probability must be in [0, 1]")
         if any(weight <= 0 for weight in data.weights.values()):

@@ -204,7 +204,11 @@ def crop(array: np.ndarray, start: Sequence[int], patch: Sequence[int], fill: fl
 
 
 def pick_prompts(
-    present: Sequence[str], absent: Sequence[str], max_prompts: int, rng: np.random.Generator
+    present: Sequence[str],
+    absent: Sequence[str],
+    max_prompts: int,
+    rng: np.random.Generator,
+    negative_ratio: float = 0.5,
 ) -> tuple[list[str], list[str]]:
     """Positive and negative prompts of one sample.
 
@@ -212,15 +216,17 @@ def pick_prompts(
         present: the terms labelled in the crop.
         absent: terms that may serve as negatives (none of them in the crop).
         max_prompts: most positives; beyond it a random subset is kept.
+        negative_ratio: negatives per positive (the reference's 0.5).
 
     Returns:
         ``(positives, negatives)``, each sorted: every present term (or a random ``max_prompts`` of them),
-        and ``max(1, len(positives) // 2)`` random ``absent`` terms (all of them if there are fewer).
+        and ``max(1, floor(len(positives) * negative_ratio))`` random ``absent`` terms (all of them if there
+        are fewer).
     """
     positives = list(present)
     if len(positives) > max_prompts:
         positives = sorted(rng.choice(positives, size=max_prompts, replace=False).tolist())
-    count = min(max(1, len(positives) // 2), len(absent))
+    count = min(max(1, math.floor(len(positives) * negative_ratio)), len(absent))
     negatives = sorted(rng.choice(list(absent), size=count, replace=False).tolist()) if count else []
     return positives, negatives
 
@@ -340,7 +346,9 @@ class PatchDataset(Dataset):
                 for term in self.targets_of(case.classes[value]):
                     values_of[term].append(value)
         absent = self.absent_terms(pool, case.modality, present)
-        positives, negatives = pick_prompts(sorted(values_of), absent, self.settings.max_prompts, rng)
+        positives, negatives = pick_prompts(
+            sorted(values_of), absent, self.settings.max_prompts, rng, self.settings.negative_ratio
+        )
         masks = np.zeros((len(positives) + len(negatives), *self.patch_size), dtype=np.uint8)
         for row, term in enumerate(positives):
             masks[row] = np.isin(labels, values_of[term])
