@@ -61,6 +61,12 @@ train-demo: standardise-shared
     [ -f runs/pretrain_text/text_encoder_layers.safetensors ] || {{just_executable()}} pretrain-text
     {{bin}}/sat-train --config training/configs/demo.toml --output runs/demo
 
+# Copy a trained checkpoint (default: the demo run's) into models/demo, where sat-segment finds it by default.
+bundle-demo checkpoint="runs/demo/checkpoint": (env "dev")
+    mkdir -p models/demo
+    cp {{checkpoint}}/config.json {{checkpoint}}/model.safetensors models/demo/
+    {{bin}}/sat-checkpoint info models/demo
+
 # The training CT on its own grid and rotated 15 degrees, the real MNI152 T1 against nilearn's tissue
 # masks, and the held-out SynthSeg maps; writes runs/demo/evaluation-*.
 # The model card's learning checks of a checkpoint (default: the demo run's).
