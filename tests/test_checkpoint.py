@@ -173,3 +173,23 @@ def test_text_pretraining_from_another_base_is_refused(tmp_path: Path) -> None:
     (folder / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="the trained layers were made from ffffffffffff"):
         load_text_pretraining(model, folder)
+
+
+def test_the_bundled_demo_model_is_small_fp16_trained_and_loads() -> None:
+    from satseg.cli.segment import BUNDLED_CHECKPOINT
+
+    weights = BUNDLED_CHECKPOINT / "model.safetensors"
+    assert weights.stat().st_size <= 30 * 1024 * 1024
+    assert {tensor.dtype for tensor in load_file(str(weights)).values()} == {torch.float16}
+    assert (BUNDLED_CHECKPOINT / "README.md").is_file()  # the model card
+    model, metadata = load_checkpoint(BUNDLED_CHECKPOINT)
+    assert metadata.extra["trained"] is True and metadata.extra["steps"] > 0
+    assert {"liver", "spleen", "left kidney", "right kidney", "cerebral white matter"} <= set(
+        metadata.extra["trained_terms"]
+    )
+    # The base text encoder is referenced, not copied: only the knowledge-pretrained top layers are stored.
+    encoder_keys = {key for key in load_file(str(weights)) if key.startswith("text.encoder.")}
+    top_layers = ("text.encoder.encoder.layer.4.", "text.encoder.encoder.layer.5.")
+    assert encoder_keys and all(key.startswith(top_layers) for key in encoder_keys)
+    assert metadata.vocabulary_sha256 == Vocabulary.load().sha256
+    assert isinstance(model, SAT)
