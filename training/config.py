@@ -2,16 +2,17 @@
 
 Three tables, every key optional except ``train.steps`` (defaults below)::
 
-    [model]  size, patch_size, text_pretraining
+    [model]  size, patch_size, text_pretraining, init_from
     [data]   roots, phantom, holdout, weights, structures, max_prompts, positive_centre_probability,
-             negatives, negative_ratio, seed, num_workers, cached_cases
+             negatives, negative_ratio, spatial_augment_probability, intensity_augment_probability, seed,
+             num_workers, cached_cases
     [train]  steps, batch_size, gradient_accumulation, learning_rate, final_learning_rate, warmup_steps,
              weight_decay, gradient_clip, mixed_precision, seed, save_every, export_every, keep_states
 
 Overrides are ``section.key=value`` with a TOML value (``train.steps=4``, ``model.patch_size=[64,64,32]``,
 ``data.roots=["a","b"]``); a value that is not TOML is taken as a string (``train.mixed_precision=bf16``).
 Unknown keys are refused with the list of known ones, so a typo never trains with a default silently.
-Relative paths (``data.roots``, ``model.text_pretraining``) are relative to the repository root.
+Relative paths (``data.roots``, ``model.text_pretraining``, ``model.init_from``) are relative to the repository root.
 """
 
 from __future__ import annotations
@@ -46,11 +47,15 @@ class ModelSettings:
         patch_size: ``(H, W, D)`` training and inference patch, each a multiple of 32; default the size's.
             It is stored in the exported checkpoint, so inference uses the same window.
         text_pretraining: a folder of knowledge-pretrained text encoder layers to load first (optional).
+        init_from: a satseg checkpoint folder whose weights the run starts from (fine-tuning, e.g. the bundled
+            ``models/demo``); its size and patch must be this config's. Its text layers come with it, so
+            ``text_pretraining`` stays unset. Optimiser and schedule start fresh (``--resume`` continues a run).
     """
 
     size: str = "tiny"
     patch_size: tuple[int, int, int] | None = None
     text_pretraining: str | None = None
+    init_from: str | None = None
 
     def sat_config(self) -> SATConfig:
         """The model config: the registered size with ``patch_size`` replaced when given."""
@@ -87,6 +92,10 @@ class DataSettings:
         negative_ratio: negatives per positive (at least one, at most every candidate): the reference's 0.5.
             A run with few structures can afford them all (a large value): whole-volume inference asks about
             every structure in every window, and absent ones are most of those answers.
+        spatial_augment_probability: chance that a patch is rotated (up to 20 degrees about the left-right and
+            superior axes) and zoomed (0.85-1.15 per axis) about its centre (``training/augment.py``).
+        intensity_augment_probability: chance that a real image patch gets blur, gamma, brightness/contrast
+            and noise (synthesised SynthSeg images are random anyway).
         seed: data seed; sample ``i`` of the run is drawn from a generator seeded by ``(seed, i)``.
         num_workers: DataLoader worker processes per training process.
         cached_cases: decoded cases kept in memory per worker (standardised roots).
@@ -101,6 +110,8 @@ class DataSettings:
     positive_centre_probability: float = 0.5
     negatives: str = "dataset"
     negative_ratio: float = 0.5
+    spatial_augment_probability: float = 0.0
+    intensity_augment_probability: float = 0.0
     seed: int = 0
     num_workers: int = 0
     cached_cases: int = 8
@@ -163,10 +174,13 @@ class TrainingConfig:
             problems.append(f"data.negatives must be one of {', '.join(NEGATIVE_POOLS)}")
         if train.mixed_precision not in (None, *MIXED_PRECISION):
             problems.append(f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
+        if self.model.init_from and self.model.text_pretraining:
+            problems.append("model.init_from brings its own text layers: leave model.text_pretraining unset")
         if data.negative_ratio < 0:
             problems.append("data.negative_ratio must be >= 0")
-        if not 0.0 <= data.positive_centre_probability <= 1.0:
-            problems.append("data.positive_centre_probability must be in [0, 1]")
+        for key in ("positive_centre_probability", "spatial_augment_probability", "intensity_augment_probability"):
+            if not 0.0 <= getattr(data, key) <= 1.0:
+                problems.append(f"data.{key} must be in [0, 1]")
         if any(weight <= 0 for weight in data.weights.values()):
             problems.append("data.weights must be positive")
         for key, value in (

@@ -26,6 +26,7 @@ from satseg.errors import SatInputError
 from satseg.geometry import prepare
 from satseg.geometry.volume import MODALITIES
 from satseg.text import Vocabulary
+from training.augment import SpatialAugmentation, augment_intensity
 from training.config import DataSettings
 from training.data.phantom import TORSO_ORGANS, centred_affine, make_torso_phantom
 from training.data.standardised import StandardisedDataset
@@ -319,6 +320,25 @@ class PatchDataset(Dataset):
             return [term]
         return sorted(name for name in (term, *self.ancestors(term)) if name in self.prompted)
 
+    def cropped(
+        self, case: CaseArrays, start: Sequence[int], rng: np.random.Generator
+    ) -> tuple[np.ndarray | None, np.ndarray]:
+        """The patch at ``start`` (image ``None`` for label-only cases), rotated and zoomed about its centre
+        with probability ``spatial_augment_probability`` (from a larger crop, so no corner is padding)."""
+        patch = self.patch_size
+        if not happens(self.settings.spatial_augment_probability, rng):
+            image = None if case.image is None else crop(case.image, start, patch, fill=float(case.image.min()))
+            return image, crop(case.labels, start, patch, fill=0)
+        spatial = SpatialAugmentation.draw(rng)
+        margin = spatial.margin(patch)
+        source_start = [begin - extra for begin, extra in zip(start, margin, strict=True)]
+        source_size = [size + 2 * extra for size, extra in zip(patch, margin, strict=True)]
+        labels = crop(case.labels, source_start, source_size, fill=0)
+        image = None
+        if case.image is not None:
+            image = crop(case.image, source_start, source_size, fill=float(case.image.min()))
+        return spatial.apply(image, labels, patch)
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.settings.seed, index])
         pool = self.pools[int(rng.choice(len(self.pools), p=self.weights))]
@@ -328,16 +348,16 @@ class PatchDataset(Dataset):
         if classes and rng.random() < self.settings.positive_centre_probability:
             centre = labelled_voxel(case.labels, classes, rng)
         start = crop_start(case.labels.shape, self.patch_size, centre, rng)
-        labels = crop(case.labels, start, self.patch_size, fill=0)
-        if case.image is None:
+        image, labels = self.cropped(case, start, rng)
+        if image is None:
             from training.data.synthseg import synthesize_image  # only label-only datasets need it
 
             # Every named structure is brain; the rest (0 and the unnamed head tissues) is what skull
             # stripping removes.
             brain = np.isin(labels, list(case.classes))
             image = synthesize_image(labels, rng, brain=brain)  # on the model grid, its default spacing
-        else:
-            image = crop(case.image, start, self.patch_size, fill=float(case.image.min()))
+        elif happens(self.settings.intensity_augment_probability, rng):
+            image = augment_intensity(image, rng)
         values_of: dict[str, list[int]] = defaultdict(list)  # prompted term -> its label values in the crop
         present = set()
         for value in np.unique(labels).tolist():
@@ -359,6 +379,11 @@ class PatchDataset(Dataset):
             "positive": torch.tensor([True] * len(positives) + [False] * len(negatives)),
             "modality": torch.tensor(MODALITIES.index(case.modality), dtype=torch.int64),
         }
+
+
+def happens(probability: float, rng: np.random.Generator) -> bool:
+    """A draw with ``probability``; none at all when it is 0, so runs without augmentation keep their samples."""
+    return probability > 0 and rng.random() < probability
 
 
 def collate_patches(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

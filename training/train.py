@@ -27,10 +27,10 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from satseg.checkpoint import save_checkpoint, stored_state_dict
+from satseg.checkpoint import load_checkpoint, save_checkpoint, stored_state_dict
 from satseg.cli.common import cli_parser, run_cli
 from satseg.errors import SatInputError
-from satseg.model import SAT, build_sat
+from satseg.model import SAT, SATConfig, build_sat
 from satseg.text import Vocabulary, tensor_sha256
 from training.config import TrainingConfig, load_config, resolve_path
 from training.losses import deep_supervision_loss
@@ -61,9 +61,11 @@ outputs (under --output):
                        terms, the step count and this config
 
 config (a TOML file, training/configs/*.toml; every key is documented in training/config.py):
-  [model]  size, patch_size, text_pretraining (a folder from training/pretrain_text.py)
+  [model]  size, patch_size, text_pretraining (a folder from training/pretrain_text.py),
+           init_from (a satseg checkpoint to fine-tune, e.g. models/demo)
   [data]   roots (standardised), phantom, holdout, weights.<dataset>, max_prompts, positive_centre_probability,
-           negatives ("dataset" or "modality"), seed, num_workers, cached_cases
+           negatives ("dataset" or "modality"), negative_ratio, spatial_augment_probability,
+           intensity_augment_probability, seed, num_workers, cached_cases
   [train]  steps, batch_size, gradient_accumulation, learning_rate, final_learning_rate, warmup_steps,
            weight_decay, gradient_clip, mixed_precision, seed, save_every, export_every, keep_states
 Override any key as section.key=value (a TOML value): train.steps=4 'data.weights={synthseg=0.5}'.
@@ -246,12 +248,30 @@ def check_processes(accelerator: Accelerator) -> None:
         )
 
 
+def initial_weights(expected: SATConfig, checkpoint: Path) -> SAT:
+    """The model of a satseg checkpoint to fine-tune, in training mode.
+
+    Raises:
+        SatInputError: its model config (size, widths, patch) is not ``expected``.
+    """
+    sat, metadata = load_checkpoint(checkpoint)
+    if metadata.config != expected:
+        raise SatInputError(
+            f"model.init_from {checkpoint} is a {metadata.config.name} model with patch {metadata.config.patch_size}; "
+            f"the config trains {expected.name} with patch {expected.patch_size}: set model.size/patch_size to match"
+        )
+    return sat.train()
+
+
 def build_model(config: TrainingConfig, vocabulary: Vocabulary) -> tuple[SAT, PromptedSegmentation]:
     """The SAT to train (with knowledge-pretrained text layers when configured) and its training view.
 
     The pooled encoder features are computed after the text pretraining is loaded, so queries use it.
     """
-    sat = build_sat(config.model.sat_config())
+    if config.model.init_from:
+        sat = initial_weights(config.model.sat_config(), resolve_path(config.model.init_from))
+    else:
+        sat = build_sat(config.model.sat_config())
     if config.model.text_pretraining:
         from satseg.checkpoint import load_text_pretraining  # the knowledge-pretraining hook
 
