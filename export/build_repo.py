@@ -297,8 +297,23 @@ def build_plans(graphs: dict[str, ExportedGraph], sat: SAT, settings: ExportSett
         )
 
 
+VERSIONED_FILES = ("*/config.pbtxt", "*/configs/*.pbtxt", "*/1/model.py")
+"""The repository layout kept in git (``triton_repo/``): copied first when building a repository elsewhere."""
+
+
 def install(staging: Path, repository: Path) -> None:
-    """Copy the staged artefacts into ``repository``, over the previous build (versioned files untouched)."""
+    """Copy the staged artefacts into ``repository``, over the previous build (versioned files untouched).
+
+    A repository other than ``triton_repo/`` first gets the versioned configs and ``model.py`` files, so any
+    folder ``sat-export -o`` fills is complete. The ``sat`` ensemble gets its (empty) version folder.
+    """
+    if repository.resolve() != DEFAULT_REPOSITORY.resolve():
+        for pattern in VERSIONED_FILES:
+            for source in sorted(DEFAULT_REPOSITORY.glob(pattern)):
+                target = repository / source.relative_to(DEFAULT_REPOSITORY)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target)
+    (repository / "sat" / "1").mkdir(parents=True, exist_ok=True)
     for source in sorted(staging.rglob("*")):
         if source.is_file():
             target = repository / source.relative_to(staging)

@@ -152,11 +152,21 @@ class Segmenter:
         stream = probabilities_on_input_grid(
             volume, queries, self.predict_logits, self.patch_size, modality, self.options, self.device, progress
         )
-        for index, components in enumerate(plan):
-            union = next(stream)[1]
-            for _ in components[1:]:
-                torch.maximum(union, next(stream)[1], out=union)
+        for index, union in enumerate(union_per_prompt(stream, [len(components) for components in plan])):
             yield PromptProbabilities(index, terms[index], union)
+
+
+def union_per_prompt(stream: Iterator[tuple[int, torch.Tensor]], counts: Sequence[int]) -> Iterator[torch.Tensor]:
+    """Per prompt, the voxel-wise maximum of its ``counts[i]`` consecutive component maps in ``stream``.
+
+    ``stream`` is :func:`probabilities_on_input_grid`'s output for queries laid out prompt by prompt
+    (a parent prompt's trained children in a row).
+    """
+    for count in counts:
+        union = next(stream)[1]
+        for _ in range(count - 1):
+            torch.maximum(union, next(stream)[1], out=union)
+        yield union
 
 
 def probabilities_on_input_grid(
