@@ -7,6 +7,8 @@ from typing import Any
 
 from satseg.geometry.volume import MODALITIES
 
+POSITION_ENCODINGS = ("blocks", "interleaved")
+
 
 @dataclass(frozen=True)
 class SATConfig:
@@ -16,6 +18,14 @@ class SATConfig:
     downsampling factor entering stage ``i`` (the first is 1), so the bottleneck sits at
     ``prod(unet_strides)``. ``patch_size`` is ``(H, W, D)`` in voxels of the 1x1x3 mm model
     grid and must be divisible by that factor.
+
+    The last four fields exist to reproduce the published SAT checkpoints exactly (sizes
+    ``nano-reference`` and ``pro-reference``, filled by ``export/import_sat.py``); their defaults
+    are this project's own wiring. ``token_mlp_hidden`` is the hidden width of the image-token MLP
+    (``None``: ``d_model``); ``mask_mlp_hidden`` the hidden widths of the mask head and then of each
+    deep-supervision head (empty: ``d_model`` for all); ``mlp_final_gelu`` puts a GELU after the
+    last Linear of those MLPs; ``position_encoding`` is ``"blocks"`` (per axis, all sines then all
+    cosines) or ``"interleaved"`` (per axis, sine/cosine pairs, the reference's layout).
     """
 
     name: str
@@ -33,6 +43,10 @@ class SATConfig:
     text_hidden_size: int = 384
     num_modalities: int = len(MODALITIES)
     extra: dict[str, Any] = field(default_factory=dict)
+    token_mlp_hidden: int | None = None
+    mask_mlp_hidden: tuple[int, ...] = ()
+    mlp_final_gelu: bool = False
+    position_encoding: str = "blocks"
 
     @property
     def downsampling(self) -> int:
@@ -52,7 +66,7 @@ class SATConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SATConfig:
-        tuples = ("unet_channels", "patch_size", "unet_strides")
+        tuples = ("unet_channels", "patch_size", "unet_strides", "mask_mlp_hidden")
         return cls(**{key: tuple(value) if key in tuples else value for key, value in values.items()})
 
     def validate(self) -> None:
@@ -62,6 +76,10 @@ class SATConfig:
             raise ValueError(f"patch_size {self.patch_size} must be divisible by {self.downsampling}")
         if self.d_model % self.decoder_heads:
             raise ValueError(f"d_model {self.d_model} must be divisible by decoder_heads {self.decoder_heads}")
+        if self.mask_mlp_hidden and len(self.mask_mlp_hidden) != 1 + self.deep_supervision_levels:
+            raise ValueError("mask_mlp_hidden needs one width for the mask head and one per deep-supervision level")
+        if self.position_encoding not in POSITION_ENCODINGS:
+            raise ValueError(f"position_encoding must be one of {', '.join(POSITION_ENCODINGS)}")
 
 
 SAT_CONFIGS: dict[str, SATConfig] = {
@@ -89,11 +107,33 @@ SAT_CONFIGS: dict[str, SATConfig] = {
         convs_per_stage=3,
         patch_size=(288, 288, 96),
     ),
+    # The vision networks of the published SAT-Nano and SAT-Pro as zhaoziheng/SAT builds them, for
+    # checkpoints imported by export/import_sat.py (which also sets their BioLORD text encoder).
+    "nano-reference": SATConfig(
+        name="nano-reference",
+        unet_channels=(64, 64, 128, 256, 512, 768),
+        convs_per_stage=2,
+        patch_size=(288, 288, 96),
+        token_mlp_hidden=768,
+        mask_mlp_hidden=(256, 256, 384, 512),
+        mlp_final_gelu=True,
+        position_encoding="interleaved",
+    ),
+    "pro-reference": SATConfig(
+        name="pro-reference",
+        unet_channels=(128, 128, 256, 512, 1024, 1536),
+        convs_per_stage=3,
+        patch_size=(288, 288, 96),
+        token_mlp_hidden=1536,
+        mask_mlp_hidden=(384, 384, 512, 512),
+        mlp_final_gelu=True,
+        position_encoding="interleaved",
+    ),
 }
 
 
 def get_config(size: str) -> SATConfig:
-    """The registered config of a model size (``tiny``, ``nano`` or ``pro``)."""
+    """The registered config of a model size (``tiny``, ``nano``, ``pro``, ``nano-reference``, ``pro-reference``)."""
     try:
         return SAT_CONFIGS[size]
     except KeyError:

@@ -29,12 +29,15 @@ class SATVision(nn.Module):
         self.deep_supervision = False
         channels = config.unet_channels
         self.backbone = UNet3D(config.in_channels, channels, config.unet_strides, config.convs_per_stage)
-        self.tokenizer = ImageTokenizer(channels, config.d_model)
-        self.decoder = QueryDecoder(config.d_model, config.decoder_heads, config.decoder_ffn, config.decoder_layers)
-        self.mask_head = MaskHead(config.d_model, channels[0])
-        self.deep_supervision_heads = nn.ModuleList(
-            MaskHead(config.d_model, channels[level]) for level in range(1, config.deep_supervision_levels + 1)
+        self.tokenizer = ImageTokenizer(
+            channels, config.d_model, config.token_mlp_hidden, config.mlp_final_gelu, config.position_encoding
         )
+        self.decoder = QueryDecoder(config.d_model, config.decoder_heads, config.decoder_ffn, config.decoder_layers)
+        levels = range(config.deep_supervision_levels + 1)
+        hidden = config.mask_mlp_hidden or tuple(config.d_model for _ in levels)
+        heads = [MaskHead(config.d_model, channels[level], hidden[level], config.mlp_final_gelu) for level in levels]
+        self.mask_head = heads[0]
+        self.deep_supervision_heads = nn.ModuleList(heads[1:])
 
     def forward(self, image: torch.Tensor, queries: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         encoder_maps, decoder_maps = self.backbone(image)

@@ -27,6 +27,26 @@ def sinusoidal_position_encoding_3d(grid: tuple[int, int, int], dim: int) -> tor
     return F.pad(encoding, (0, dim - encoding.shape[1]))
 
 
+def interleaved_position_encoding_3d(grid: tuple[int, int, int], dim: int) -> torch.Tensor:
+    """The reference SAT's fixed 3D encoding of a token grid: ``[h * w * d, dim]`` float32.
+
+    Each axis gets ``c = 2 * ceil(dim / 6)`` channels holding ``sin(p * f_k), cos(p * f_k)`` pairs
+    with ``f_k = 10000 ** (-2k / c)``; the axes follow each other (h, then w, then d) and the
+    concatenation is cut to ``dim`` channels. Token order is row-major over ``(h, w, d)``.
+    """
+    channels = 2 * math.ceil(dim / 6)
+    inverse_frequency = 1.0 / 10000.0 ** (torch.arange(0, channels, 2, dtype=torch.float32) / channels)
+    axes = torch.meshgrid(*(torch.arange(size, dtype=torch.float32) for size in grid), indexing="ij")
+    parts = []
+    for positions in axes:
+        angles = positions.reshape(-1, 1) * inverse_frequency
+        parts.append(torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1))
+    return torch.cat(parts, dim=1)[:, :dim]
+
+
+POSITION_ENCODERS = {"blocks": sinusoidal_position_encoding_3d, "interleaved": interleaved_position_encoding_3d}
+
+
 def pool_to_grid(features: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
     """Average-pools ``[B, C, H, W, D]`` to ``[B, C, *grid]`` (each size a multiple of the grid's)."""
     # A fixed kernel = stride (not adaptive pooling) keeps the ONNX graph static and exact.
@@ -39,18 +59,30 @@ class ImageTokenizer(nn.Module):
 
     ``forward(encoder_maps)`` takes the U-Net's encoder maps (``[B, C_i, ...]``, the last being
     the bottleneck) and returns ``tokens [B, T, d_model]`` and ``positions [T, d_model]`` with
-    ``T = h * w * d`` of the bottleneck grid.
+    ``T = h * w * d`` of the bottleneck grid. The MLP is ``Linear(sum C_i, hidden), GELU,
+    Linear(hidden, d_model)`` (``hidden`` defaults to ``d_model``), plus a GELU if ``final_gelu``;
+    ``position_encoding`` names an entry of :data:`POSITION_ENCODERS`.
     """
 
-    def __init__(self, channels: tuple[int, ...], d_model: int) -> None:
+    def __init__(
+        self,
+        channels: tuple[int, ...],
+        d_model: int,
+        hidden: int | None = None,
+        final_gelu: bool = False,
+        position_encoding: str = "blocks",
+    ) -> None:
         super().__init__()
         self.d_model = d_model
-        self.mlp = nn.Sequential(nn.Linear(sum(channels), d_model), nn.GELU(), nn.Linear(d_model, d_model))
+        self.position_encoder = POSITION_ENCODERS[position_encoding]
+        hidden = hidden or d_model
+        layers = [nn.Linear(sum(channels), hidden), nn.GELU(), nn.Linear(hidden, d_model)]
+        self.mlp = nn.Sequential(*layers, *([nn.GELU()] if final_gelu else []))
 
     def forward(self, encoder_maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         bottleneck = encoder_maps[-1]
         grid = tuple(bottleneck.shape[2:])
         pooled = [pool_to_grid(features, grid) for features in encoder_maps[:-1]]
         stacked = torch.cat([*pooled, bottleneck], dim=1).flatten(2).transpose(1, 2)
-        positions = sinusoidal_position_encoding_3d(grid, self.d_model).to(stacked)  # type: ignore[arg-type]
+        positions = self.position_encoder(grid, self.d_model).to(stacked)  # type: ignore[arg-type]
         return self.mlp(stacked), positions
