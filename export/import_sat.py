@@ -27,7 +27,6 @@ the checkpoint's ``text_encoder`` identity is that folder's absolute path, so ke
 from __future__ import annotations
 
 import argparse
-import hashlib
 import pickle
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from export.onnx import file_sha256
 from satseg.checkpoint import describe_key_mismatch, save_checkpoint
 from satseg.cli.common import cli_parser, run_cli
 from satseg.errors import CheckpointError
@@ -288,15 +288,6 @@ def size_hint(vision: Mapping[str, torch.Tensor], size_name: str, deep_supervisi
         ):
             return f" (the keys fit --size {flag})"
     return ""
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 16 MiB pieces."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for piece in iter(lambda: stream.read(1 << 24), b""):
-            digest.update(piece)
-    return digest.hexdigest()
 
 
 def import_sat(

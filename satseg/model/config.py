@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from satseg.geometry.volume import MODALITIES
@@ -107,29 +107,21 @@ SAT_CONFIGS: dict[str, SATConfig] = {
         convs_per_stage=3,
         patch_size=(288, 288, 96),
     ),
-    # The vision networks of the published SAT-Nano and SAT-Pro as zhaoziheng/SAT builds them, for
-    # checkpoints imported by export/import_sat.py (which also sets their BioLORD text encoder).
-    "nano-reference": SATConfig(
-        name="nano-reference",
-        unet_channels=(64, 64, 128, 256, 512, 768),
-        convs_per_stage=2,
-        patch_size=(288, 288, 96),
-        token_mlp_hidden=768,
-        mask_mlp_hidden=(256, 256, 384, 512),
-        mlp_final_gelu=True,
-        position_encoding="interleaved",
-    ),
-    "pro-reference": SATConfig(
-        name="pro-reference",
-        unet_channels=(128, 128, 256, 512, 1024, 1536),
-        convs_per_stage=3,
-        patch_size=(288, 288, 96),
-        token_mlp_hidden=1536,
-        mask_mlp_hidden=(384, 384, 512, 512),
-        mlp_final_gelu=True,
-        position_encoding="interleaved",
-    ),
 }
+# The vision networks of the published SAT-Nano and SAT-Pro as zhaoziheng/SAT builds them, for
+# checkpoints imported by export/import_sat.py (which also sets their BioLORD text encoder).
+for _base, _token_hidden, _mask_hidden in (
+    ("nano", 768, (256, 256, 384, 512)),
+    ("pro", 1536, (384, 384, 512, 512)),
+):
+    SAT_CONFIGS[f"{_base}-reference"] = replace(
+        SAT_CONFIGS[_base],
+        name=f"{_base}-reference",
+        token_mlp_hidden=_token_hidden,
+        mask_mlp_hidden=_mask_hidden,
+        mlp_final_gelu=True,
+        position_encoding="interleaved",
+    )
 
 
 def get_config(size: str) -> SATConfig:

@@ -160,7 +160,7 @@ class TritonServer:
         self.host = host
         self.ports = ports or ServerPorts(*free_ports(3, host))
         self.admin_key = admin_key or secrets.token_hex(16)
-        self._runtime = Path(tempfile.mkdtemp(prefix="sat-triton-"))
+        self._runtime: Path | None = None
         self.log_path = log_path
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -187,7 +187,7 @@ class TritonServer:
             RuntimeError: the process died (a busy port, a model that failed to load) or was not ready in
                 ``timeout_s``; the message ends with the log's last lines.
         """
-        build_runtime(self._runtime)
+        self._runtime = build_runtime(Path(tempfile.mkdtemp(prefix="sat-triton-")))
         command = server_arguments(
             self._runtime, self.repository, self.ports, self.host, self.config_name, self.admin_key
         )
@@ -245,7 +245,9 @@ class TritonServer:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
             code = process.returncode
-        shutil.rmtree(self._runtime, ignore_errors=True)
+        if self._runtime is not None:
+            shutil.rmtree(self._runtime, ignore_errors=True)
+            self._runtime = None
         return code
 
     def wait(self) -> int:
