@@ -21,7 +21,8 @@ as a whole, naming every offending key. What the map does besides renaming:
 The result is a ``nano-reference``/``pro-reference`` model (:mod:`satseg.model.config`) whose forward is
 the reference's. Its text encoder is written in Hugging Face layout to ``OUT/text_encoder/`` together
 with the tokenizer files and the reference's tokenisation rules (:func:`satseg.text.tokenize.wrap_and_pad`);
-the checkpoint's ``text_encoder`` identity is that folder's absolute path, so keep the two together.
+the checkpoint's ``text_encoder`` identity is ``"text_encoder"``, that folder's path relative to the
+checkpoint (:func:`satseg.checkpoint.save_checkpoint`), so the output folder can be moved or copied whole.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ normalisation) runs around them.
 
 The output folder gets config.json and model.safetensors (the satseg checkpoint) and text_encoder/
 (the imported MPNet encoder, its tokenizer and the reference's tokenisation rules: "[CLS]" and
-"[SEP]" written as text, padding with 0, mask = ids > 0). The checkpoint names text_encoder/ by its
-absolute path: move the two together and edit config.json if you move them.
+"[SEP]" written as text, padding with 0, mask = ids > 0). The checkpoint names text_encoder/ relative
+to its own folder: move or copy the output folder as a whole.
 
 A key missing from or unexpected in either file, or a tensor of the wrong shape, stops the import
 (exit status 2) with every offending key listed; nothing is written. Files are read with
@@ -323,7 +324,7 @@ def import_sat(
     config = reference_config(
         base,
         deep_supervision=deep_supervision,
-        text_encoder=str(encoder_folder),
+        text_encoder=str(encoder_folder),  # save_checkpoint records it relative to output
         text_hidden_size=int(encoder.config.hidden_size),
         num_modalities=base.num_modalities if modality_embedding is None else modality_embedding.shape[0],
     )

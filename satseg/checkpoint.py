@@ -4,14 +4,15 @@ A checkpoint folder holds the vision network, the text tower's projection and mo
 embedding, and any text-encoder layers that knowledge pretraining changed. The base text encoder
 itself is named by identity (``config.text_encoder``) and pinned by the sha256 of its tensors, so
 a checkpoint stays small and a wrong pairing is refused instead of silently producing garbage
-(the reference code's worst trap).
+(the reference code's worst trap). A checkpoint that carries its encoder in a subfolder names it
+relative to the checkpoint folder, so the folder can be moved or copied as a whole.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from satseg.model.build import build_sat
 from satseg.model.config import SATConfig
 from satseg.model.sat import SAT
 from satseg.text.cache import tensor_sha256
+from satseg.text.encoder_source import encoder_in_checkpoint, encoder_relative_to
 
 CHECKPOINT_FORMAT = "satseg-checkpoint"
 FORMAT_VERSION = 1
@@ -156,17 +158,19 @@ def save_checkpoint(
 
     ``dtype=torch.float16`` halves the file; floating tensors are cast back on load. Both files
     are written under temporary names and renamed, weights first, so a folder with a config
-    always has complete weights.
+    always has complete weights. A text encoder folder inside ``directory`` is recorded by its
+    path relative to ``directory``.
     """
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
+    config = replace(model.config, text_encoder=encoder_relative_to(model.config.text_encoder, target))
     tensors = {
         key: (value.to(dtype) if dtype is not None and value.is_floating_point() else value).contiguous().cpu()
         for key, value in stored_state_dict(model).items()
     }
     weights_dtype = str(dtype or next(iter(model.vision.parameters())).dtype).removeprefix("torch.")
     metadata = CheckpointMetadata(
-        config=model.config,
+        config=config,
         vocabulary_sha256=vocabulary_sha256,
         text_encoder_sha256=text_encoder_sha256(model),
         trained_encoder_prefixes=model.text.trained_encoder_prefixes,
@@ -176,6 +180,17 @@ def save_checkpoint(
     write_bytes_atomically(target / WEIGHTS_FILE, save(tensors, metadata={"format": CHECKPOINT_FORMAT}))
     write_bytes_atomically(target / CONFIG_FILE, json.dumps(metadata.to_json(), indent=2).encode())
     return target
+
+
+def checkpoint_folder(path: Path) -> Path:
+    """The checkpoint folder of ``path`` (the folder, or its ``config.json``)."""
+    return path.parent if path.is_file() else path
+
+
+def with_encoder_in(metadata: CheckpointMetadata, folder: Path) -> CheckpointMetadata:
+    """``metadata`` whose ``config.text_encoder`` names a folder inside ``folder`` by its absolute path."""
+    identity = encoder_in_checkpoint(metadata.config.text_encoder, folder)
+    return replace(metadata, config=replace(metadata.config, text_encoder=identity))
 
 
 def read_metadata(directory: str | os.PathLike[str]) -> CheckpointMetadata:
@@ -229,12 +244,16 @@ def load_checkpoint(
 ) -> tuple[SAT, CheckpointMetadata]:
     """Build the model a checkpoint describes and load its weights strictly, in eval mode on ``device``.
 
+    A ``config.text_encoder`` relative to the checkpoint folder (see :func:`encoder_in_checkpoint`)
+    becomes that folder's absolute path in the returned model's and metadata's config.
+
     Raises :class:`CheckpointError` for a missing or malformed folder, missing or unexpected keys,
     shape mismatches, or a text encoder whose weights differ from the ones it was saved with.
     """
     path = Path(directory)
-    metadata = read_metadata(path)
-    weights_path = (path.parent if path.is_file() else path) / WEIGHTS_FILE
+    folder = checkpoint_folder(path)
+    metadata = with_encoder_in(read_metadata(path), folder)
+    weights_path = folder / WEIGHTS_FILE
     try:
         tensors = load_file(str(weights_path))
     except (FileNotFoundError, SafetensorError, OSError) as error:

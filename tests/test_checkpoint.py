@@ -21,7 +21,8 @@ from satseg.checkpoint import (
 from satseg.cli.checkpoint import main as checkpoint_cli
 from satseg.errors import CheckpointError
 from satseg.model import SAT, build_sat
-from satseg.text import Vocabulary, tensor_sha256
+from satseg.text import DEFAULT_TEXT_ENCODER, Vocabulary, tensor_sha256
+from satseg.text.encoder_source import encoder_in_checkpoint, encoder_relative_to
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +194,33 @@ def test_the_bundled_demo_model_is_small_fp16_trained_and_loads() -> None:
     assert encoder_keys and all(key.startswith(top_layers) for key in encoder_keys)
     assert metadata.vocabulary_sha256 == Vocabulary.load().sha256
     assert isinstance(model, SAT)
+
+
+def test_a_relative_encoder_is_the_checkpoints_only_if_it_holds_that_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoint = tmp_path / "ckpt"
+    (checkpoint / "text_encoder").mkdir(parents=True)
+    (checkpoint / DEFAULT_TEXT_ENCODER).mkdir()
+    (tmp_path / "cwd" / "encoders" / "mine").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "cwd")
+    inside = str((checkpoint / "text_encoder").resolve())
+    assert encoder_in_checkpoint("text_encoder", checkpoint) == inside
+    assert encoder_in_checkpoint("./text_encoder", checkpoint) == inside
+    assert encoder_in_checkpoint(DEFAULT_TEXT_ENCODER, checkpoint) == DEFAULT_TEXT_ENCODER  # identities win
+    assert encoder_in_checkpoint("encoders/mine", checkpoint) == "encoders/mine"  # still relative to the cwd
+    assert encoder_in_checkpoint("../cwd", checkpoint) == "../cwd"  # not inside the checkpoint
+    assert encoder_in_checkpoint(".", checkpoint) == "."  # the checkpoint itself is no encoder
+    assert encoder_in_checkpoint("/elsewhere/enc", checkpoint) == "/elsewhere/enc"
+
+
+def test_an_encoder_inside_the_checkpoint_is_saved_relative(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkpoint = tmp_path / "ckpt"
+    (checkpoint / "text_encoder").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert encoder_relative_to(str(checkpoint / "text_encoder"), checkpoint) == "text_encoder"
+    assert encoder_relative_to("ckpt/text_encoder", Path("ckpt")) == "text_encoder"
+    assert encoder_relative_to(str(tmp_path / "other"), checkpoint) == str(tmp_path / "other")
+    assert encoder_relative_to(str(checkpoint), checkpoint) == str(checkpoint)
+    assert encoder_relative_to(DEFAULT_TEXT_ENCODER, checkpoint) == DEFAULT_TEXT_ENCODER

@@ -10,8 +10,10 @@ wrong key mapping, layer order or activation makes the comparison fail.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -338,6 +340,25 @@ def test_imported_model_reproduces_the_reference_logits(
     assert relative_error(logits, expected_logits(reference, image)) < MAX_RELATIVE_ERROR
     assert metadata.config.num_modalities == 4 and metadata.config.deep_supervision_levels == 3
     assert metadata.extra["imported"]["vision"]["file"] == "SAT_Tiny.pth"
+
+
+def test_the_imported_folder_still_loads_after_a_move(
+    reference: dict[str, Any], image: torch.Tensor, tmp_path: Path
+) -> None:
+    """The checkpoint names its text_encoder/ relative to itself, so the folder can move as a whole."""
+    output = importer.import_sat(
+        reference["vision"], reference["text"], reference["encoder_folder"], tmp_path / "made" / "sat-tiny", ARCH
+    )
+    written = json.loads((output / "config.json").read_text())
+    for identity in (written["model_config"]["text_encoder"], written["text_encoder"]["identity"]):
+        assert not Path(identity).is_absolute() and identity == importer.TEXT_ENCODER_FOLDER
+    moved = Path(shutil.move(output, tmp_path / "elsewhere" / "moved"))
+    shutil.rmtree(tmp_path / "made")
+    model, metadata = load_checkpoint(moved)
+    assert Path(model.config.text_encoder) == (moved / importer.TEXT_ENCODER_FOLDER).resolve()
+    assert metadata.config == model.config
+    _, logits = our_logits(model, image)
+    assert relative_error(logits, expected_logits(reference, image)) < MAX_RELATIVE_ERROR
 
 
 def test_first_conv_is_the_sum_over_the_three_channels(reference: dict[str, Any], imported: Path) -> None:

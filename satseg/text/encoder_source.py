@@ -32,3 +32,29 @@ def resolve_text_encoder(identity: str) -> Path:
     if not (path / "config.json").is_file():
         raise SatInputError(f'text encoder folder "{identity}" has no config.json; {accepted}')
     return path
+
+
+def encoder_in_checkpoint(identity: str, checkpoint: Path) -> str:
+    """``identity`` as an absolute folder when it names a folder inside ``checkpoint``, else unchanged.
+
+    Checkpoints that carry their text encoder (``sat-import``'s ``text_encoder/``) name it relative to
+    the checkpoint folder, so the folder can be moved or copied whole.
+    """
+    if identity == DEFAULT_TEXT_ENCODER or Path(identity).expanduser().is_absolute():
+        return identity
+    candidate, root = (checkpoint / identity).resolve(), checkpoint.resolve()
+    # Only a folder the checkpoint really holds: any other relative string keeps its old meaning
+    # (a folder relative to the working directory), so older checkpoints resolve as they did.
+    if candidate.is_dir() and candidate != root and candidate.is_relative_to(root):
+        return str(candidate)
+    return identity
+
+
+def encoder_relative_to(identity: str, checkpoint: Path) -> str:
+    """``identity`` relative to ``checkpoint`` (POSIX form) when it is a folder inside it, else unchanged."""
+    if identity == DEFAULT_TEXT_ENCODER or not Path(identity).expanduser().is_dir():
+        return identity
+    folder, root = Path(identity).expanduser().resolve(), checkpoint.resolve()
+    if folder == root or not folder.is_relative_to(root):
+        return identity
+    return folder.relative_to(root).as_posix()
