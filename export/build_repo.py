@@ -30,19 +30,20 @@ import torch
 from safetensors.torch import save_file
 
 from export.fp16 import convert_to_fp16
-from export.onnx import ExportedGraph, export_text_encoder, export_vision
+from export.onnx import ExportedGraph, export_text_encoder, export_vision, file_sha256
 from export.parity import DEFAULT_MIN_DICE, ParityReport, compare_text, compare_vision, volume_patches
 from satseg import __version__
-from satseg.checkpoint import CheckpointMetadata, load_checkpoint
+from satseg.checkpoint import WEIGHTS_FILE, CheckpointMetadata, load_checkpoint
 from satseg.cli.common import cli_parser, run_cli
 from satseg.errors import ExportError
 from satseg.geometry import MODALITIES, PreprocessConfig, Volume, load_volume
 from satseg.geometry.preprocess import CT_WINDOW_HU
 from satseg.model import SAT
+from satseg.serving.contract import OUTPUT_CHOICES, OUTPUT_MASKS
+from satseg.serving.server import DEFAULT_REPOSITORY, ENTRY_MODEL
 from satseg.text import PromptTokenizer, Vocabulary, resolve_text_encoder
 
 PROG = "sat-export"
-DEFAULT_REPOSITORY = Path(__file__).resolve().parents[1] / "triton_repo"
 TEXT_MAX_ABS_ERROR = 1e-3
 """FP32 text-encoder queries may differ from PyTorch's by at most this (they are O(1) values)."""
 FP16_TEXT_MAX_ABS_ERROR = 0.05
@@ -107,6 +108,24 @@ def build_repository(settings: ExportSettings) -> list[ParityReport]:
             build_plans(graphs, sat, settings)
         install(staging, settings.repository)
     return reports
+
+
+def repository_is_current(settings: ExportSettings) -> bool:
+    """Whether ``settings.repository`` was exported by this version from these exact weights, all graphs present."""
+    try:
+        contract = json.loads((settings.repository / ENTRY_MODEL / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return False
+    graphs = [settings.repository / graph["file"] for graph in contract.get("graphs", {}).values()]
+    if settings.tensorrt:
+        graphs += [settings.repository / name / "1" / "model.plan" for name in ("text_encoder", "vision")]
+    return (
+        contract.get("version") == __version__
+        and contract.get("checkpoint", {}).get("weights_sha256") == file_sha256(settings.checkpoint / WEIGHTS_FILE)
+        and contract.get("vocabulary", {}).get("sha256") == Vocabulary.load().sha256
+        and bool(graphs)
+        and all(path.is_file() for path in graphs)
+    )
 
 
 def check_parity(
@@ -216,16 +235,33 @@ def write_metadata(
         "name": "SAT text-prompted 3D segmentation",
         "version": __version__,
         "intended_use": NOT_FOR_CLINICAL_USE,
-        "checkpoint": {"source": settings.checkpoint.name, **metadata.to_json()},
+        "checkpoint": {
+            "source": settings.checkpoint.name,
+            "weights_sha256": file_sha256(settings.checkpoint / WEIGHTS_FILE),
+            **metadata.to_json(),
+        },
         "inputs": {
             "IMAGE": {
-                "dtype": ["INT16", "FP32"],
+                "dtype": "FP32",
                 "shape": [-1, -1, -1],
-                "description": "the volume in its stored voxel order; CT in Hounsfield units",
+                "optional": True,
+                "description": "the volume in its stored voxel order; send exactly one of IMAGE and IMAGE_INT16",
+            },
+            "IMAGE_INT16": {
+                "dtype": "INT16",
+                "shape": [-1, -1, -1],
+                "optional": True,
+                "description": "the volume as INT16 (CT in Hounsfield units: half the bytes of FP32)",
             },
             "AFFINE": {"dtype": "FP64", "shape": [4, 4], "description": "voxel index -> RAS+ world mm"},
             "MODALITY": {"dtype": "BYTES", "shape": [1], "values": list(MODALITIES)},
             "PROMPTS": {"dtype": "BYTES", "shape": [-1], "description": "anatomical terms, see vocabulary"},
+        },
+        "options": {
+            "transport": "request parameters",
+            "output": {"values": list(OUTPUT_CHOICES), "default": OUTPUT_MASKS},
+            "threshold": {"range": "(0, 1)", "default": 0.5},
+            "overlap": {"range": "[0, 0.9]", "default": 0.5},
         },
         "outputs": {
             "MASKS": {"dtype": "UINT8", "shape": [-1, -1, -1, -1], "description": "one mask per prompt, input grid"},
@@ -345,6 +381,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--keep-norms-fp32", action="store_true", help="keep InstanceNorm/LayerNorm in FP32 in the plans"
     )
+    parser.add_argument(
+        "--if-stale",
+        action="store_true",
+        help="do nothing when the repository was already exported from these exact weights by this version",
+    )
     return parser.parse_args(argv)
 
 
@@ -362,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
             tensorrt=args.tensorrt,
             keep_norms_fp32=args.keep_norms_fp32,
         )
+        if args.if_stale and repository_is_current(settings):
+            print(f"{settings.repository} is current for {settings.checkpoint} (nothing to do)")
+            return 0
         if settings.tensorrt:
             from export.tensorrt import current_runtime
 

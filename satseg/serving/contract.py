@@ -35,6 +35,8 @@ PROMPT_INDEX = "PROMPT_INDEX"
 
 OUTPUT_MASKS = "masks"
 OUTPUT_LABELMAP = "labelmap"
+OUTPUT_BOTH = "both"
+OUTPUT_CHOICES = (OUTPUT_MASKS, OUTPUT_LABELMAP, OUTPUT_BOTH)
 CT_PLAUSIBLE_HU = (-4096.0, 32767.0)
 """CT values outside this are not Hounsfield units (stored values with no rescale applied, say)."""
 CT_MIN_RANGE_HU = 50.0
@@ -65,7 +67,8 @@ class RequestOptions:
     """Per-request options, sent as request parameters (``OPTIONS`` in the contract).
 
     Attributes:
-        output: ``"masks"`` (``MASKS`` ``[N, I, J, K]``, ``LABELMAP`` empty) or ``"labelmap"`` (the reverse).
+        output: ``"masks"`` (``MASKS`` ``[N, I, J, K]``, ``LABELMAP`` empty), ``"labelmap"`` (the reverse) or
+            ``"both"``.
         threshold: a voxel is in a mask where its probability exceeds this, in ``(0, 1)``.
         overlap: sliding-window overlap in ``[0, 0.9]``.
     """
@@ -82,8 +85,8 @@ class RequestOptions:
         if unknown:
             raise SatInputError(f"unknown request parameter(s) {unknown}; accepted: {', '.join(sorted(known))}")
         output = str(parameters.get("output", OUTPUT_MASKS)).lower()
-        if output not in (OUTPUT_MASKS, OUTPUT_LABELMAP):
-            raise SatInputError(f'output "{output}" is not accepted; use "{OUTPUT_MASKS}" or "{OUTPUT_LABELMAP}"')
+        if output not in OUTPUT_CHOICES:
+            raise SatInputError(f'output "{output}" is not accepted; use one of {", ".join(OUTPUT_CHOICES)}')
         threshold = _number(parameters, "threshold", 0.5)
         if not 0.0 < threshold < 1.0:
             raise SatInputError(f"threshold {threshold} is outside (0, 1)")

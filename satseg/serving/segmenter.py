@@ -52,8 +52,8 @@ class SegmentationRequest:
 
 @dataclass(frozen=True)
 class SegmentationArrays:
-    """What goes back: ``masks`` ``[N, I, J, K]`` uint8 or ``labelmap`` ``[I, J, K]`` uint16 (the other one is
-    empty), and ``volumes_ml`` ``[N]`` float32, each mask's volume on the input grid."""
+    """What goes back: ``masks`` ``[N, I, J, K]`` uint8 and/or ``labelmap`` ``[I, J, K]`` uint16 (one not asked
+    for is empty), and ``volumes_ml`` ``[N]`` float32, each mask's volume on the input grid."""
 
     masks: np.ndarray
     labelmap: np.ndarray
@@ -63,21 +63,23 @@ class SegmentationArrays:
 def threshold_prompts(
     probabilities: Any, shape: tuple[int, int, int], voxel_volume_ml: float, options: contract.RequestOptions
 ) -> SegmentationArrays:
-    """Masks or a label map, and volumes, from each prompt's probabilities ``[I, J, K]`` (an iterable of tensors)."""
+    """Masks and/or a label map, and volumes, from each prompt's probabilities ``[I, J, K]`` (an iterable of
+    tensors); the output not asked for is an empty array."""
     masks: list[np.ndarray] = []
     volumes: list[float] = []
-    merged = LabelMapAccumulator(shape) if options.output == contract.OUTPUT_LABELMAP else None
+    keep_masks = options.output in (contract.OUTPUT_MASKS, contract.OUTPUT_BOTH)
+    merged = LabelMapAccumulator(shape) if options.output != contract.OUTPUT_MASKS else None
     for value, prompt_probabilities in enumerate(probabilities, start=1):
         mask = prompt_probabilities > options.threshold
         volumes.append(float(mask.sum()) * voxel_volume_ml)
-        if merged is None:
+        if keep_masks:
             masks.append(mask.to(torch.uint8).cpu().numpy())
-        else:
+        if merged is not None:
             merged.add(value, prompt_probabilities, options.threshold)
-    if merged is None:
-        return SegmentationArrays(np.stack(masks), np.zeros((0, 0, 0), np.uint16), np.array(volumes, np.float32))
     return SegmentationArrays(
-        np.zeros((0, 0, 0, 0), np.uint8), np.array(merged.labelmap), np.array(volumes, np.float32)
+        np.stack(masks) if masks else np.zeros((0, 0, 0, 0), np.uint8),
+        np.array(merged.labelmap) if merged is not None else np.zeros((0, 0, 0), np.uint16),
+        np.array(volumes, np.float32),
     )
 
 

@@ -28,6 +28,8 @@ from types import TracebackType
 from satseg.errors import SatInputError
 
 ENTRY_MODEL = "sat"
+DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "triton_repo"
+"""The versioned repository of this checkout (``sat-export`` fills its built artefacts)."""
 CPU_CONFIG = "cpu"
 RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
 """Endpoints that need the admin header (BRIEF conventions): clients only infer and read health/metadata."""
