@@ -1,67 +1,41 @@
 """The served ``sat`` ensemble on the real ``tritonserver`` (pip, CPU) against the in-process reference.
 
-One repository is exported from the bundled demo model and one server started for the module; every
-request goes through ``tritonclient`` over loopback.
+One repository is exported from the bundled demo model and one server started for the session (conftest);
+every request goes through raw ``tritonclient`` calls over loopback, so malformed requests can be sent too.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import DEMO_CHECKPOINT
+from served import MIN_AGREEMENT, agreement, phantom, reference_masks
 
-from export.build_repo import ExportSettings, build_repository
+from export.build_repo import ExportSettings, repository_is_current
 from satseg.geometry import Volume, load_nifti
 from satseg.outputs import LabelMapAccumulator
 from satseg.pipeline import Segmenter
 from satseg.serving import contract
 from satseg.serving.server import TritonServer
-from training.data.phantom import centred_affine, make_torso_phantom
 
 pytest.importorskip("pytriton", reason="the serving tests need the serve extra (nvidia-pytriton)")
 grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402 - after the importorskip
 
-DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
-MIN_AGREEMENT = 0.999
 ABDOMEN = ["liver", "spleen", "kidney"]  # "kidney" is a parent: served as the union of its trained children
 
 
-def phantom(seed: int, shape: tuple[int, int, int] = (48, 40, 24), degrees: float = 15.0) -> Volume:
-    """A small torso CT (int16 HU) on an oblique, anisotropic grid."""
-    affine = centred_affine(shape, (5.0, 5.0, 8.0), degrees)
-    volume, _, _ = make_torso_phantom(shape, affine, seed=seed)
-    return Volume(volume.array.astype(np.int16), volume.affine, "ct")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[TritonServer]:
-    repository = tmp_path_factory.mktemp("served") / "triton_repo"
-    build_repository(ExportSettings(checkpoint=DEMO, repository=repository))
-    log = repository.parent / "tritonserver.log"
-    failed_before = request.session.testsfailed
-    with TritonServer(repository, log_path=log) as running:
-        yield running
-        if request.session.testsfailed > failed_before:
-            print(f"--- tritonserver log ({log}) ---\n{running.log_tail(200)}")
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Segmenter:
-    return Segmenter.from_checkpoint(DEMO, cache_dir=tmp_path_factory.mktemp("embeddings"))
-
-
-def client(server: TritonServer, protocol: str) -> Any:
+def client(triton_server: TritonServer, protocol: str) -> Any:
     if protocol == "grpc":
-        return grpcclient.InferenceServerClient(server.grpc_url)
-    return httpclient.InferenceServerClient(server.http_url, network_timeout=600.0, connection_timeout=600.0)
+        return grpcclient.InferenceServerClient(triton_server.grpc_url)
+    return httpclient.InferenceServerClient(triton_server.http_url, network_timeout=600.0, connection_timeout=600.0)
 
 
 def infer(
@@ -95,21 +69,14 @@ def infer(
     return connection.infer("sat", inputs, parameters=parameters)
 
 
-def reference_masks(reference: Segmenter, volume: Volume, modality: str, prompts: list[str]) -> np.ndarray:
-    terms = reference.resolve_prompts(prompts)
-    return np.stack([(r.probabilities > 0.5).numpy() for r in reference.segment(volume, terms, modality)])
-
-
-def agreement(served: np.ndarray, expected: np.ndarray) -> float:
-    return float((served.astype(bool) == expected).mean())
-
-
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_served_masks_equal_the_in_process_result(server: TritonServer, reference: Segmenter, protocol: str) -> None:
+def test_served_masks_equal_the_in_process_result(
+    triton_server: TritonServer, demo_reference: Segmenter, protocol: str
+) -> None:
     volume = phantom(seed=0)
-    expected = reference_masks(reference, volume, "ct", ABDOMEN)
+    expected = reference_masks(demo_reference, volume, "ct", ABDOMEN)
     assert expected.any(), "the demo model finds nothing: the comparison would prove nothing"
-    result = infer(client(server, protocol), volume, "ct", ABDOMEN)
+    result = infer(client(triton_server, protocol), volume, "ct", ABDOMEN)
     masks = result.as_numpy(contract.MASKS)
     assert masks.dtype == np.uint8 and masks.shape == (len(ABDOMEN), *volume.shape)
     for index, prompt in enumerate(ABDOMEN):
@@ -121,13 +88,15 @@ def test_served_masks_equal_the_in_process_result(server: TritonServer, referenc
     assert result.as_numpy(contract.LABELMAP).size == 0
 
 
-def test_labelmap_output_merges_like_the_in_process_writer(server: TritonServer, reference: Segmenter) -> None:
+def test_labelmap_output_merges_like_the_in_process_writer(
+    triton_server: TritonServer, demo_reference: Segmenter
+) -> None:
     volume = phantom(seed=1, degrees=-10.0)
-    terms = reference.resolve_prompts(ABDOMEN)
+    terms = demo_reference.resolve_prompts(ABDOMEN)
     merged = LabelMapAccumulator(volume.shape)
-    for value, item in enumerate(reference.segment(volume, terms, "ct"), start=1):
+    for value, item in enumerate(demo_reference.segment(volume, terms, "ct"), start=1):
         merged.add(value, item.probabilities)
-    result = infer(client(server, "grpc"), volume, "ct", ABDOMEN, parameters={"output": "labelmap"})
+    result = infer(client(triton_server, "grpc"), volume, "ct", ABDOMEN, parameters={"output": "labelmap"})
     labelmap = result.as_numpy(contract.LABELMAP)
     assert labelmap.dtype == np.uint16 and labelmap.shape == volume.shape
     assert set(np.unique(labelmap)) <= {0, 1, 2, 3}
@@ -136,7 +105,7 @@ def test_labelmap_output_merges_like_the_in_process_writer(server: TritonServer,
 
 
 def test_real_ct_and_lps_mr_come_back_on_their_own_grids(
-    server: TritonServer, reference: Segmenter, shared_data: Path
+    triton_server: TritonServer, demo_reference: Segmenter, shared_data: Path
 ) -> None:
     ct = load_nifti(shared_data / "totalseg" / "example_ct.nii.gz")
     ct = Volume(ct.array.astype(np.int16), ct.affine, "ct")
@@ -144,10 +113,10 @@ def test_real_ct_and_lps_mr_come_back_on_their_own_grids(
     assert nib.aff2axcodes(mr.affine) == ("L", "P", "S")
     mr = Volume(mr.array.astype(np.float32), mr.affine, "mri")
     for volume, modality, prompts, protocol in ((ct, "ct", ABDOMEN, "http"), (mr, "mri", ["liver", "spleen"], "grpc")):
-        masks = infer(client(server, protocol), volume, modality, prompts).as_numpy(contract.MASKS)
+        masks = infer(client(triton_server, protocol), volume, modality, prompts).as_numpy(contract.MASKS)
         # The grid is the input's own: same voxel order and shape; the affine stays with the client's copy.
         assert masks.shape == (len(prompts), *volume.shape)
-        expected = reference_masks(reference, volume, modality, prompts)
+        expected = reference_masks(demo_reference, volume, modality, prompts)
         assert expected.any()
         for index, prompt in enumerate(prompts):
             assert agreement(masks[index], expected[index]) >= MIN_AGREEMENT, (modality, prompt)
@@ -190,24 +159,24 @@ def bad_requests(volume: Volume) -> list[BadRequest]:
     ]
 
 
-def test_each_bad_input_gets_invalid_arg_and_the_server_stays_ready(server: TritonServer) -> None:
+def test_each_bad_input_gets_invalid_arg_and_the_server_stays_ready(triton_server: TritonServer) -> None:
     volume = phantom(seed=2, shape=(32, 28, 16))
-    connection = client(server, "grpc")
+    connection = client(triton_server, "grpc")
     for bad in bad_requests(volume):
         with pytest.raises(InferenceServerException) as caught:
             infer(connection, bad.volume, bad.modality, bad.prompts, bad.parameters, **bad.extra)
         assert "INVALID_ARG" in str(caught.value.status()), (bad.problem, caught.value.message())
-        assert server.is_ready(), bad.problem
+        assert triton_server.is_ready(), bad.problem
     good = infer(connection, volume, "ct", ["liver"]).as_numpy(contract.MASKS)
     assert good.shape == (1, *volume.shape)
 
 
-def test_two_clients_at_once_each_get_their_own_result(server: TritonServer, reference: Segmenter) -> None:
+def test_two_clients_at_once_each_get_their_own_result(triton_server: TritonServer, demo_reference: Segmenter) -> None:
     volumes = [phantom(seed=3, shape=(40, 36, 20)), phantom(seed=4, shape=(44, 32, 22), degrees=-20.0)]
     results: dict[int, np.ndarray] = {}
 
     def send(index: int) -> None:
-        results[index] = infer(client(server, "http"), volumes[index], "ct", ["liver"]).as_numpy(contract.MASKS)
+        results[index] = infer(client(triton_server, "http"), volumes[index], "ct", ["liver"]).as_numpy(contract.MASKS)
 
     threads = [threading.Thread(target=send, args=(index,)) for index in range(2)]
     for thread in threads:
@@ -215,14 +184,23 @@ def test_two_clients_at_once_each_get_their_own_result(server: TritonServer, ref
     for thread in threads:
         thread.join()
     for index, volume in enumerate(volumes):
-        expected = reference_masks(reference, volume, "ct", ["liver"])
+        expected = reference_masks(demo_reference, volume, "ct", ["liver"])
         assert results[index].shape == (1, *volume.shape)
         assert agreement(results[index][0], expected[0]) >= MIN_AGREEMENT
 
 
-def test_prompts_are_independent_of_their_neighbours(server: TritonServer) -> None:
+def test_prompts_are_independent_of_their_neighbours(triton_server: TritonServer) -> None:
     volume = phantom(seed=5, shape=(32, 28, 16))
-    connection = client(server, "grpc")
+    connection = client(triton_server, "grpc")
     alone = infer(connection, volume, "ct", ["spleen"]).as_numpy(contract.MASKS)[0]
     together = infer(connection, volume, "ct", ["liver", "spleen"]).as_numpy(contract.MASKS)[1]
     np.testing.assert_array_equal(alone, together)
+
+
+def test_the_served_repository_is_current_only_for_its_own_weights(
+    triton_server: TritonServer, tiny_checkpoint: Path
+) -> None:
+    served = ExportSettings(checkpoint=DEMO_CHECKPOINT, repository=triton_server.repository)
+    assert repository_is_current(served)
+    assert not repository_is_current(replace(served, checkpoint=tiny_checkpoint))
+    assert not repository_is_current(replace(served, tensorrt=True))  # no plans in it

@@ -4,7 +4,7 @@ from satseg.outputs.labelmap import LabelMapAccumulator
 from satseg.outputs.nifti import read_label_extension, write_nifti
 from satseg.outputs.preview import PreviewView, preview_views, save_preview
 from satseg.outputs.statistics import mask_statistics, write_json
-from satseg.outputs.writer import OutputOptions, write_segmentation
+from satseg.outputs.writer import OutputOptions, write_segmentation, write_thresholded
 
 __all__ = [
     "LabelMapAccumulator",
@@ -17,4 +17,5 @@ __all__ = [
     "write_json",
     "write_nifti",
     "write_segmentation",
+    "write_thresholded",
 ]

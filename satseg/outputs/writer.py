@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from satseg.geometry.volume import Volume
@@ -63,25 +64,74 @@ def write_segmentation(
     far) persists across prompts. Files are written atomically. Returns the paths written.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
-    labels = {index + 1: term for index, term in enumerate(terms)}
     merged = LabelMapAccumulator(volume.shape) if options.merged_labelmap or options.preview else None
     statistics: dict[str, dict[str, int | float]] = {}
     written: list[Path] = []
     for result in results:
         mask = (result.probabilities > options.threshold).to(torch.uint8).cpu().numpy()
         if not options.merged_labelmap:
-            path = output_dir / mask_file_name(result.term)
-            written.append(write_nifti(mask, volume.affine, path, labels={1: result.term}))
+            written.append(write_mask(mask, result.term, volume, output_dir))
         statistics[result.term] = mask_statistics(mask, volume.voxel_volume_ml)
         if merged is not None:
             merged.add(result.index + 1, result.probabilities, options.threshold)
-    if merged is not None and options.merged_labelmap:
-        written.append(write_nifti(merged.labelmap, volume.affine, output_dir / LABELMAP_FILE, labels=labels))
+    labelmap = merged.labelmap if merged is not None else None
+    return written + write_summary(volume, terms, statistics, labelmap, output_dir, options)
+
+
+def write_thresholded(
+    volume: Volume,
+    terms: Sequence[str],
+    masks: np.ndarray | None,
+    labelmap: np.ndarray | None,
+    output_dir: Path,
+    options: OutputOptions = OutputOptions(),
+) -> list[Path]:
+    """Write results that are already thresholded (a server's answer) on ``volume``'s grid.
+
+    Args:
+        masks: ``[N, I, J, K]`` uint8, one per term, or ``None``; written as ``<term>.nii.gz`` each.
+        labelmap: ``[I, J, K]`` uint16 with value ``index + 1`` for ``terms[index]``, or ``None``; written
+            when ``options.merged_labelmap``. The preview needs it.
+    """
+    if masks is None and labelmap is None:
+        raise ValueError("nothing to write: neither masks nor a label map")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    if masks is not None:
+        if len(masks) != len(terms):
+            raise ValueError(f"{len(masks)} masks for {len(terms)} terms")
+        written = [write_mask(mask, term, volume, output_dir) for term, mask in zip(terms, masks, strict=True)]
+    statistics = {
+        term: mask_statistics(masks[index] if masks is not None else labelmap == index + 1, volume.voxel_volume_ml)
+        for index, term in enumerate(terms)
+    }
+    return written + write_summary(volume, terms, statistics, labelmap, output_dir, options)
+
+
+def write_mask(mask: np.ndarray, term: str, volume: Volume, output_dir: Path) -> Path:
+    """One ``<term>.nii.gz`` uint8 mask on ``volume``'s grid."""
+    return write_nifti(mask, volume.affine, output_dir / mask_file_name(term), labels={1: term})
+
+
+def write_summary(
+    volume: Volume,
+    terms: Sequence[str],
+    statistics: dict[str, dict[str, int | float]],
+    labelmap: np.ndarray | None,
+    output_dir: Path,
+    options: OutputOptions,
+) -> list[Path]:
+    """The label map (when asked for), ``labels.json``, statistics and preview of one run."""
+    labels = {index + 1: term for index, term in enumerate(terms)}
+    written: list[Path] = []
+    if labelmap is not None and options.merged_labelmap:
+        written.append(write_nifti(labelmap, volume.affine, output_dir / LABELMAP_FILE, labels=labels))
     written.append(write_json({str(value): term for value, term in labels.items()}, output_dir / LABELS_FILE))
     if options.statistics:
         written.append(write_json(statistics, output_dir / STATISTICS_FILE))
-    if merged is not None and options.preview:
-        path = output_dir / PREVIEW_FILE
+    if labelmap is not None and options.preview:
         window = CT_SOFT_TISSUE_WINDOW if options.modality == "ct" else None
-        written.append(save_preview(volume.array, volume.affine, merged.labelmap, labels, path, window=window))
+        written.append(
+            save_preview(volume.array, volume.affine, labelmap, labels, output_dir / PREVIEW_FILE, window=window)
+        )
     return written

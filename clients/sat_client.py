@@ -1,0 +1,292 @@
+"""``SATClient``: send a volume to the served ``sat`` ensemble and get masks back on the volume's own grid.
+
+The server answers on the grid it was sent (the stored voxel order), so the client keeps the input's
+affine and attaches it to the result: nothing about geometry travels back over the wire.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from satseg.errors import SatInputError
+from satseg.geometry import Volume, load_volume
+from satseg.geometry.volume import check_modality
+from satseg.outputs import OutputOptions, write_thresholded
+from satseg.serving import contract
+
+PROTOCOLS = ("grpc", "http")
+DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
+ENTRY_MODEL = "sat"
+RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "503", "timed out", "Connection refused", "reset by peer")
+"""Failures worth a retry: the server is starting, restarting or overloaded. INVALID_ARG never is."""
+INT16_RANGE = (np.iinfo(np.int16).min, np.iinfo(np.int16).max)
+Result = TypeVar("Result")
+
+
+class ServerUnavailable(RuntimeError):
+    """The server could not be reached, or stayed unavailable through every retry."""
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """One served answer, on the grid of :attr:`volume` (the input, whose affine the masks carry).
+
+    Attributes:
+        volume: the input volume (array, voxel -> RAS+ mm affine, modality).
+        labels: the term of each mask, in prompt order (label value ``i + 1`` is ``labels[i]``).
+        masks: ``[N, I, J, K]`` uint8 in ``{0, 1}``, or ``None`` when only a label map was asked for.
+        labelmap: ``[I, J, K]`` uint16 in ``0..N`` (overlaps go to the most probable), or ``None``.
+        volumes_ml: ``[N]`` float32, each mask's volume in mL.
+    """
+
+    volume: Volume
+    labels: tuple[str, ...]
+    masks: np.ndarray | None
+    labelmap: np.ndarray | None
+    volumes_ml: np.ndarray
+
+    @property
+    def affine(self) -> np.ndarray:
+        return self.volume.affine
+
+    def save(
+        self,
+        output_dir: str | os.PathLike[str],
+        *,
+        ml: bool | None = None,
+        statistics: bool = True,
+        preview: bool = False,
+    ) -> list[Path]:
+        """Write NIfTI outputs on the input grid (atomically) and return their paths.
+
+        Args:
+            ml: ``True``: the merged ``labelmap.nii.gz``; ``False``: one ``<term>.nii.gz`` per mask;
+                ``None``: whatever this result holds.
+            statistics: also ``statistics.json`` (mL and voxels per structure).
+            preview: also ``preview.png`` (needs the label map).
+        """
+        if ml is True and self.labelmap is None:
+            raise SatInputError('this result holds no label map: segment with output="labelmap" or "both"')
+        if ml is False and self.masks is None:
+            raise SatInputError('this result holds no masks: segment with output="masks" or "both"')
+        if preview and self.labelmap is None:
+            raise SatInputError('a preview needs the label map: segment with output="labelmap" or "both"')
+        options = OutputOptions(
+            merged_labelmap=ml is not False and self.labelmap is not None,
+            statistics=statistics,
+            preview=preview,
+            modality=self.volume.modality,
+        )
+        masks = None if ml is True else self.masks
+        return write_thresholded(self.volume, self.labels, masks, self.labelmap, Path(output_dir), options)
+
+
+class SATClient:
+    """A client of one Triton server serving the ``sat`` ensemble.
+
+    Args:
+        url: ``host:port`` of the gRPC (default ``127.0.0.1:8001``) or HTTP (``127.0.0.1:8000``) endpoint.
+        protocol: ``"grpc"`` or ``"http"``.
+        timeout_s: time allowed for one request, network and inference together.
+        retries: extra attempts, with exponential backoff, when the server is unavailable or times out.
+        compression: ``"gzip"``, ``None`` or ``"auto"`` (default: gzip unless the server is on this host).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: str = "grpc",
+        *,
+        timeout_s: float = 600.0,
+        retries: int = 3,
+        compression: str | None = "auto",
+        backoff_s: float = 1.0,
+    ) -> None:
+        if protocol not in PROTOCOLS:
+            raise SatInputError(f"protocol {protocol!r} is not supported; use grpc or http")
+        self.protocol = protocol
+        self.url = url or f"127.0.0.1:{DEFAULT_PORTS[protocol]}"
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.compression = default_compression(self.url) if compression == "auto" else compression
+        self._module = _client_module(protocol)
+        if protocol == "grpc":
+            self._connection = self._module.InferenceServerClient(self.url)
+        else:
+            self._connection = self._module.InferenceServerClient(
+                self.url, connection_timeout=timeout_s, network_timeout=timeout_s
+            )
+
+    def is_ready(self) -> bool:
+        """Whether ``sat`` answers ready (``False`` when the server cannot be reached)."""
+        try:
+            return bool(self._connection.is_model_ready(ENTRY_MODEL))
+        except Exception:  # any transport failure means "not ready" to a caller asking this
+            return False
+
+    def server_version(self) -> str:
+        """The Triton version the server reports."""
+        metadata = self._with_retries(self._connection.get_server_metadata)
+        return str(metadata["version"] if isinstance(metadata, dict) else metadata.version)
+
+    def segment(
+        self,
+        volume_or_path: Volume | str | os.PathLike[str],
+        prompts: Sequence[str],
+        modality: str | None = None,
+        *,
+        output: str = contract.OUTPUT_MASKS,
+        threshold: float = 0.5,
+        overlap: float = 0.5,
+    ) -> Segmentation:
+        """Segment ``prompts`` in one volume.
+
+        Args:
+            volume_or_path: a :class:`Volume`, a NIfTI file or a DICOM series folder.
+            prompts: anatomy terms (the server resolves synonyms and refuses unknown ones).
+            modality: ``ct``, ``mri`` or ``pet``; default: the volume's own (read from DICOM).
+            output: ``"masks"``, ``"labelmap"`` or ``"both"``.
+            threshold: probability threshold in ``(0, 1)``.
+            overlap: sliding-window overlap in ``[0, 0.9]``.
+
+        Raises:
+            SatInputError: the volume, a prompt or an option was refused (by this client or the server).
+            ServerUnavailable: the server stayed unreachable through every retry.
+        """
+        volume = volume_or_path if isinstance(volume_or_path, Volume) else load_volume(volume_or_path)
+        modality = check_modality(modality or _required_modality(volume))
+        prompts = list(prompts)
+        if not prompts:
+            raise SatInputError("no prompts: name 1 or more anatomy terms, e.g. liver, spleen")
+        inputs = self._inputs(wire_image(volume.array, modality), volume.affine, modality, prompts)
+        parameters = {"output": output, "threshold": threshold, "overlap": overlap}
+        result = self._with_retries(lambda: self._infer(inputs, parameters))
+        masks = result.as_numpy(contract.MASKS)
+        labelmap = result.as_numpy(contract.LABELMAP)
+        return Segmentation(
+            volume=Volume(volume.array, volume.affine, modality),
+            labels=tuple(label.decode() for label in result.as_numpy(contract.LABELS)),
+            masks=masks if masks.size else None,
+            labelmap=labelmap if labelmap.size else None,
+            volumes_ml=result.as_numpy(contract.VOLUMES_ML),
+        )
+
+    def _inputs(self, image: np.ndarray, affine: np.ndarray, modality: str, prompts: list[str]) -> list[Any]:
+        arrays = {
+            contract.IMAGE_INT16 if image.dtype == np.int16 else contract.IMAGE: image,
+            contract.AFFINE: np.asarray(affine, dtype=np.float64),
+            contract.MODALITY: np.array([modality.encode()], dtype=np.object_),
+            contract.PROMPTS: np.array([prompt.encode() for prompt in prompts], dtype=np.object_),
+        }
+        return [self._tensor(name, array) for name, array in arrays.items()]
+
+    def _tensor(self, name: str, array: np.ndarray) -> Any:
+        from tritonclient.utils import np_to_triton_dtype
+
+        tensor = self._module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        return tensor
+
+    def _infer(self, inputs: list[Any], parameters: dict[str, Any]) -> Any:
+        if self.protocol == "grpc":
+            return self._connection.infer(
+                ENTRY_MODEL,
+                inputs,
+                parameters=parameters,
+                client_timeout=self.timeout_s,
+                compression_algorithm=self.compression,
+            )
+        return self._connection.infer(
+            ENTRY_MODEL,
+            inputs,
+            parameters=parameters,
+            request_compression_algorithm=self.compression,
+            response_compression_algorithm=self.compression,
+        )
+
+    def _with_retries(self, call: Callable[[], Result]) -> Result:
+        """Run ``call``; retry with backoff on unavailability or a timeout; INVALID_ARG becomes SatInputError."""
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except Exception as error:
+                failure = self._retryable_failure(error)
+            if attempt >= self.retries:
+                raise ServerUnavailable(f"{self.url} ({self.protocol}) after {attempt + 1} attempt(s): {failure}")
+            time.sleep(self.backoff_s * 2**attempt)
+            attempt += 1
+
+    def _retryable_failure(self, error: Exception) -> str:
+        """The one-line reason to retry, or raise: SatInputError for a refusal, ServerUnavailable otherwise."""
+        from tritonclient.utils import InferenceServerException
+
+        if isinstance(error, InferenceServerException):
+            status = str(error.status())
+            failure = " ".join(f"{status} {error.message()}".split())
+            if "INVALID_ARG" in status or status == "400":
+                raise SatInputError(f"the server refused the request: {error.message()}") from None
+            if any(marker in failure for marker in RETRYABLE):
+                return failure
+            raise ServerUnavailable(f"{self.url} ({self.protocol}): {failure}") from None
+        if isinstance(error, (ConnectionError, TimeoutError, OSError)):
+            return f"cannot be reached: {error}"
+        raise error
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def __enter__(self) -> SATClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def wire_image(array: np.ndarray, modality: str) -> np.ndarray:
+    """The array to send: CT as INT16 HU when every value is a whole number in range (half of FP32's bytes),
+    anything else as FP32."""
+    if modality == "ct" and array.dtype.kind in "iu":
+        low, high = int(array.min()), int(array.max())
+        if INT16_RANGE[0] <= low and high <= INT16_RANGE[1]:
+            return np.ascontiguousarray(array, dtype=np.int16)
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def default_compression(url: str) -> str | None:
+    """gzip for a remote server (volumes compress 2-4x), none on this host (compression would only cost time)."""
+    host = url.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return None
+    try:
+        return None if ipaddress.ip_address(host).is_loopback else "gzip"
+    except ValueError:
+        return "gzip"
+
+
+def _required_modality(volume: Volume) -> str:
+    if volume.modality is None:
+        raise SatInputError("the modality is not known from the file: pass modality= (ct, mri or pet)")
+    return volume.modality
+
+
+def _client_module(protocol: str) -> Any:
+    try:
+        if protocol == "grpc":
+            import tritonclient.grpc as module
+        else:
+            import tritonclient.http as module
+    except ImportError:
+        raise SatInputError(
+            f'tritonclient[{protocol}] is not installed; install the client extra (pip install -e ".[serve]")'
+        ) from None
+    return module

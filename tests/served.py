@@ -1,0 +1,30 @@
+"""Volumes and comparisons shared by the tests against the real server (test_serving, test_client)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from satseg.geometry import Volume
+from satseg.pipeline import Segmenter
+from training.data.phantom import centred_affine, make_torso_phantom
+
+MIN_AGREEMENT = 0.999
+"""Served masks may differ from the in-process ones by float noise at the 0.5 boundary, nothing more."""
+
+
+def phantom(seed: int, shape: tuple[int, int, int] = (48, 40, 24), degrees: float = 15.0) -> Volume:
+    """A small torso CT (int16 HU) on an oblique, anisotropic grid."""
+    affine = centred_affine(shape, (5.0, 5.0, 8.0), degrees)
+    volume, _, _ = make_torso_phantom(shape, affine, seed=seed)
+    return Volume(volume.array.astype(np.int16), volume.affine, "ct")
+
+
+def reference_masks(reference: Segmenter, volume: Volume, modality: str, prompts: list[str]) -> np.ndarray:
+    """``[N, I, J, K]`` bool: the in-process result for ``prompts``."""
+    terms = reference.resolve_prompts(prompts)
+    return np.stack([(r.probabilities > 0.5).numpy() for r in reference.segment(volume, terms, modality)])
+
+
+def agreement(served: np.ndarray, expected: np.ndarray) -> float:
+    """Fraction of voxels where two masks agree."""
+    return float((served.astype(bool) == expected).mean())
