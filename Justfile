@@ -86,22 +86,16 @@ evaluate-demo checkpoint="runs/demo_finetune/checkpoint": (env "dev")
 bench-train: (env "dev")
     {{bin}}/python benchmarks/train_throughput.py
 
-# Writes masks, label maps, statistics and previews under demo_output/; the CT part needs ../shared.
-# Segment a real brain MRI (nilearn's MNI152) and the real abdominal CT with the bundled demo model.
+# Serve the bundled demo model and segment a real brain MRI (nilearn's MNI152) and, where ../shared is
+# present, the real abdominal CT through it; writes masks, label maps, statistics and previews to demo_output/.
 demo: (env "dev")
-    #!/usr/bin/env bash
-    set -euo pipefail
-    {{bin}}/sat-mni152 -o {{demo_dir}}/mni152_t1.nii.gz
-    {{bin}}/sat-segment -i {{demo_dir}}/mni152_t1.nii.gz -o {{demo_dir}}/brain --modality mri --ml --statistics \
-        --preview --prompts "{{brain_prompts}}"
-    ct=../shared/data/totalseg/example_ct.nii.gz
-    if [ -f "$ct" ]; then
-        {{bin}}/sat-segment -i "$ct" -o {{demo_dir}}/abdomen --modality ct --ml --statistics --preview \
-            --prompts "liver,spleen,kidney,stomach,aorta"
-    else
-        echo "($ct is not here: the CT part of the demo is skipped)"
-    fi
-    echo "Open {{demo_dir}}/brain/preview.png (and abdomen/preview.png) to look at the results."
+    {{bin}}/sat-demo -o {{demo_dir}}
+
+# Serve a model repository on 127.0.0.1:8000 (HTTP), 8001 (gRPC), 8002 (metrics); Ctrl-C stops it.
+# Exports the checkpoint into triton_repo/ first, unless that is already current.
+serve checkpoint="models/demo" *args="": (env "dev")
+    {{bin}}/sat-export {{checkpoint}} --if-stale
+    exec {{bin}}/sat-serve {{args}}
 
 # Runs the parity gates first: nothing is installed unless FP32 ONNX agrees with PyTorch (Dice >= 0.99).
 # Fill triton_repo/ from a checkpoint (default: the bundled demo model): ONNX, FP16 ONNX, embeddings, metadata.
