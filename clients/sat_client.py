@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +22,7 @@ from satseg.geometry import Volume, load_volume
 from satseg.geometry.volume import check_modality
 from satseg.outputs import OutputOptions, write_thresholded
 from satseg.serving import contract
+from satseg.serving.server import ADMIN_HEADER, GRPC_ADMIN_HEADER
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
@@ -45,6 +47,7 @@ class Segmentation:
         masks: ``[N, I, J, K]`` uint8 in ``{0, 1}``, or ``None`` when only a label map was asked for.
         labelmap: ``[I, J, K]`` uint16 in ``0..N`` (overlaps go to the most probable), or ``None``.
         volumes_ml: ``[N]`` float32, each mask's volume in mL.
+        model: sha256 of the served repository's ``sat/metadata.json`` (which export answered).
     """
 
     volume: Volume
@@ -52,6 +55,7 @@ class Segmentation:
     masks: np.ndarray | None
     labelmap: np.ndarray | None
     volumes_ml: np.ndarray
+    model: str
 
     @property
     def affine(self) -> np.ndarray:
@@ -138,6 +142,16 @@ class SATClient:
         metadata = self._with_retries(self._connection.get_server_metadata)
         return str(metadata["version"] if isinstance(metadata, dict) else metadata.version)
 
+    def inference_statistics(self, admin_key: str) -> dict[str, Any]:
+        """Triton's per-model statistics (counts and cumulative ns per phase). An admin endpoint: it needs the
+        server's ``sat-admin-key``."""
+        if self.protocol == "grpc":
+            options: dict[str, Any] = {"headers": {GRPC_ADMIN_HEADER: admin_key}, "as_json": True}
+        else:
+            options = {"headers": {ADMIN_HEADER: admin_key}}
+        call = partial(self._connection.get_inference_statistics, **options)
+        return dict(self._with_retries(call))
+
     def segment(
         self,
         volume_or_path: Volume | str | os.PathLike[str],
@@ -178,6 +192,7 @@ class SATClient:
             masks=masks if masks.size else None,
             labelmap=labelmap if labelmap.size else None,
             volumes_ml=result.as_numpy(contract.VOLUMES_ML),
+            model=result.as_numpy(contract.MODEL)[0].decode(),
         )
 
     def _inputs(self, image: np.ndarray, affine: np.ndarray, modality: str, prompts: list[str]) -> list[Any]:
@@ -235,6 +250,8 @@ class SATClient:
             failure = " ".join(f"{status} {error.message()}".split())
             if "INVALID_ARG" in status or status == "400":
                 raise SatInputError(f"the server refused the request: {error.message()}") from None
+            if "restricted" in failure or status == "403":
+                raise PermissionError(f"{self.url} refused an admin call (wrong or missing admin key): {failure}")
             if any(marker in failure for marker in RETRYABLE):
                 return failure
             raise ServerUnavailable(f"{self.url} ({self.protocol}): {failure}") from None

@@ -268,6 +268,7 @@ def write_metadata(
             "LABELMAP": {"dtype": "UINT16", "shape": [-1, -1, -1], "description": "merged labels, input grid"},
             "LABELS": {"dtype": "BYTES", "shape": [-1], "description": "the term of each mask / label value"},
             "VOLUMES_ML": {"dtype": "FP32", "shape": [-1], "description": "volume of each mask in mL"},
+            "MODEL": {"dtype": "BYTES", "shape": [1], "description": "sha256 of this metadata.json file"},
         },
         "preprocessing": {
             "orientation": preprocess.orientation,

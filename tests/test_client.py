@@ -123,3 +123,13 @@ def test_sat_serve_serves_until_sigterm(triton_server: TritonServer, tmp_path: P
     assert "stopped (tritonserver exit code 0)" in (process.stdout.read() if process.stdout else "")
     with pytest.raises(ProcessLookupError):
         os.kill(server_pid, 0)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_statistics_need_the_admin_key(triton_server: TritonServer, protocol: str) -> None:
+    url = triton_server.grpc_url if protocol == "grpc" else triton_server.http_url
+    with SATClient(url, protocol, retries=0) as client:
+        models = {entry["name"] for entry in client.inference_statistics(triton_server.admin_key)["model_stats"]}
+        assert {"sat", "prompt_encoder", "segmenter", "vision"} <= models
+        with pytest.raises(PermissionError):
+            client.inference_statistics("not-the-key")

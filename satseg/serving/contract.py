@@ -29,6 +29,8 @@ MASKS = "MASKS"
 LABELMAP = "LABELMAP"
 LABELS = "LABELS"
 VOLUMES_ML = "VOLUMES_ML"
+MODEL = "MODEL"
+"""sha256 of the repository's ``sat/metadata.json``: which export (weights, graphs, vocabulary) answered."""
 # Between the ensemble's steps.
 QUERIES = "QUERIES"
 PROMPT_INDEX = "PROMPT_INDEX"

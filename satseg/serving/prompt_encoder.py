@@ -9,6 +9,7 @@ belong to which prompt.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -36,11 +37,17 @@ TEXT_ENCODER_MODEL = "text_encoder"
 
 def read_contract(model_folder: Path) -> dict[str, Any]:
     """The repository's ``sat/metadata.json`` (written by ``sat-export``), seen from a model's own folder."""
+    return json.loads(contract_bytes(model_folder))
+
+
+def contract_bytes(model_folder: Path) -> bytes:
     path = model_folder.parent / "sat" / "metadata.json"
     try:
-        return json.loads(path.read_text())
+        text = path.read_bytes()
+        json.loads(text)
     except (OSError, json.JSONDecodeError) as error:
         raise RuntimeError(f"cannot read {path} ({error}); build the repository with sat-export") from None
+    return text
 
 
 def load_query_table(path: Path, vocabulary: Vocabulary) -> tuple[torch.Tensor, dict[str, int]]:
@@ -67,7 +74,10 @@ class PromptEncoderModel:
         self.vocabulary = Vocabulary.load()
         version = folder / args["model_version"]
         self.table, self.rows = load_query_table(version / EMBEDDINGS_FILE, self.vocabulary)
-        trained = read_contract(folder)["vocabulary"].get("trained_terms")
+        metadata = contract_bytes(folder)
+        # Clients record this with every result: it names the exact export (weights, graphs, vocabulary).
+        self.model_id = np.array([hashlib.sha256(metadata).hexdigest().encode()], dtype=np.object_)
+        trained = json.loads(metadata)["vocabulary"].get("trained_terms")
         self.trained_terms = frozenset(trained) if trained is not None else None
         self.tokenizer_folder = version / TOKENIZER_FOLDER
         self._tokenizer: PromptTokenizer | None = None
@@ -95,6 +105,7 @@ class PromptEncoderModel:
                 to_triton(contract.QUERIES, queries),
                 to_triton(contract.PROMPT_INDEX, contract.prompt_index([len(parts) for parts in plan])),
                 pb_utils.Tensor(contract.LABELS, np.array([term.encode() for term in terms], dtype=np.object_)),
+                pb_utils.Tensor(contract.MODEL, self.model_id),
             ]
         )
 

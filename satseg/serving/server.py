@@ -34,6 +34,8 @@ CPU_CONFIG = "cpu"
 RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
 """Endpoints that need the admin header (BRIEF conventions): clients only infer and read health/metadata."""
 ADMIN_HEADER = "sat-admin-key"
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
+"""gRPC clients send the key under this name: Triton prefixes restricted-protocol headers on gRPC."""
 READY_TIMEOUT_S = 120.0
 NO_TRITON = (
     "tritonserver is not installed in this environment; install the serving extra "
