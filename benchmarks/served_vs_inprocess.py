@@ -1,0 +1,169 @@
+"""Served (Triton ensemble, CPU) against in-process inference, on the same volumes and checkpoint, in one run.
+
+Three ways to get the same masks, interleaved per repeat so they share the machine's state:
+
+- ``torch``: :class:`satseg.pipeline.Segmenter` in this process (what ``sat-segment`` does);
+- ``onnxruntime``: the same Segmenter with its windows run by onnxruntime on the exported ``vision`` graph
+  (the runtime the CPU server uses), which separates the runtime's share from the serving overhead;
+- ``served``: :class:`clients.SATClient` over gRPC to the real ``tritonserver`` on loopback.
+
+Where the served time goes comes from Triton's own statistics (the admin endpoint): the ``segmenter``
+model's execution (geometry, stitching, thresholding, waiting for ``vision``) against ``vision``'s.
+
+    python benchmarks/served_vs_inprocess.py [--repeats 2] [--ct CT.nii.gz]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime
+import torch
+from machine import cpu_model
+
+from clients import SATClient
+from clients.demo import ABDOMEN_PROMPTS, BRAIN_PROMPTS, SHARED_CT, load_mni152_volume
+from export.build_repo import ExportSettings, build_repository
+from satseg.cli.segment import BUNDLED_CHECKPOINT
+from satseg.geometry import Volume, load_volume
+from satseg.pipeline import Segmenter
+from satseg.serving.server import TritonServer
+
+MODELS = ("sat", "prompt_encoder", "segmenter", "vision", "text_encoder")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    volume: Volume
+    prompts: tuple[str, ...]
+    modality: str
+
+
+@dataclass
+class Timed:
+    """A predictor wrapper that adds up the seconds spent inside it."""
+
+    predictor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    seconds: float = 0.0
+
+    def __call__(self, patches: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
+        logits = self.predictor(patches, queries)
+        self.seconds += time.perf_counter() - started
+        return logits
+
+
+def onnx_predictor(path: Path) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def predict(patches: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        feeds = {"image": patches.numpy(), "queries": queries.numpy()}
+        return torch.from_numpy(session.run(["logits"], feeds)[0])
+
+    return predict
+
+
+def in_process(segmenter: Segmenter, case: Case, predictor: Any) -> tuple[float, float, np.ndarray]:
+    """Seconds in all, seconds inside ``predictor``, and the masks (thresholded like the server does)."""
+    timed = Timed(predictor)
+    segmenter.predict_logits = timed  # type: ignore[method-assign] - the benchmark's probe
+    started = time.perf_counter()
+    terms = segmenter.resolve_prompts(case.prompts)
+    masks = np.stack([(r.probabilities > 0.5).numpy() for r in segmenter.segment(case.volume, terms, case.modality)])
+    seconds = time.perf_counter() - started
+    del segmenter.predict_logits  # back to the class's own method
+    return seconds, timed.seconds, masks
+
+
+def model_seconds(client: SATClient, key: str) -> dict[str, float]:
+    """Cumulative seconds per model from Triton's statistics: the ensemble's whole requests, each step's
+    execution."""
+    totals = {}
+    for model in client.inference_statistics(key).get("model_stats", []):
+        part = "success" if model["name"] == "sat" else "compute_infer"
+        totals[model["name"]] = int(model.get("inference_stats", {}).get(part, {}).get("ns", 0)) / 1e9
+    return totals
+
+
+def served(client: SATClient, case: Case, key: str) -> tuple[float, dict[str, float], np.ndarray]:
+    before = model_seconds(client, key)
+    started = time.perf_counter()
+    result = client.segment(case.volume, case.prompts, case.modality)
+    seconds = time.perf_counter() - started
+    after = model_seconds(client, key)
+    assert result.masks is not None
+    return seconds, {name: after.get(name, 0.0) - before.get(name, 0.0) for name in MODELS}, result.masks
+
+
+def cases(ct: Path) -> list[Case]:
+    found = [Case("MNI152 T1 (197x233x189, 1 mm)", load_mni152_volume(), BRAIN_PROMPTS, "mri")]
+    if ct.is_file():
+        volume = load_volume(ct)
+        shape = "x".join(map(str, volume.shape))
+        found.append(Case(f"abdominal CT ({shape})", volume, ABDOMEN_PROMPTS, "ct"))
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=BUNDLED_CHECKPOINT)
+    parser.add_argument("--ct", type=Path, default=SHARED_CT, help="a CT to time too (default: the shared one)")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    print(f"machine: {cpu_model()}, {torch.get_num_threads()} torch threads; checkpoint {args.checkpoint}")
+    with tempfile.TemporaryDirectory(prefix="sat-bench-") as folder:
+        repository = Path(folder) / "triton_repo"
+        build_repository(ExportSettings(checkpoint=args.checkpoint, repository=repository))
+        segmenter = Segmenter.from_checkpoint(args.checkpoint)
+        ort = onnx_predictor(repository / "vision" / "1" / "model.onnx")
+        with TritonServer(repository, log_path=Path(folder) / "tritonserver.log") as server:
+            client = SATClient(server.grpc_url)
+            for case in cases(args.ct):
+                report(case, segmenter, ort, client, server.admin_key, args.repeats)
+
+
+def report(case: Case, segmenter: Segmenter, ort: Any, client: SATClient, key: str, repeats: int) -> None:
+    served(client, case, key)  # warm-up: first-call allocations on both sides
+    rows: dict[str, list[float]] = {name: [] for name in ("torch", "torch vision", "ort", "ort vision", "served")}
+    shares: dict[str, list[float]] = {name: [] for name in MODELS}
+    agreement = []
+    for _ in range(repeats):
+        seconds, vision, reference = in_process(segmenter, case, segmenter.predict_logits)
+        rows["torch"].append(seconds)
+        rows["torch vision"].append(vision)
+        seconds, vision, _ = in_process(segmenter, case, ort)
+        rows["ort"].append(seconds)
+        rows["ort vision"].append(vision)
+        seconds, per_model, masks = served(client, case, key)
+        rows["served"].append(seconds)
+        for name in MODELS:
+            shares[name].append(per_model[name])
+        agreement.append(float((masks.astype(bool) == reference).mean()))
+    median = {name: statistics.median(values) for name, values in rows.items()}
+    model = {name: statistics.median(values) for name, values in shares.items()}
+    print(f"\n{case.name}, {len(case.prompts)} prompts, median of {repeats}; voxel agreement {min(agreement):.5f}")
+    print(f"  in-process torch        {median['torch']:7.2f} s  (vision {median['torch vision']:6.2f} s)")
+    print(f"  in-process onnxruntime  {median['ort']:7.2f} s  (vision {median['ort vision']:6.2f} s)")
+    print(f"  served (gRPC, loopback) {median['served']:7.2f} s")
+    print(f"  served / torch          {median['served'] / median['torch']:7.2f}")
+    print(f"  served / onnxruntime    {median['served'] / median['ort']:7.2f}")
+    stitching = model["segmenter"] - model["vision"]
+    print(
+        f"  inside the server: segmenter {model['segmenter']:.2f} s = vision {model['vision']:.2f} s "
+        f"({model['vision'] / model['segmenter']:.0%}) + geometry/stitching/thresholding {stitching:.2f} s "
+        f"({stitching / model['segmenter']:.0%}); prompt_encoder {model['prompt_encoder']:.3f} s; "
+        f"outside the models (transport, ensemble) {median['served'] - model['sat']:.2f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
