@@ -99,6 +99,30 @@ def load_dicom_series(folder: str | os.PathLike[str]) -> Volume:
         SatInputError: no image slices, several series, multi-frame files, inconsistent slices,
             a gap or uneven spacing, or pixel data that cannot be decoded.
     """
+    headers = sorted_series_headers(folder)
+    first = headers[0][1]
+    row_cosine, col_cosine = np.reshape(np.asarray(first.ImageOrientationPatient, dtype=np.float64), (2, 3))
+    positions = np.array([ds.ImagePositionPatient for _, ds in headers], dtype=np.float64)
+    step = _slice_step(positions, np.cross(row_cosine, col_cosine))
+
+    between_rows, between_columns = (float(v) for v in first.PixelSpacing)  # DICOM lists rows first
+    affine = np.eye(4)
+    affine[:3, 0] = row_cosine * between_columns
+    affine[:3, 1] = col_cosine * between_rows
+    affine[:3, 2] = step
+    affine[:3, 3] = positions[0]
+    array = _read_dicom_pixels([path for path, _ in headers], [ds for _, ds in headers])
+    modality = _DICOM_MODALITIES.get(str(first.get("Modality", "")).upper())
+    return Volume(array=array, affine=_LPS_TO_RAS @ affine, modality=modality)
+
+
+def sorted_series_headers(folder: str | os.PathLike[str]) -> list[tuple[Path, pydicom.Dataset]]:
+    """(path, header without pixels) of the one series in ``folder``, in the volume's slice order (index K of
+    :func:`load_dicom_series`): sorted along the slice normal (row cosine x column cosine).
+
+    Raises:
+        SatInputError: no image slices, several series, multi-frame files, or slices of different size or plane.
+    """
     folder = Path(folder)
     headers = _read_dicom_headers(folder)
     if not headers:
@@ -113,28 +137,16 @@ def load_dicom_series(folder: str | os.PathLike[str]) -> Volume:
             "multi-frame (enhanced) DICOM is not supported; convert it to NIfTI first (e.g. with dcm2niix)"
         )
     first = headers[0][1]
-    row_cosine, col_cosine = np.reshape(np.asarray(first.ImageOrientationPatient, dtype=np.float64), (2, 3))
-    normal = np.cross(row_cosine, col_cosine)
     for _, ds in headers:
         same_plane = np.allclose(ds.ImageOrientationPatient, first.ImageOrientationPatient, atol=1e-4)
         if not same_plane or (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
             raise SatInputError(
                 "DICOM slices differ in size or orientation; one series with parallel slices is required"
             )
+    row_cosine, col_cosine = np.reshape(np.asarray(first.ImageOrientationPatient, dtype=np.float64), (2, 3))
     positions = np.array([ds.ImagePositionPatient for _, ds in headers], dtype=np.float64)
-    order = np.argsort(positions @ normal, kind="stable")
-    headers = [headers[i] for i in order]
-    step = _slice_step(positions[order], normal)
-
-    between_rows, between_columns = (float(v) for v in first.PixelSpacing)  # DICOM lists rows first
-    affine = np.eye(4)
-    affine[:3, 0] = row_cosine * between_columns
-    affine[:3, 1] = col_cosine * between_rows
-    affine[:3, 2] = step
-    affine[:3, 3] = positions[order[0]]
-    array = _read_dicom_pixels([path for path, _ in headers], [ds for _, ds in headers])
-    modality = _DICOM_MODALITIES.get(str(first.get("Modality", "")).upper())
-    return Volume(array=array, affine=_LPS_TO_RAS @ affine, modality=modality)
+    order = np.argsort(positions @ np.cross(row_cosine, col_cosine), kind="stable")
+    return [headers[i] for i in order]
 
 
 def _read_dicom_headers(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
