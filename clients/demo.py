@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clients.sat_client import SATClient
+from clients.tasks import task
 from export.build_repo import ExportSettings, build_repository, repository_is_current
 from satseg.cli.common import cli_parser, run_cli
 from satseg.cli.segment import BUNDLED_CHECKPOINT
@@ -26,16 +27,8 @@ from satseg.serving.server import DEFAULT_REPOSITORY, TritonServer
 PROG = "sat-demo"
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 SHARED_CT = REPOSITORY_ROOT.parent / "shared" / "data" / "totalseg" / "example_ct.nii.gz"
-BRAIN_PROMPTS = (
-    "cerebral white matter",
-    "cerebral cortex",
-    "lateral ventricle",
-    "thalamus",
-    "cerebellum cortex",
-    "cerebellum white matter",
-    "brain-stem",
-)
-ABDOMEN_PROMPTS = ("liver", "spleen", "left kidney", "right kidney", "stomach", "aorta")
+BRAIN_PROMPTS = task("demo_brain").prompts
+ABDOMEN_PROMPTS = task("demo_abdomen").prompts
 
 EPILOG = """what it does (each step is timed):
   1. sat-export the checkpoint into the model repository, unless it is already current

@@ -30,10 +30,16 @@ def write_series(
     slope: float = 1.0,
     intercept: float = -1024.0,
     modality: str = "CT",
+    pixel_spacing: tuple[float, float] = PIXEL_SPACING,
+    slice_gap: float = SLICE_GAP,
 ) -> None:
-    """Single-frame DICOM files of ``hu`` [I=Columns, J=Rows, K] under random names, in random order."""
+    """Single-frame DICOM files of ``hu`` [I=Columns, J=Rows, K] under random names, in random order.
+
+    The patient, study and frame-of-reference tags are there too, as a DICOM SEG of the series needs them.
+    """
     folder.mkdir(exist_ok=True)
     series_uid = series_uid or generate_uid()
+    study_uid, frame_of_reference = generate_uid(), generate_uid()
     normal = np.cross(ROW_COSINE, COL_COSINE)
     stored = np.round((hu - intercept) / slope).astype(np.uint16)
     order = list(range(hu.shape[2])) if slices is None else slices
@@ -48,8 +54,12 @@ def write_series(
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = modality, series_uid, k + 1
         ds.ImageOrientationPatient = [*ROW_COSINE, *COL_COSINE]
-        ds.ImagePositionPatient = list(ORIGIN + k * SLICE_GAP * normal)
-        ds.PixelSpacing = list(PIXEL_SPACING)
+        ds.ImagePositionPatient = list(ORIGIN + k * slice_gap * normal)
+        ds.PixelSpacing = list(pixel_spacing)
+        ds.StudyInstanceUID, ds.FrameOfReferenceUID, ds.SeriesNumber = study_uid, frame_of_reference, 1
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Phantom", "PHANTOM-1", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", ""
+        ds.ReferringPhysicianName, ds.Manufacturer = "", "satseg tests"
         ds.Rows, ds.Columns = hu.shape[1], hu.shape[0]
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0

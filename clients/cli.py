@@ -1,0 +1,118 @@
+"""``sat-client``: segment one volume or a whole folder of them through a SAT Triton server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from clients.cases import discover_cases
+from clients.folder_run import OUTPUT_TYPES, REPORT_FILE, RunRequest, run_folder
+from clients.sat_client import DEFAULT_PORTS, PROTOCOLS, SATClient, ServerUnavailable
+from clients.tasks import load_tasks, task
+from satseg.cli.common import cli_parser, run_cli
+from satseg.errors import SatInputError
+from satseg.geometry import MODALITIES
+from satseg.text import parse_prompt_list
+
+PROG = "sat-client"
+
+
+def epilog() -> str:
+    tasks = "\n".join(f"  {item.name:<18} {item.description} ({item.modality})" for item in load_tasks().values())
+    return f"""examples:
+  sat-client -i ct.nii.gz -o out/ --prompts "liver,spleen,left kidney" --statistics --preview
+  sat-client -i cases/ -o out/ --task abdomen_organs --jobs 2          # a folder: one sub-folder per case
+  sat-client -i series/ -o out/ --task brain_structures --output-type dicom_seg --url pacs-ai:8001
+
+input (-i): a .nii/.nii.gz file, a folder holding one DICOM series, a .zip of one, or a folder of those.
+outputs per case (in OUT/<case>/, on the input's grid with its affine):
+  <term>.nii.gz or labelmap.nii.gz (--ml), labels.json, statistics.json (--statistics),
+  preview.png (--preview), segmentation.dcm (--output-type dicom_seg), case.json (written last)
+OUT/run_report.json lists every case: status, error, timings, size, server version and model.
+
+A run is resumable: a case whose folder is complete for the same request is skipped, and outputs
+appear only when whole, so an interrupted run loses and duplicates nothing. Exit status: 0 when
+every case succeeded, 1 when any failed (the report says which), 2 for bad options.
+Logs name cases by index only; --verbose adds input paths (they may hold patient names).
+
+tasks (--task):
+{tasks}
+
+Not for clinical use.
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = cli_parser(PROG, "Segment volumes named by text prompts through a SAT Triton server.", epilog())
+    parser.add_argument("-i", "--input", type=Path, required=True, help="NIfTI file, DICOM folder, zip, or a folder")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="output folder (created)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompts", help='comma-separated anatomy terms, e.g. "liver,left kidney"')
+    what.add_argument("--task", help="a named prompt set (listed below)")
+    parser.add_argument("--modality", choices=MODALITIES, help="default: the task's, else read from DICOM")
+    parser.add_argument("--url", help="server host:port (default 127.0.0.1:8001 for gRPC, :8000 for HTTP)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="default grpc")
+    parser.add_argument("--ml", action="store_true", help="one merged label map instead of a mask per structure")
+    parser.add_argument("--statistics", action="store_true", help="statistics.json: mL and voxels per structure")
+    parser.add_argument("--preview", action="store_true", help="preview.png: three slices with coloured overlays")
+    parser.add_argument("--output-type", choices=OUTPUT_TYPES, default="nifti", help="default nifti")
+    parser.add_argument("--jobs", type=int, default=1, help="cases in flight at once (default 1)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
+    parser.add_argument("--retries", type=int, default=3, help="retries when the server is unavailable (default 3)")
+    parser.add_argument("--verbose", action="store_true", help="name inputs by path in logs and the report")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def run_request(args: argparse.Namespace) -> RunRequest:
+    if args.task:
+        chosen = task(args.task)
+        prompts, modality = chosen.prompts, args.modality or chosen.modality
+    else:
+        prompts, modality = tuple(parse_prompt_list(args.prompts)), args.modality
+    if not prompts:
+        raise SatInputError("no prompts: name 1 or more anatomy terms, e.g. --prompts liver,spleen")
+    if args.jobs < 1:
+        raise SatInputError(f"--jobs {args.jobs} must be at least 1")
+    return RunRequest(prompts, modality, args.ml, args.statistics, args.preview, args.output_type)
+
+
+def run(args: argparse.Namespace) -> int:
+    request = run_request(args)
+    cases = discover_cases(args.input)
+    url = args.url or f"127.0.0.1:{DEFAULT_PORTS[args.protocol]}"
+
+    def make_client() -> SATClient:
+        return SATClient(url, args.protocol, timeout_s=args.timeout, retries=args.retries)
+
+    if not make_client().is_ready():
+        raise ServerUnavailable(f"no ready SAT server at {url} ({args.protocol}); start one with `just serve`")
+    print(f"{PROG}: {len(cases)} case(s), {len(request.prompts)} prompt(s), server {url}", file=sys.stderr)
+    report = run_folder(
+        cases, make_client, request, args.output, jobs=args.jobs, progress=not args.quiet, verbose=args.verbose
+    )
+    summary = report["summary"]
+    print(
+        f"{PROG}: {summary['done']} done, {summary['skipped']} skipped, {summary['failed']} failed; "
+        f"report: {args.output / REPORT_FILE}",
+        file=sys.stderr,
+    )
+    return 1 if summary["failed"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def body() -> int:
+        try:
+            return run(args)
+        except ServerUnavailable as error:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+            return 1
+
+    return run_cli(PROG, body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

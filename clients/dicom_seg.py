@@ -1,0 +1,117 @@
+"""DICOM SEG output through highdicom: one binary segment per prompt, referencing the source series.
+
+A mask on the volume grid of :func:`satseg.geometry.load_dicom_series` (``[I, J, K]`` = column, row, slice,
+slices sorted along the normal) becomes one frame per source slice: frame ``k`` is ``mask[:, :, k].T``
+(``[rows, columns]``) of the ``k``-th slice of :func:`satseg.geometry.io.sorted_series_headers`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+
+from satseg import __version__
+from satseg.atomic import atomic_file
+from satseg.errors import SatInputError
+from satseg.geometry.io import sorted_series_headers
+
+SEG_FILE = "segmentation.dcm"
+SERIES_DESCRIPTION = "SAT AI segmentation - not for clinical use"
+PRIVATE_SCHEME = "99SATSEG"
+"""Coding scheme of terms DICOM's own code dictionary has no concept for (the term itself is the meaning)."""
+SERIES_NUMBER = 9901
+
+
+def _highdicom() -> Any:
+    try:
+        import highdicom
+    except ImportError:
+        raise SatInputError('DICOM SEG output needs highdicom: pip install -e ".[client]"') from None
+    return highdicom
+
+
+def property_type(term: str) -> Any:
+    """The coded concept of ``term``: DICOM's SNOMED CT concept of that name where pydicom's dictionary has
+    one ("left kidney" -> ``codes.SCT.LeftKidney``), else a private code whose meaning is the term."""
+    from pydicom.sr.codedict import codes
+
+    highdicom = _highdicom()
+    keyword = "".join(word.capitalize() for word in re.split(r"[^a-z0-9]+", term.lower()) if word)
+    try:
+        code = getattr(codes.SCT, keyword)
+        return highdicom.sr.CodedConcept(code.value, code.scheme_designator, code.meaning)
+    except AttributeError:
+        return highdicom.sr.CodedConcept(re.sub(r"[^a-z0-9]+", "-", term.lower()), PRIVATE_SCHEME, term)
+
+
+def frames(masks: np.ndarray) -> np.ndarray:
+    """``[N, I, J, K]`` masks -> ``[K, rows=J, columns=I, N]`` frames, one per source slice."""
+    return np.ascontiguousarray(np.transpose(masks, (3, 2, 1, 0)).astype(bool))
+
+
+def fill_slice_thickness(sources: Sequence[pydicom.Dataset]) -> None:
+    """Give in-memory source headers a SliceThickness where it is absent or empty (type 2 in CT and MR),
+    as highdicom reads it for the SEG's pixel measures: the slice spacing stands in for it."""
+    if len(sources) < 2:
+        return
+    first, second = (np.asarray(ds.ImagePositionPatient, dtype=np.float64) for ds in sources[:2])
+    spacing = round(float(np.linalg.norm(second - first)), 6)
+    for ds in sources:
+        if ds.get("SliceThickness") in (None, ""):
+            ds.SliceThickness = spacing
+
+
+def write_dicom_seg(masks: np.ndarray, labels: Sequence[str], series_folder: Path, path: Path) -> Path:
+    """Write a binary DICOM SEG of ``masks`` (``[N, I, J, K]`` on the series' grid) referencing the series.
+
+    Args:
+        masks: one uint8 mask per label, on the grid :func:`satseg.geometry.load_dicom_series` gives.
+        labels: the term of each mask (segment labels; codes where DICOM has them).
+        series_folder: the source series, whose headers the SEG references.
+        path: the ``.dcm`` file to write (atomically).
+    """
+    from pydicom.sr.codedict import codes
+
+    highdicom = _highdicom()
+    sources = [pydicom.dcmread(file) for file, _ in sorted_series_headers(series_folder)]
+    if masks.shape[1:] != (sources[0].Columns, sources[0].Rows, len(sources)):
+        raise SatInputError(f"masks {list(masks.shape[1:])} do not lie on the source series' grid")
+    fill_slice_thickness(sources)
+    algorithm = highdicom.AlgorithmIdentificationSequence(
+        name="SAT", version=__version__, family=codes.cid7162.ArtificialIntelligence
+    )
+    descriptions = [
+        highdicom.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=label[:64],
+            segmented_property_category=codes.SCT.AnatomicalStructure,
+            segmented_property_type=property_type(label),
+            algorithm_type=highdicom.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for number, label in enumerate(labels, start=1)
+    ]
+    segmentation = highdicom.seg.Segmentation(
+        source_images=sources,
+        pixel_array=frames(masks),
+        segmentation_type=highdicom.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=highdicom.UID(),
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=highdicom.UID(),
+        instance_number=1,
+        manufacturer="satseg",
+        manufacturer_model_name="SAT",
+        software_versions=__version__,
+        device_serial_number="none",
+        series_description=SERIES_DESCRIPTION,
+        omit_empty_frames=False,
+    )
+    with atomic_file(path) as file:
+        segmentation.save_as(file)
+    return path

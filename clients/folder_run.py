@@ -1,0 +1,205 @@
+"""Unattended runs over many cases: resumable, concurrent, one bad case never stops the run.
+
+Each case is written into a hidden work folder inside the output folder and renamed into place only when
+every file, and last ``case.json``, is written; a killed run leaves no folder that looks complete, and the
+next run redoes exactly the cases without a complete folder for the same request. ``run_report.json`` is
+rewritten (atomically) after every case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from clients.cases import Case, opened_case
+from clients.dicom_seg import SEG_FILE, write_dicom_seg
+from clients.sat_client import SATClient, Segmentation, ServerUnavailable
+from satseg.errors import SatInputError
+from satseg.outputs import write_json
+from satseg.serving import contract
+
+CASE_FILE = "case.json"
+REPORT_FILE = "run_report.json"
+WORK_FOLDER = ".sat-work"
+OUTPUT_TYPES = ("nifti", "dicom_seg")
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What every case of a run is asked for; a case done for another request is done again."""
+
+    prompts: tuple[str, ...]
+    modality: str | None = None
+    ml: bool = False
+    statistics: bool = False
+    preview: bool = False
+    output_type: str = "nifti"
+
+    def as_json(self) -> dict[str, Any]:
+        """The request as ``case.json`` and the report store it (tuples become lists)."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @property
+    def server_output(self) -> str:
+        """What to ask the server for: masks for files per structure, the label map for ``--ml`` and previews."""
+        wants_masks = not self.ml or self.output_type == "dicom_seg"
+        wants_labelmap = self.ml or self.preview
+        if wants_masks and wants_labelmap:
+            return contract.OUTPUT_BOTH
+        return contract.OUTPUT_MASKS if wants_masks else contract.OUTPUT_LABELMAP
+
+
+@dataclass
+class CaseReport:
+    """One line of ``run_report.json``: no names or paths, only the case's index and output folder."""
+
+    index: int
+    output: str
+    status: str = "pending"
+    error: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    shape: list[int] | None = None
+    megabytes_sent: float | None = None
+    model: str | None = None
+
+
+def case_is_complete(folder: Path, request: RunRequest) -> bool:
+    """Whether ``folder`` holds a finished case for exactly ``request``."""
+    try:
+        record = json.loads((folder / CASE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return record.get("request") == request.as_json() and all((folder / name).is_file() for name in record["files"])
+
+
+def write_case(segmentation: Segmentation, series: Path | None, request: RunRequest, folder: Path) -> list[Path]:
+    """Every output file of one case into ``folder``."""
+    if request.output_type == "dicom_seg":
+        if series is None:
+            raise SatInputError("DICOM SEG output needs a DICOM source series; this case is NIfTI")
+        assert segmentation.masks is not None
+        folder.mkdir(parents=True, exist_ok=True)
+        written = [write_dicom_seg(segmentation.masks, segmentation.labels, series, folder / SEG_FILE)]
+        if request.statistics or request.preview:
+            written += segmentation.save(folder, ml=None, statistics=request.statistics, preview=request.preview)
+        return written
+    return segmentation.save(folder, ml=request.ml, statistics=request.statistics, preview=request.preview)
+
+
+def run_case(case: Case, client: SATClient, request: RunRequest, output: Path, verbose: bool = False) -> CaseReport:
+    """Segment one case into ``output/<case.name>``, unless a complete folder for ``request`` is there.
+
+    Any failure fails this case alone; its message names the case by index, not by path, unless ``verbose``.
+    """
+    report = CaseReport(case.index, case.name)
+    final = output / case.name
+    if case_is_complete(final, request):
+        report.status = "skipped"
+        return report
+    work = output / WORK_FOLDER
+    partial = work / f"{case.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    started = time.perf_counter()
+    try:
+        with opened_case(case, work) as (volume, series):
+            report.shape = list(volume.shape)
+            report.seconds["load"] = round(time.perf_counter() - started, 3)
+            modality = request.modality or volume.modality
+            if modality is None:
+                raise SatInputError("the modality is not in the file; pass --modality ct|mri|pet")
+            report.megabytes_sent = round(volume.array.size * (2 if modality == "ct" else 4) / 1e6, 1)
+            sent = time.perf_counter()
+            segmentation = client.segment(volume, request.prompts, modality, output=request.server_output)
+            report.seconds["segment"] = round(time.perf_counter() - sent, 3)
+            report.model = segmentation.model
+            written = time.perf_counter()
+            files = write_case(segmentation, series, request, partial)
+            write_json(
+                {"request": request.as_json(), "files": sorted(path.name for path in files), "model": report.model},
+                partial / CASE_FILE,
+            )
+            report.seconds["write"] = round(time.perf_counter() - written, 3)
+        if final.exists():
+            shutil.rmtree(final)  # an earlier incomplete run, or one for another request
+        os.replace(partial, final)
+        report.status = "done"
+    except Exception as error:  # one bad case never stops the run
+        shutil.rmtree(partial, ignore_errors=True)
+        report.status = "failed"
+        report.error = describe(error, case, verbose)
+    return report
+
+
+def describe(error: Exception, case: Case, verbose: bool) -> str:
+    """A one-line error; without ``verbose`` the input's path and name are replaced by the case's index."""
+    known = isinstance(error, (SatInputError, ServerUnavailable, PermissionError))
+    message = " ".join(str(error).split()) if known else f"{type(error).__name__}: {' '.join(str(error).split())}"
+    if not verbose:
+        for identifying in (str(case.source.resolve()), str(case.source), case.source.name):
+            message = message.replace(identifying, f"<case {case.index}>")
+    return message
+
+
+def run_folder(
+    cases: list[Case],
+    make_client: Callable[[], SATClient],
+    request: RunRequest,
+    output: Path,
+    *,
+    jobs: int = 1,
+    progress: bool = True,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Run every case (``jobs`` at a time, one client per worker thread) and return the run report.
+
+    Progress and per-case lines go to stderr and name cases by index (and by input path with ``verbose``).
+    """
+    output.mkdir(parents=True, exist_ok=True)
+    local = threading.local()
+
+    def run(case: Case) -> CaseReport:
+        if not hasattr(local, "client"):
+            local.client = make_client()
+        return run_case(case, local.client, request, output, verbose)
+
+    first = make_client()
+    report: dict[str, Any] = {
+        "server_version": first.server_version(),
+        "request": request.as_json(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cases": [asdict(CaseReport(case.index, case.name)) for case in cases],
+    }
+    if verbose:
+        for entry, case in zip(report["cases"], cases, strict=True):
+            entry["input"] = str(case.source)
+    lock = threading.Lock()
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(run, case) for case in cases]
+        bar = tqdm(as_completed(futures), total=len(cases), unit="case", disable=not progress, desc="cases")
+        for future in bar:
+            result = future.result()
+            with lock:
+                report["cases"][result.index - 1].update(asdict(result))
+                write_report(report, output)
+            bar.write(f"case {result.index}: {result.status}" + (f" ({result.error})" if result.error else ""))
+    report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_report(report, output)
+    shutil.rmtree(output / WORK_FOLDER, ignore_errors=True)
+    return report
+
+
+def write_report(report: dict[str, Any], output: Path) -> None:
+    statuses = [case["status"] for case in report["cases"]]
+    report["summary"] = {status: statuses.count(status) for status in ("done", "skipped", "failed", "pending")}
+    report["failed_cases"] = [case["index"] for case in report["cases"] if case["status"] == "failed"]
+    write_json(report, output / REPORT_FILE)

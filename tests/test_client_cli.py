@@ -1,0 +1,130 @@
+"""``sat-client`` folder runs and DICOM SEG output against the real server (the session's, from conftest)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from dicom_series import write_series
+from served import phantom
+
+from clients.cli import main as sat_client
+from clients.dicom_seg import write_dicom_seg
+from clients.folder_run import CASE_FILE, REPORT_FILE, WORK_FOLDER
+from satseg.geometry import Volume, load_volume
+from satseg.geometry.io import sorted_series_headers
+from satseg.outputs import write_nifti
+from satseg.outputs.nifti import save_nifti_exact
+from satseg.serving.server import TritonServer
+
+pytest.importorskip("tritonclient.grpc")
+PROMPTS = "liver,spleen"
+
+
+def lps(volume: Volume) -> Volume:
+    """The volume stored LPS-oriented: first two axes reversed (a flipped, oblique affine)."""
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[0, 3], flip[1, 3] = volume.shape[0] - 1, volume.shape[1] - 1
+    return Volume(np.flip(volume.array, axis=(0, 1)).astype(np.float32).copy(), volume.affine @ flip)
+
+
+def make_cases(folder: Path) -> dict[str, Volume]:
+    """A NIfTI CT, an LPS NIfTI, a DICOM series folder and a truncated NIfTI; the expected grids by case."""
+    folder.mkdir()
+    ct, mr = phantom(seed=11, shape=(40, 36, 20)), lps(phantom(seed=12, shape=(36, 32, 18)))
+    save_nifti_exact(ct.array, ct.affine, folder / "a_ct.nii.gz")
+    save_nifti_exact(mr.array, mr.affine, folder / "b_lps.nii.gz")
+    ct_slices = phantom(seed=13, shape=(32, 30, 12)).array
+    write_series(folder / "c_series", ct_slices, pixel_spacing=(6.0, 6.0), slice_gap=8.0)
+    (folder / "d_broken.nii.gz").write_bytes((folder / "a_ct.nii.gz").read_bytes()[:2000])
+    return {"a_ct": ct, "b_lps": mr, "c_series": load_volume(folder / "c_series")}
+
+
+def test_folder_run_reports_the_bad_case_and_resumes(triton_server: TritonServer, tmp_path: Path) -> None:
+    expected = make_cases(tmp_path / "cases")
+    output = tmp_path / "out"
+    command = ["-i", str(tmp_path / "cases"), "-o", str(output), "--prompts", PROMPTS, "--modality", "ct"]
+    command += ["--url", triton_server.grpc_url, "--quiet", "--statistics"]
+    assert sat_client(command) == 1
+    report = json.loads((output / REPORT_FILE).read_text())
+    assert report["summary"] == {"done": 3, "skipped": 0, "failed": 1, "pending": 0}
+    assert report["failed_cases"] == [4]
+    broken = report["cases"][3]
+    assert "truncated" in broken["error"] or "corrupt" in broken["error"], broken["error"]
+    # Inputs are named by index (and their output folder) unless --verbose: no paths, no file names.
+    assert "<case 4>" in broken["error"]
+    assert "d_broken.nii.gz" not in json.dumps(report) and str(tmp_path) not in json.dumps(report)
+    assert len(report["cases"][0]["model"]) == 64
+    for name, volume in expected.items():
+        for organ in ("liver", "spleen"):
+            image = nib.load(output / name / f"{organ}.nii.gz")
+            assert image.shape == volume.shape, name
+            np.testing.assert_allclose(image.affine, volume.affine, atol=1e-4, err_msg=name)
+    assert not (output / WORK_FOLDER).exists()
+    assert sat_client(command) == 1
+    again = json.loads((output / REPORT_FILE).read_text())
+    assert again["summary"] == {"done": 0, "skipped": 3, "failed": 1, "pending": 0}
+
+
+def test_a_killed_run_loses_and_duplicates_nothing(triton_server: TritonServer, tmp_path: Path) -> None:
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for seed in range(4):
+        volume = phantom(seed=20 + seed, shape=(44, 40, 22))
+        save_nifti_exact(volume.array, volume.affine, cases / f"case{seed}.nii.gz")
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "clients.cli", "-i", str(cases), "-o", str(output), "--prompts", PROMPTS]
+    command += ["--modality", "ct", "--url", triton_server.grpc_url, "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(output.glob(f"*/{CASE_FILE}")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # mid-run: at least one case is done, the next is in flight
+    process.wait()
+    finished_before = {path.parent.name for path in output.glob(f"*/{CASE_FILE}")}
+    assert 1 <= len(finished_before) < 4, "the kill did not land in the middle of the run"
+    assert subprocess.run(command, check=False).returncode == 0
+    report = json.loads((output / REPORT_FILE).read_text())
+    skipped = {case["output"] for case in report["cases"] if case["status"] == "skipped"}
+    done = {case["output"] for case in report["cases"] if case["status"] == "done"}
+    assert skipped == finished_before and skipped | done == {f"case{seed}" for seed in range(4)}
+    assert sorted(path.name for path in output.iterdir()) == ["case0", "case1", "case2", "case3", REPORT_FILE]
+    for seed in range(4):
+        for organ in ("liver", "spleen"):
+            assert nib.load(output / f"case{seed}" / f"{organ}.nii.gz").shape == (44, 40, 22)
+
+
+def test_dicom_seg_segments_overlay_the_source_slices(tmp_path: Path) -> None:
+    pytest.importorskip("highdicom")
+    series = tmp_path / "series"
+    write_series(series, phantom(seed=14, shape=(30, 26, 10)).array, pixel_spacing=(6.0, 6.0), slice_gap=8.0)
+    volume = load_volume(series)
+    rng = np.random.default_rng(0)
+    masks = (rng.random((2, *volume.shape)) > 0.7).astype(np.uint8)
+    masks[1, :, :, 3] = 0  # an empty slice stays a frame of zeros
+    path = write_dicom_seg(masks, ["liver", "left kidney"], series, tmp_path / "seg.dcm")
+    files = [write_nifti(mask, volume.affine, tmp_path / f"{index}.nii.gz") for index, mask in enumerate(masks)]
+    nifti = [np.asarray(nib.load(file).dataobj) for file in files]
+    seg = pydicom.dcmread(path)
+    assert "not for clinical use" in seg.SeriesDescription
+    assert [item.SegmentLabel for item in seg.SegmentSequence] == ["liver", "left kidney"]
+    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeMeaning.lower() == "liver"
+    slice_of = {ds.SOPInstanceUID: k for k, (_, ds) in enumerate(sorted_series_headers(series))}
+    headers = [ds for _, ds in sorted_series_headers(series)]
+    pixels = seg.pixel_array
+    assert pixels.shape[0] == 2 * volume.shape[2]
+    for frame, groups in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        source = groups.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        k = slice_of[source]
+        segment = groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+        np.testing.assert_array_equal(pixels[frame], nifti[segment - 1][:, :, k].T, err_msg=f"frame {frame}")
+        position = groups.PlanePositionSequence[0].ImagePositionPatient
+        np.testing.assert_allclose([float(v) for v in position], headers[k].ImagePositionPatient, atol=1e-3)
