@@ -8,7 +8,7 @@ from pathlib import Path
 
 from clients.cases import discover_cases
 from clients.folder_run import OUTPUT_TYPES, REPORT_FILE, RunRequest, run_folder
-from clients.sat_client import DEFAULT_PORTS, PROTOCOLS, SATClient, ServerUnavailable
+from clients.sat_client import DEFAULT_PORTS, PROTOCOLS, SHARED_MEMORY_MODES, SATClient, ServerUnavailable
 from clients.tasks import load_tasks, task
 from satseg.cli.common import cli_parser, run_cli
 from satseg.errors import SatInputError
@@ -58,6 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preview", action="store_true", help="preview.png: three slices with coloured overlays")
     parser.add_argument("--output-type", choices=OUTPUT_TYPES, default="nifti", help="default nifti")
     parser.add_argument("--jobs", type=int, default=1, help="cases in flight at once (default 1)")
+    parser.add_argument(
+        "--shared-memory",
+        choices=SHARED_MEMORY_MODES,
+        default="auto",
+        help="system shared memory with a server on this host (auto: when $SAT_ADMIN_KEY lets it register one)",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
     parser.add_argument("--retries", type=int, default=3, help="retries when the server is unavailable (default 3)")
     parser.add_argument("--verbose", action="store_true", help="name inputs by path in logs and the report")
@@ -84,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
     url = args.url or f"127.0.0.1:{DEFAULT_PORTS[args.protocol]}"
 
     def make_client() -> SATClient:
-        return SATClient(url, args.protocol, timeout_s=args.timeout, retries=args.retries)
+        return SATClient(
+            url, args.protocol, timeout_s=args.timeout, retries=args.retries, shared_memory=args.shared_memory
+        )
 
     if not make_client().is_ready():
         raise ServerUnavailable(f"no ready SAT server at {url} ({args.protocol}); start one with `just serve`")

@@ -70,6 +70,7 @@ class CaseReport:
     seconds: dict[str, float] = field(default_factory=dict)
     shape: list[int] | None = None
     megabytes_sent: float | None = None
+    transport: str | None = None
     model: str | None = None
 
 
@@ -122,6 +123,7 @@ def run_case(case: Case, client: SATClient, request: RunRequest, output: Path, v
             segmentation = client.segment(volume, request.prompts, modality, output=request.server_output)
             report.seconds["segment"] = round(time.perf_counter() - sent, 3)
             report.model = segmentation.model
+            report.transport = client.transport
             written = time.perf_counter()
             files = write_case(segmentation, series, request, partial)
             write_json(

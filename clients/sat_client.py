@@ -7,6 +7,7 @@ affine and attaches it to the result: nothing about geometry travels back over t
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from clients.shared_memory import Placement, placements, read_output, request_region
 from satseg.errors import SatInputError
 from satseg.geometry import Volume, load_volume
 from satseg.geometry.volume import check_modality
@@ -30,7 +32,14 @@ ENTRY_MODEL = "sat"
 RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "503", "timed out", "Connection refused", "reset by peer")
 """Failures worth a retry: the server is starting, restarting or overloaded. INVALID_ARG never is."""
 INT16_RANGE = (np.iinfo(np.int16).min, np.iinfo(np.int16).max)
+RESULT_TENSORS = (contract.MASKS, contract.LABELMAP, contract.LABELS, contract.VOLUMES_ML, contract.MODEL)
+SHARED_OUTPUTS = (contract.MASKS, contract.LABELMAP)
+SHARED_MEMORY_MODES = ("auto", "on", "off")
+MAX_MESSAGE_BYTES = 2**31 - 1
+"""gRPC and Triton's HTTP front end carry at most 2 GiB per message."""
+ADMIN_KEY_VARIABLE = "SAT_ADMIN_KEY"
 Result = TypeVar("Result")
+logger = logging.getLogger(__name__)
 
 
 class ServerUnavailable(RuntimeError):
@@ -102,6 +111,9 @@ class SATClient:
         timeout_s: time allowed for one request, network and inference together.
         retries: extra attempts, with exponential backoff, when the server is unavailable or times out.
         compression: ``"gzip"``, ``None`` or ``"auto"`` (default: gzip unless the server is on this host).
+        admin_key: the server's ``sat-admin-key`` (default ``$SAT_ADMIN_KEY``): shared memory needs it.
+        shared_memory: ``"auto"`` (system shared memory when the server is on this host and accepts a region,
+            else the socket, said once in the log), ``"on"`` (required) or ``"off"``.
     """
 
     def __init__(
@@ -113,9 +125,16 @@ class SATClient:
         retries: int = 3,
         compression: str | None = "auto",
         backoff_s: float = 1.0,
+        admin_key: str | None = None,
+        shared_memory: str = "auto",
     ) -> None:
         if protocol not in PROTOCOLS:
             raise SatInputError(f"protocol {protocol!r} is not supported; use grpc or http")
+        if shared_memory not in SHARED_MEMORY_MODES:
+            raise SatInputError(f"shared_memory {shared_memory!r} is not one of {', '.join(SHARED_MEMORY_MODES)}")
+        self.admin_key = admin_key or os.environ.get(ADMIN_KEY_VARIABLE)
+        self.shared_memory = shared_memory
+        self._shared_memory_note: str | None = None
         self.protocol = protocol
         self.url = url or f"127.0.0.1:{DEFAULT_PORTS[protocol]}"
         self.timeout_s = timeout_s
@@ -142,15 +161,24 @@ class SATClient:
         metadata = self._with_retries(self._connection.get_server_metadata)
         return str(metadata["version"] if isinstance(metadata, dict) else metadata.version)
 
-    def inference_statistics(self, admin_key: str) -> dict[str, Any]:
+    def inference_statistics(self, admin_key: str | None = None) -> dict[str, Any]:
         """Triton's per-model statistics (counts and cumulative ns per phase). An admin endpoint: it needs the
-        server's ``sat-admin-key``."""
-        if self.protocol == "grpc":
-            options: dict[str, Any] = {"headers": {GRPC_ADMIN_HEADER: admin_key}, "as_json": True}
-        else:
-            options = {"headers": {ADMIN_HEADER: admin_key}}
-        call = partial(self._connection.get_inference_statistics, **options)
+        server's ``sat-admin-key`` (default: this client's)."""
+        extra = {"as_json": True} if self.protocol == "grpc" else {}
+        call = partial(self._connection.get_inference_statistics, headers=self._admin_headers(admin_key), **extra)
         return dict(self._with_retries(call))
+
+    @property
+    def transport(self) -> str:
+        """How the last requests travelled: "shared memory", or the protocol with its compression."""
+        if self.uses_shared_memory:
+            return f"{self.protocol} + shared memory"
+        return f"{self.protocol} + {self.compression}" if self.compression else self.protocol
+
+    @property
+    def uses_shared_memory(self) -> bool:
+        """Whether requests go through system shared memory (decided at the first request)."""
+        return self._shared_memory_note == ""
 
     def segment(
         self,
@@ -181,41 +209,95 @@ class SATClient:
         prompts = list(prompts)
         if not prompts:
             raise SatInputError("no prompts: name 1 or more anatomy terms, e.g. liver, spleen")
-        inputs = self._inputs(wire_image(volume.array, modality), volume.affine, modality, prompts)
+        image = wire_image(volume.array, modality)
         parameters = {"output": output, "threshold": threshold, "overlap": overlap}
-        result = self._with_retries(lambda: self._infer(inputs, parameters))
-        masks = result.as_numpy(contract.MASKS)
-        labelmap = result.as_numpy(contract.LABELMAP)
+        arrays = self._with_retries(lambda: self._request(image, volume.affine, modality, prompts, parameters))
+        masks, labelmap = arrays[contract.MASKS], arrays[contract.LABELMAP]
         return Segmentation(
             volume=Volume(volume.array, volume.affine, modality),
-            labels=tuple(label.decode() for label in result.as_numpy(contract.LABELS)),
+            labels=tuple(label.decode() for label in arrays[contract.LABELS]),
             masks=masks if masks.size else None,
             labelmap=labelmap if labelmap.size else None,
-            volumes_ml=result.as_numpy(contract.VOLUMES_ML),
-            model=result.as_numpy(contract.MODEL)[0].decode(),
+            volumes_ml=arrays[contract.VOLUMES_ML],
+            model=arrays[contract.MODEL][0].decode(),
         )
 
-    def _inputs(self, image: np.ndarray, affine: np.ndarray, modality: str, prompts: list[str]) -> list[Any]:
-        arrays = {
-            contract.IMAGE_INT16 if image.dtype == np.int16 else contract.IMAGE: image,
+    def _request(
+        self, image: np.ndarray, affine: np.ndarray, modality: str, prompts: list[str], parameters: dict[str, Any]
+    ) -> dict[str, np.ndarray]:
+        """One inference; the image and masks go through shared memory when that is on."""
+        small = {
             contract.AFFINE: np.asarray(affine, dtype=np.float64),
             contract.MODALITY: np.array([modality.encode()], dtype=np.object_),
             contract.PROMPTS: np.array([prompt.encode() for prompt in prompts], dtype=np.object_),
         }
-        return [self._tensor(name, array) for name, array in arrays.items()]
+        inputs = [self._tensor(name, array) for name, array in small.items()]
+        image_name = contract.IMAGE_INT16 if image.dtype == np.int16 else contract.IMAGE
+        if not self._shared_memory_usable():
+            check_response_size(image.shape, len(prompts), parameters["output"])
+            result = self._infer([self._tensor(image_name, image), *inputs], parameters)
+            return {name: result.as_numpy(name) for name in RESULT_TENSORS}
+        layout = placements(image, len(prompts), parameters["output"])
+        with request_region(self._connection, image, layout, self._admin_headers()) as (region, handle):
+            tensor = self._module.InferInput(image_name, list(image.shape), triton_dtype(image))
+            tensor.set_shared_memory(region, layout["image"].byte_size)
+            outputs = []
+            for name in RESULT_TENSORS:
+                requested = self._module.InferRequestedOutput(name)
+                if name in layout:
+                    requested.set_shared_memory(region, layout[name].byte_size, offset=layout[name].offset)
+                outputs.append(requested)
+            result = self._infer([tensor, *inputs], parameters, outputs)
+            arrays = {name: result.as_numpy(name) for name in RESULT_TENSORS if name not in layout}
+            arrays.update({name: read_output(handle, layout[name]) for name in SHARED_OUTPUTS if name in layout})
+        for name in SHARED_OUTPUTS:
+            arrays.setdefault(name, np.zeros((0,), dtype=np.uint8))
+        return arrays
+
+    def _shared_memory_usable(self) -> bool:
+        """Whether to use shared memory; decided on the first request, and said once when it is not used."""
+        if self._shared_memory_note is None:
+            self._shared_memory_note = self._shared_memory_obstacle()
+            if self._shared_memory_note and self.shared_memory == "on":
+                raise SatInputError(f"shared memory was required but cannot be used: {self._shared_memory_note}")
+            if self._shared_memory_note and self.shared_memory == "auto":
+                logger.warning(
+                    "shared memory not used (%s); tensors go over %s", self._shared_memory_note, self.protocol
+                )
+        return not self._shared_memory_note
+
+    def _shared_memory_obstacle(self) -> str:
+        """Why shared memory cannot be used, or "" when a trial region registers."""
+        if self.shared_memory == "off":
+            return "turned off"
+        if not is_local(self.url):
+            return "the server is on another host"
+        if not self.admin_key:
+            return "it needs the server's admin key (SATClient(admin_key=...) or $SAT_ADMIN_KEY)"
+        try:
+            trial = np.zeros(1, dtype=np.uint8)
+            with request_region(
+                self._connection, trial, {"image": Placement(0, 1, (1,), np.uint8)}, self._admin_headers()
+            ):
+                return ""
+        except Exception as error:  # any failure to set up the trial region means plain transport
+            return f"the server refused a region: {' '.join(str(error).split())}"
+
+    def _admin_headers(self, admin_key: str | None = None) -> dict[str, str]:
+        """The admin key under the header name the protocol uses (gRPC prefixes it)."""
+        return {GRPC_ADMIN_HEADER if self.protocol == "grpc" else ADMIN_HEADER: admin_key or self.admin_key or ""}
 
     def _tensor(self, name: str, array: np.ndarray) -> Any:
-        from tritonclient.utils import np_to_triton_dtype
-
-        tensor = self._module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor = self._module.InferInput(name, list(array.shape), triton_dtype(array))
         tensor.set_data_from_numpy(array)
         return tensor
 
-    def _infer(self, inputs: list[Any], parameters: dict[str, Any]) -> Any:
+    def _infer(self, inputs: list[Any], parameters: dict[str, Any], outputs: list[Any] | None = None) -> Any:
         if self.protocol == "grpc":
             return self._connection.infer(
                 ENTRY_MODEL,
                 inputs,
+                outputs=outputs,
                 parameters=parameters,
                 client_timeout=self.timeout_s,
                 compression_algorithm=self.compression,
@@ -223,6 +305,7 @@ class SATClient:
         return self._connection.infer(
             ENTRY_MODEL,
             inputs,
+            outputs=outputs,
             parameters=parameters,
             request_compression_algorithm=self.compression,
             response_compression_algorithm=self.compression,
@@ -279,15 +362,39 @@ def wire_image(array: np.ndarray, modality: str) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def default_compression(url: str) -> str | None:
-    """gzip for a remote server (volumes compress 2-4x), none on this host (compression would only cost time)."""
+def is_local(url: str) -> bool:
+    """Whether ``host:port`` names this host's loopback."""
     host = url.rsplit(":", 1)[0].strip("[]")
     if host == "localhost":
-        return None
+        return True
     try:
-        return None if ipaddress.ip_address(host).is_loopback else "gzip"
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return "gzip"
+        return False
+
+
+def default_compression(url: str) -> str | None:
+    """gzip for a remote server (volumes compress 2-4x), none on this host (compression would only cost time)."""
+    return None if is_local(url) else "gzip"
+
+
+def check_response_size(shape: Sequence[int], prompts: int, output: str) -> None:
+    """Refuse, before sending, a request whose masks could not come back in one message."""
+    voxels = int(np.prod(shape))
+    size = (prompts * voxels if output != contract.OUTPUT_LABELMAP else 0) + 2 * voxels * (
+        output != contract.OUTPUT_MASKS
+    )
+    if size > MAX_MESSAGE_BYTES:
+        raise SatInputError(
+            f"the answer would be {size / 2**30:.1f} GiB ({prompts} masks of {voxels:,} voxels), over the 2 GiB "
+            'limit of one message; ask for output="labelmap" or send fewer prompts per request'
+        )
+
+
+def triton_dtype(array: np.ndarray) -> str:
+    from tritonclient.utils import np_to_triton_dtype
+
+    return str(np_to_triton_dtype(array.dtype))
 
 
 def _required_modality(volume: Volume) -> str:

@@ -17,7 +17,7 @@ import pytest
 from served import MIN_AGREEMENT, agreement, phantom, reference_masks
 
 from clients import SATClient, ServerUnavailable
-from clients.sat_client import default_compression, wire_image
+from clients.sat_client import check_response_size, default_compression, wire_image
 from satseg.errors import SatInputError
 from satseg.geometry import Volume
 from satseg.outputs.writer import LABELMAP_FILE, STATISTICS_FILE, mask_file_name
@@ -63,17 +63,35 @@ def test_segmentation_is_saved_on_the_input_grid(
     np.testing.assert_allclose([statistics[organ]["volume_ml"] for organ in ORGANS], result.volumes_ml, atol=1e-3)
 
 
-def test_every_transport_gives_identical_masks(triton_server: TritonServer) -> None:
+def test_every_transport_gives_identical_masks(triton_server: TritonServer, caplog: pytest.LogCaptureFixture) -> None:
     volume = phantom(seed=7, shape=(36, 30, 18))
     answers = {}
     for protocol, url in (("grpc", triton_server.grpc_url), ("http", triton_server.http_url)):
-        for compression in (None, "gzip"):
-            with SATClient(url, protocol, compression=compression) as client:
-                answers[protocol, compression] = client.segment(volume, ORGANS[:2], "ct").masks
-    first = answers["grpc", None]
-    assert first is not None and first.any()
-    for transport, masks in answers.items():
-        np.testing.assert_array_equal(masks, first, err_msg=str(transport))
+        transports = [
+            ("plain", {"compression": None, "shared_memory": "off"}),
+            ("gzip", {"compression": "gzip", "shared_memory": "off"}),
+            ("shared memory", {"shared_memory": "on", "admin_key": triton_server.admin_key}),
+        ]
+        for name, options in transports:
+            with SATClient(url, protocol, **options) as client:
+                result = client.segment(volume, ORGANS[:2], "ct", output="both")
+                assert client.uses_shared_memory == (name == "shared memory")
+            answers[protocol, name] = (result.masks, result.labelmap)
+    masks, labelmap = answers["grpc", "plain"]
+    assert masks is not None and masks.any() and labelmap is not None
+    for transport, (other_masks, other_labelmap) in answers.items():
+        np.testing.assert_array_equal(other_masks, masks, err_msg=str(transport))
+        np.testing.assert_array_equal(other_labelmap, labelmap, err_msg=str(transport))
+    with SATClient(triton_server.grpc_url) as client:  # auto, but without the admin key: falls back and says so
+        client.segment(volume, ["liver"], "ct")
+        assert not client.uses_shared_memory
+    assert "shared memory not used" in caplog.text and "admin key" in caplog.text
+
+
+def test_an_answer_over_the_message_limit_is_refused_before_sending() -> None:
+    check_response_size((512, 512, 300), 20, "labelmap")  # 150 MB
+    with pytest.raises(SatInputError, match="2 GiB"):
+        check_response_size((512, 512, 300), 32, "masks")  # 2.4 GiB
 
 
 def test_a_refusal_is_one_line_and_an_absent_server_is_unavailable(triton_server: TritonServer) -> None:
