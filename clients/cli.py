@@ -7,8 +7,15 @@ import sys
 from pathlib import Path
 
 from clients.cases import discover_cases
-from clients.folder_run import OUTPUT_TYPES, REPORT_FILE, RunRequest, run_folder
-from clients.sat_client import DEFAULT_PORTS, PROTOCOLS, SHARED_MEMORY_MODES, SATClient, ServerUnavailable
+from clients.folder_run import REPORT_FILE, RunRequest, run_folder
+from clients.sat_client import (
+    DEFAULT_PORTS,
+    OUTPUT_TYPES,
+    PROTOCOLS,
+    SHARED_MEMORY_MODES,
+    SATClient,
+    ServerUnavailable,
+)
 from clients.tasks import load_tasks, task
 from satseg.cli.common import cli_parser, run_cli
 from satseg.errors import SatInputError

@@ -22,8 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from clients.cases import Case, opened_case
-from clients.dicom_seg import SEG_FILE, write_dicom_seg
-from clients.sat_client import SATClient, Segmentation, ServerUnavailable
+from clients.sat_client import SATClient, ServerUnavailable
 from satseg.errors import SatInputError
 from satseg.outputs import write_json
 from satseg.serving import contract
@@ -31,7 +30,6 @@ from satseg.serving import contract
 CASE_FILE = "case.json"
 REPORT_FILE = "run_report.json"
 WORK_FOLDER = ".sat-work"
-OUTPUT_TYPES = ("nifti", "dicom_seg")
 
 
 @dataclass(frozen=True)
@@ -83,20 +81,6 @@ def case_is_complete(folder: Path, request: RunRequest) -> bool:
     return record.get("request") == request.as_json() and all((folder / name).is_file() for name in record["files"])
 
 
-def write_case(segmentation: Segmentation, series: Path | None, request: RunRequest, folder: Path) -> list[Path]:
-    """Every output file of one case into ``folder``."""
-    if request.output_type == "dicom_seg":
-        if series is None:
-            raise SatInputError("DICOM SEG output needs a DICOM source series; this case is NIfTI")
-        assert segmentation.masks is not None
-        folder.mkdir(parents=True, exist_ok=True)
-        written = [write_dicom_seg(segmentation.masks, segmentation.labels, series, folder / SEG_FILE)]
-        if request.statistics or request.preview:
-            written += segmentation.save(folder, ml=None, statistics=request.statistics, preview=request.preview)
-        return written
-    return segmentation.save(folder, ml=request.ml, statistics=request.statistics, preview=request.preview)
-
-
 def run_case(case: Case, client: SATClient, request: RunRequest, output: Path, verbose: bool = False) -> CaseReport:
     """Segment one case into ``output/<case.name>``, unless a complete folder for ``request`` is there.
 
@@ -115,6 +99,8 @@ def run_case(case: Case, client: SATClient, request: RunRequest, output: Path, v
         with opened_case(case, work) as (volume, series):
             report.shape = list(volume.shape)
             report.seconds["load"] = round(time.perf_counter() - started, 3)
+            if request.output_type == "dicom_seg" and series is None:
+                raise SatInputError("DICOM SEG output needs a DICOM source series; this case is NIfTI")
             modality = request.modality or volume.modality
             if modality is None:
                 raise SatInputError("the modality is not in the file; pass --modality ct|mri|pet")
@@ -125,7 +111,14 @@ def run_case(case: Case, client: SATClient, request: RunRequest, output: Path, v
             report.model = segmentation.model
             report.transport = client.transport
             written = time.perf_counter()
-            files = write_case(segmentation, series, request, partial)
+            files = segmentation.save(
+                partial,
+                ml=request.ml,
+                statistics=request.statistics,
+                preview=request.preview,
+                output_type=request.output_type,
+                source_series=series,
+            )
             write_json(
                 {"request": request.as_json(), "files": sorted(path.name for path in files), "model": report.model},
                 partial / CASE_FILE,

@@ -18,15 +18,18 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from clients.dicom_seg import SEG_FILE, write_dicom_seg
 from clients.shared_memory import Placement, placements, read_output, request_region
 from satseg.errors import SatInputError
 from satseg.geometry import Volume, load_volume
 from satseg.geometry.volume import check_modality
 from satseg.outputs import OutputOptions, write_thresholded
+from satseg.outputs.writer import thresholded_statistics, write_summary
 from satseg.serving import contract
 from satseg.serving.server import ADMIN_HEADER, GRPC_ADMIN_HEADER
 
 PROTOCOLS = ("grpc", "http")
+OUTPUT_TYPES = ("nifti", "dicom_seg")
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
 ENTRY_MODEL = "sat"
 RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "503", "timed out", "Connection refused", "reset by peer")
@@ -57,6 +60,7 @@ class Segmentation:
         labelmap: ``[I, J, K]`` uint16 in ``0..N`` (overlaps go to the most probable), or ``None``.
         volumes_ml: ``[N]`` float32, each mask's volume in mL.
         model: sha256 of the served repository's ``sat/metadata.json`` (which export answered).
+        source_series: the DICOM series folder the volume was read from, if it was (for DICOM SEG output).
     """
 
     volume: Volume
@@ -65,6 +69,7 @@ class Segmentation:
     labelmap: np.ndarray | None
     volumes_ml: np.ndarray
     model: str
+    source_series: Path | None = None
 
     @property
     def affine(self) -> np.ndarray:
@@ -77,29 +82,46 @@ class Segmentation:
         ml: bool | None = None,
         statistics: bool = True,
         preview: bool = False,
+        output_type: str = "nifti",
+        source_series: Path | None = None,
     ) -> list[Path]:
-        """Write NIfTI outputs on the input grid (atomically) and return their paths.
+        """Write the outputs on the input grid (atomically) and return their paths.
 
         Args:
-            ml: ``True``: the merged ``labelmap.nii.gz``; ``False``: one ``<term>.nii.gz`` per mask;
+            ml: NIfTI only. ``True``: the merged ``labelmap.nii.gz``; ``False``: one ``<term>.nii.gz`` per mask;
                 ``None``: whatever this result holds.
             statistics: also ``statistics.json`` (mL and voxels per structure).
             preview: also ``preview.png`` (needs the label map).
+            output_type: ``"nifti"`` or ``"dicom_seg"`` (``segmentation.dcm``, one segment per mask, referencing
+                the source series).
+            source_series: the DICOM series folder the volume came from (default: the one segmented, if any).
         """
+        if output_type not in OUTPUT_TYPES:
+            raise SatInputError(f"output type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
         if ml is True and self.labelmap is None:
             raise SatInputError('this result holds no label map: segment with output="labelmap" or "both"')
-        if ml is False and self.masks is None:
+        if (ml is False or output_type == "dicom_seg") and self.masks is None:
             raise SatInputError('this result holds no masks: segment with output="masks" or "both"')
         if preview and self.labelmap is None:
             raise SatInputError('a preview needs the label map: segment with output="labelmap" or "both"')
+        folder = Path(output_dir)
         options = OutputOptions(
-            merged_labelmap=ml is not False and self.labelmap is not None,
+            merged_labelmap=ml is not False and self.labelmap is not None and output_type == "nifti",
             statistics=statistics,
             preview=preview,
             modality=self.volume.modality,
         )
-        masks = None if ml is True else self.masks
-        return write_thresholded(self.volume, self.labels, masks, self.labelmap, Path(output_dir), options)
+        if output_type == "nifti":
+            masks = None if ml is True else self.masks
+            return write_thresholded(self.volume, self.labels, masks, self.labelmap, folder, options)
+        series = source_series or self.source_series
+        if series is None:
+            raise SatInputError("DICOM SEG output needs the source DICOM series; this volume did not come from one")
+        folder.mkdir(parents=True, exist_ok=True)
+        assert self.masks is not None  # checked above
+        segmentation = write_dicom_seg(self.masks, self.labels, series, folder / SEG_FILE)
+        summary = thresholded_statistics(self.volume, self.labels, self.masks, self.labelmap)
+        return [segmentation, *write_summary(self.volume, self.labels, summary, self.labelmap, folder, options)]
 
 
 class SATClient:
@@ -220,6 +242,9 @@ class SATClient:
             labelmap=labelmap if labelmap.size else None,
             volumes_ml=arrays[contract.VOLUMES_ML],
             model=arrays[contract.MODEL][0].decode(),
+            source_series=None
+            if isinstance(volume_or_path, Volume) or not Path(volume_or_path).is_dir()
+            else Path(volume_or_path),
         )
 
     def _request(

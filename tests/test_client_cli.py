@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -17,7 +18,7 @@ from dicom_series import write_series
 from served import phantom
 
 from clients.cli import main as sat_client
-from clients.dicom_seg import write_dicom_seg
+from clients.dicom_seg import SEG_FILE, write_dicom_seg
 from clients.folder_run import CASE_FILE, REPORT_FILE, WORK_FOLDER
 from satseg.geometry import Volume, load_volume
 from satseg.geometry.io import sorted_series_headers
@@ -37,7 +38,8 @@ def lps(volume: Volume) -> Volume:
 
 
 def make_cases(folder: Path) -> dict[str, Volume]:
-    """A NIfTI CT, an LPS NIfTI, a DICOM series folder and a truncated NIfTI; the expected grids by case."""
+    """A NIfTI CT, an LPS NIfTI, a DICOM series folder, a truncated NIfTI and a zipped series; the expected
+    grids by case."""
     folder.mkdir()
     ct, mr = phantom(seed=11, shape=(40, 36, 20)), lps(phantom(seed=12, shape=(36, 32, 18)))
     save_nifti_exact(ct.array, ct.affine, folder / "a_ct.nii.gz")
@@ -45,17 +47,21 @@ def make_cases(folder: Path) -> dict[str, Volume]:
     ct_slices = phantom(seed=13, shape=(32, 30, 12)).array
     write_series(folder / "c_series", ct_slices, pixel_spacing=(6.0, 6.0), slice_gap=8.0)
     (folder / "d_broken.nii.gz").write_bytes((folder / "a_ct.nii.gz").read_bytes()[:2000])
-    return {"a_ct": ct, "b_lps": mr, "c_series": load_volume(folder / "c_series")}
+    with zipfile.ZipFile(folder / "e_zipped.zip", "w") as bundle:
+        for path in sorted((folder / "c_series").iterdir()):
+            bundle.write(path, f"export/series/{path.name}")
+    series = load_volume(folder / "c_series")
+    return {"a_ct": ct, "b_lps": mr, "c_series": series, "e_zipped": series}
 
 
 def test_folder_run_reports_the_bad_case_and_resumes(triton_server: TritonServer, tmp_path: Path) -> None:
     expected = make_cases(tmp_path / "cases")
     output = tmp_path / "out"
     command = ["-i", str(tmp_path / "cases"), "-o", str(output), "--prompts", PROMPTS, "--modality", "ct"]
-    command += ["--url", triton_server.grpc_url, "--quiet", "--statistics"]
+    command += ["--url", triton_server.grpc_url, "--quiet", "--statistics", "--jobs", "2"]
     assert sat_client(command) == 1
     report = json.loads((output / REPORT_FILE).read_text())
-    assert report["summary"] == {"done": 3, "skipped": 0, "failed": 1, "pending": 0}
+    assert report["summary"] == {"done": 4, "skipped": 0, "failed": 1, "pending": 0}
     assert report["failed_cases"] == [4]
     broken = report["cases"][3]
     assert "truncated" in broken["error"] or "corrupt" in broken["error"], broken["error"]
@@ -71,7 +77,16 @@ def test_folder_run_reports_the_bad_case_and_resumes(triton_server: TritonServer
     assert not (output / WORK_FOLDER).exists()
     assert sat_client(command) == 1
     again = json.loads((output / REPORT_FILE).read_text())
-    assert again["summary"] == {"done": 0, "skipped": 3, "failed": 1, "pending": 0}
+    assert again["summary"] == {"done": 0, "skipped": 4, "failed": 1, "pending": 0}
+    segs = tmp_path / "segs"
+    assert sat_client([*command[:3], str(segs), *command[4:], "--output-type", "dicom_seg"]) == 1
+    report = json.loads((segs / REPORT_FILE).read_text())
+    assert [case["status"] for case in report["cases"]] == ["failed", "failed", "done", "failed", "done"]
+    assert "DICOM SEG" in report["cases"][0]["error"]
+    for name in ("c_series", "e_zipped"):
+        seg = pydicom.dcmread(segs / name / SEG_FILE)
+        assert [item.SegmentLabel for item in seg.SegmentSequence] == ["liver", "spleen"]
+        assert not list((segs / name).glob("*.nii.gz")), "DICOM SEG output writes no NIfTI masks"
 
 
 def test_a_killed_run_loses_and_duplicates_nothing(triton_server: TritonServer, tmp_path: Path) -> None:

@@ -101,11 +101,18 @@ def write_thresholded(
         if len(masks) != len(terms):
             raise ValueError(f"{len(masks)} masks for {len(terms)} terms")
         written = [write_mask(mask, term, volume, output_dir) for term, mask in zip(terms, masks, strict=True)]
-    statistics = {
+    statistics = thresholded_statistics(volume, terms, masks, labelmap)
+    return written + write_summary(volume, terms, statistics, labelmap, output_dir, options)
+
+
+def thresholded_statistics(
+    volume: Volume, terms: Sequence[str], masks: np.ndarray | None, labelmap: np.ndarray | None
+) -> dict[str, dict[str, int | float]]:
+    """Volume and voxel count per term, from its mask, else from its label value ``index + 1``."""
+    return {
         term: mask_statistics(masks[index] if masks is not None else labelmap == index + 1, volume.voxel_volume_ml)
         for index, term in enumerate(terms)
     }
-    return written + write_summary(volume, terms, statistics, labelmap, output_dir, options)
 
 
 def write_mask(mask: np.ndarray, term: str, volume: Volume, output_dir: Path) -> Path:
