@@ -105,3 +105,12 @@ export checkpoint="models/demo" *args="": (env "dev")
 # Measure peak memory of the whole sat-segment path on a 512x512x300 CT with 32 prompts.
 bench-memory: (env "dev")
     {{bin}}/python benchmarks/memory_segment.py
+
+# Load-test the served ensemble with Locust (starts a CPU server unless --url is given); results in
+# loadtest/results/<timestamp>/. E.g. just loadtest --scenario mixed --users 4 --duration 5m
+loadtest *args="": (env "dev")
+    {{bin}}/sat-loadtest {{args}}
+
+# Users 1, 2, 4, 8 against each instance configuration of loadtest/sweep.toml (about 10 minutes on CPU).
+loadtest-sweep *args="": (env "dev")
+    {{bin}}/sat-loadtest-sweep {{args}}

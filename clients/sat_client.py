@@ -251,17 +251,13 @@ class SATClient:
         self, image: np.ndarray, affine: np.ndarray, modality: str, prompts: list[str], parameters: dict[str, Any]
     ) -> dict[str, np.ndarray]:
         """One inference; the image and masks go through shared memory when that is on."""
-        small = {
-            contract.AFFINE: np.asarray(affine, dtype=np.float64),
-            contract.MODALITY: np.array([modality.encode()], dtype=np.object_),
-            contract.PROMPTS: np.array([prompt.encode() for prompt in prompts], dtype=np.object_),
-        }
-        inputs = [self._tensor(name, array) for name, array in small.items()]
-        image_name = contract.IMAGE_INT16 if image.dtype == np.int16 else contract.IMAGE
+        arrays = request_arrays(image, affine, modality, prompts)
         if not self._shared_memory_usable():
             check_response_size(image.shape, len(prompts), parameters["output"])
-            result = self._infer([self._tensor(image_name, image), *inputs], parameters)
+            result = self._infer(infer_inputs(self._module, arrays), parameters)
             return {name: result.as_numpy(name) for name in RESULT_TENSORS}
+        image_name = image_tensor_name(image)
+        inputs = infer_inputs(self._module, {name: array for name, array in arrays.items() if name != image_name})
         layout = placements(image, len(prompts), parameters["output"])
         with request_region(self._connection, image, layout, self._admin_headers()) as (region, handle):
             tensor = self._module.InferInput(image_name, list(image.shape), triton_dtype(image))
@@ -311,11 +307,6 @@ class SATClient:
     def _admin_headers(self, admin_key: str | None = None) -> dict[str, str]:
         """The admin key under the header name the protocol uses (gRPC prefixes it)."""
         return {GRPC_ADMIN_HEADER if self.protocol == "grpc" else ADMIN_HEADER: admin_key or self.admin_key or ""}
-
-    def _tensor(self, name: str, array: np.ndarray) -> Any:
-        tensor = self._module.InferInput(name, list(array.shape), triton_dtype(array))
-        tensor.set_data_from_numpy(array)
-        return tensor
 
     def _infer(self, inputs: list[Any], parameters: dict[str, Any], outputs: list[Any] | None = None) -> Any:
         if self.protocol == "grpc":
@@ -414,6 +405,33 @@ def check_response_size(shape: Sequence[int], prompts: int, output: str) -> None
             f"the answer would be {size / 2**30:.1f} GiB ({prompts} masks of {voxels:,} voxels), over the 2 GiB "
             'limit of one message; ask for output="labelmap" or send fewer prompts per request'
         )
+
+
+def image_tensor_name(image: np.ndarray) -> str:
+    """``IMAGE_INT16`` for an int16 image, else ``IMAGE`` (FP32)."""
+    return contract.IMAGE_INT16 if image.dtype == np.int16 else contract.IMAGE
+
+
+def request_arrays(
+    image: np.ndarray, affine: np.ndarray, modality: str, prompts: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """The input tensors of one ``sat`` request, by name (see :func:`wire_image` for ``image``)."""
+    return {
+        image_tensor_name(image): image,
+        contract.AFFINE: np.asarray(affine, dtype=np.float64),
+        contract.MODALITY: np.array([modality.encode()], dtype=np.object_),
+        contract.PROMPTS: np.array([prompt.encode() for prompt in prompts], dtype=np.object_),
+    }
+
+
+def infer_inputs(module: Any, arrays: dict[str, np.ndarray]) -> list[Any]:
+    """``tritonclient`` (``module``: its grpc or http package) inputs holding ``arrays``; reusable across calls."""
+    inputs = []
+    for name, array in arrays.items():
+        tensor = module.InferInput(name, list(array.shape), triton_dtype(array))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
 
 
 def triton_dtype(array: np.ndarray) -> str:
