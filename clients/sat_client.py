@@ -310,22 +310,13 @@ class SATClient:
 
     def _infer(self, inputs: list[Any], parameters: dict[str, Any], outputs: list[Any] | None = None) -> Any:
         if self.protocol == "grpc":
-            return self._connection.infer(
-                ENTRY_MODEL,
-                inputs,
-                outputs=outputs,
-                parameters=parameters,
-                client_timeout=self.timeout_s,
-                compression_algorithm=self.compression,
-            )
-        return self._connection.infer(
-            ENTRY_MODEL,
-            inputs,
-            outputs=outputs,
-            parameters=parameters,
-            request_compression_algorithm=self.compression,
-            response_compression_algorithm=self.compression,
-        )
+            transport = {"client_timeout": self.timeout_s, "compression_algorithm": self.compression}
+        else:  # the HTTP client's timeouts were set on the connection
+            transport = {
+                "request_compression_algorithm": self.compression,
+                "response_compression_algorithm": self.compression,
+            }
+        return self._connection.infer(ENTRY_MODEL, inputs, outputs=outputs, parameters=parameters, **transport)
 
     def _with_retries(self, call: Callable[[], Result]) -> Result:
         """Run ``call``; retry with backoff on unavailability or a timeout; INVALID_ARG becomes SatInputError."""
