@@ -67,3 +67,27 @@ def model_window(delta: Counters, model: str) -> ModelWindow:
         queue_ms=total("nv_inference_queue_duration_us") / 1000.0,
         compute_ms=total("nv_inference_compute_infer_duration_us") / 1000.0,
     )
+
+
+@dataclass(frozen=True)
+class EnsembleRequests:
+    """Requests the ``sat`` ensemble answered over the window: successes and refusals."""
+
+    succeeded: float
+    refused: float
+
+    @property
+    def total(self) -> float:
+        return self.succeeded + self.refused
+
+
+def ensemble_requests(delta: Counters, ensemble: str = "sat", first_step: str = "prompt_encoder") -> EnsembleRequests:
+    """Counted from the ensemble's successes and its first step's requests, not its failure counter.
+
+    Triton 2.51 counts each failed ensemble request twice in ``nv_inference_request_failure`` (measured: one
+    malformed request, failure count 2), while a python model that answers with an error counts a success.
+    Every request reaches the first step, so its count is the ensemble's request count.
+    """
+    entered = model_window(delta, first_step)
+    succeeded = model_window(delta, ensemble).success
+    return EnsembleRequests(succeeded, max(entered.success + entered.failure - succeeded, 0.0))

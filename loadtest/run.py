@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from export.build_repo import ExportSettings, build_repository, repository_is_current
-from loadtest.metrics import ModelWindow, difference, model_window, scrape
+from loadtest.metrics import EnsembleRequests, ModelWindow, difference, ensemble_requests, model_window, scrape
 from loadtest.scenarios import MALFORMED_SHARE, SCENARIOS
 from satseg.cli.common import cli_parser, run_cli
 from satseg.cli.segment import BUNDLED_CHECKPOINT
@@ -73,6 +73,7 @@ class LocustTotals:
     valid_requests: int
     rejected_as_expected: int
     mean_ms: float
+    valid_mean_ms: float
     p50_ms: float
     p95_ms: float
     p99_ms: float
@@ -132,12 +133,16 @@ def locust_totals(folder: Path) -> LocustTotals:
     rejected = sum(
         int(entry["requests"]) for name, entry in totals["by_name"].items() if "rejected as expected" in name
     )
+    valid = [entry for name, entry in totals["by_name"].items() if "rejected as expected" not in name]
+    valid_count = sum(int(entry["requests"]) for entry in valid)
+    valid_mean = sum(entry["mean_ms"] * entry["requests"] for entry in valid) / valid_count if valid_count else 0.0
     return LocustTotals(
         requests=int(total["requests"]),
         failures=int(total["failures"]),
         valid_requests=int(total["requests"]) - rejected,
         rejected_as_expected=rejected,
         mean_ms=float(total["mean_ms"]),
+        valid_mean_ms=float(valid_mean),
         p50_ms=float(total["p50"]),
         p95_ms=float(total["p95"]),
         p99_ms=float(total["p99"]),
@@ -148,12 +153,14 @@ def agrees(ours: float, theirs: float) -> bool:
     return abs(ours - theirs) <= AGREEMENT * max(abs(theirs), 1e-9)
 
 
-def summary(run: LocustRun, locust: LocustTotals, models: dict[str, ModelWindow], seconds: float) -> str:
+def summary(
+    run: LocustRun, locust: LocustTotals, models: dict[str, ModelWindow], served: EnsembleRequests, seconds: float
+) -> str:
     """The Markdown report: Locust's view, Triton's view of the same window, and whether they reconcile."""
     sat = models["sat"]
     minutes = seconds / 60.0
-    counted = agrees(locust.valid_requests, sat.success) and agrees(locust.rejected_as_expected, sat.failure)
-    timed = agrees(locust.mean_ms, sat.mean_request_ms) if sat.success else False
+    counted = agrees(locust.valid_requests, served.succeeded) and agrees(locust.rejected_as_expected, served.refused)
+    timed = agrees(locust.valid_mean_ms, sat.mean_request_ms) if sat.success else False
     failure_rate = locust.failures / locust.requests if locust.requests else 0.0
     lines = [
         f"# Load test: {run.scenario}, {run.users} users, {run.duration}, {run.protocol}",
@@ -167,8 +174,8 @@ def summary(run: LocustRun, locust: LocustTotals, models: dict[str, ModelWindow]
         f"{locust.requests / seconds:.3f} | "
         f"{locust.p50_ms:.0f} ms | {locust.p95_ms:.0f} ms | {locust.p99_ms:.0f} ms | {locust.mean_ms:.0f} ms | "
         f"{failure_rate:.2%} |",
-        f"| Triton (`sat`, server) | {sat.success / minutes:.2f} | {(sat.success + sat.failure) / seconds:.3f} | | | | "
-        f"{sat.mean_request_ms:.0f} ms | |",
+        f"| Triton (`sat`, server) | {served.succeeded / minutes:.2f} | {served.total / seconds:.3f} | | | | "
+        f"{sat.mean_request_ms:.0f} ms (valid) | {served.refused / max(served.total, 1):.2%} refused |",
         "",
         "| model | requests | failures | mean queue | mean compute |",
         "|---|---|---|---|---|",
@@ -183,9 +190,10 @@ def summary(run: LocustRun, locust: LocustTotals, models: dict[str, ModelWindow]
     lines += [
         "",
         f"- Requests: Locust sent {locust.valid_requests} valid and {locust.rejected_as_expected} malformed; "
-        f"Triton counted {sat.success:.0f} successes and {sat.failure:.0f} failures of `sat`: "
+        f"Triton answered {served.succeeded:.0f} and refused {served.refused:.0f} `sat` requests: "
         + ("**they agree**." if counted else f"**they disagree** (more than {AGREEMENT:.0%})."),
-        f"- Mean latency: Locust {locust.mean_ms:.0f} ms against Triton's request time {sat.mean_request_ms:.0f} ms: "
+        f"- Mean latency of valid requests: Locust {locust.valid_mean_ms:.0f} ms against Triton's `sat` request time "
+        f"{sat.mean_request_ms:.0f} ms: "
         + ("**within 5%**" if timed else "**not within 5%**")
         + " (the difference is the client, the socket and serialisation).",
         f"- Failures (valid requests that failed, or malformed ones accepted): {locust.failures}.",
@@ -230,7 +238,8 @@ def load_test(args: argparse.Namespace) -> int:
         code = run_locust(run, folder)
         seconds, after = time.monotonic() - started, scrape(metrics_url)
     delta = difference(after, before)
-    report = summary(run, locust_totals(folder), {model: model_window(delta, model) for model in MODELS}, seconds)
+    models = {model: model_window(delta, model) for model in MODELS}
+    report = summary(run, locust_totals(folder), models, ensemble_requests(delta), seconds)
     (folder / "summary.md").write_text(report)
     plot_history(folder)
     print(report)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from export.build_repo import ExportSettings, build_repository, repository_is_current
-from loadtest.metrics import difference, model_window, scrape
+from loadtest.metrics import difference, ensemble_requests, scrape
 from loadtest.run import RESULTS, LocustRun, locust_totals, run_locust
 from satseg.cli.common import cli_parser, run_cli
 from satseg.cli.segment import BUNDLED_CHECKPOINT
@@ -72,12 +72,12 @@ def sweep(config: dict[str, Any], repository: Path, folder: Path) -> list[SweepP
                 before, started = scrape(server.metrics_url), time.monotonic()
                 run_locust(run, run_folder)
                 seconds = time.monotonic() - started
-                sat = model_window(difference(scrape(server.metrics_url), before), "sat")
+                served = ensemble_requests(difference(scrape(server.metrics_url), before))
                 totals = locust_totals(run_folder)
                 points.append(
                     SweepPoint(
                         dict(counts), users, (totals.requests - totals.failures) / (seconds / 60.0), totals.p95_ms,
-                        totals.failures, sat.success + sat.failure,
+                        totals.failures, served.total,
                     )
                 )  # fmt: skip
                 rate = points[-1].volumes_per_minute

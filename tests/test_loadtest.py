@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.metrics import difference, model_window, parse_metrics
+from loadtest.metrics import difference, ensemble_requests, model_window, parse_metrics
 from loadtest.scenarios import SCENARIOS, mix_weights
 from loadtest.sweep import with_instances
 from satseg.serving.server import DEFAULT_REPOSITORY, TritonServer
@@ -22,6 +22,7 @@ METRICS = """# HELP nv_inference_request_success Number of successful inference 
 # TYPE nv_inference_request_success counter
 nv_inference_request_success{model="sat",version="1"} 7
 nv_inference_request_success{model="vision",version="1"} 140
+nv_inference_request_success{model="prompt_encoder",version="1"} 9
 nv_inference_request_failure{model="sat",reason="BACKEND",version="1"} 1
 nv_inference_request_failure{model="sat",reason="REJECTED",version="1"} 2
 nv_inference_request_duration_us{model="sat",version="1"} 14000000
@@ -37,6 +38,8 @@ def test_metrics_are_parsed_per_model_and_differenced() -> None:
     assert (sat.success, sat.failure) == (2, 0)
     assert model_window(after, "sat").mean_request_ms == pytest.approx(2000.0)
     assert model_window(after, "vision").queue_ms == pytest.approx(7.0)
+    # The ensemble's failures double-count (Triton 2.51): requests are counted at its first step instead.
+    assert (ensemble_requests(after).succeeded, ensemble_requests(after).refused) == (7, 2)
 
 
 def test_mixes_are_drawn_with_the_asked_malformed_share() -> None:
