@@ -35,7 +35,7 @@ from export.parity import DEFAULT_MIN_DICE, ParityReport, compare_text, compare_
 from satseg import __version__
 from satseg.checkpoint import WEIGHTS_FILE, CheckpointMetadata, load_checkpoint
 from satseg.cli.common import cli_parser, run_cli
-from satseg.errors import ExportError
+from satseg.errors import ExportError, SatInputError
 from satseg.geometry import MODALITIES, PreprocessConfig, Volume, load_volume
 from satseg.geometry.preprocess import CT_WINDOW_HU
 from satseg.model import SAT
@@ -78,6 +78,8 @@ class ExportSettings:
     tensorrt: bool = False
     keep_norms_fp32: bool = False
     seed: int = 0
+    random_patches: int = RANDOM_PATCHES
+    real_patches: int = REAL_PATCHES
 
 
 def build_repository(settings: ExportSettings) -> list[ParityReport]:
@@ -139,9 +141,9 @@ def check_parity(
     with torch.inference_mode():
         queries = sat.encode_prompts(tokens["input_ids"], tokens["attention_mask"], modality_ids).float()
     generator = torch.Generator().manual_seed(settings.seed)
-    random_patches = torch.randn((RANDOM_PATCHES, 1, *sat.config.patch_size), generator=generator)
+    random_patches = torch.randn((settings.random_patches, 1, *sat.config.patch_size), generator=generator)
     volume, source = parity_volume(settings)
-    real_patches = volume_patches(volume, settings.modality, sat.config.patch_size, REAL_PATCHES)
+    real_patches = volume_patches(volume, settings.modality, sat.config.patch_size, settings.real_patches)
     reports = []
     for name, graph in graphs.items():
         session = _session(graph.path)
@@ -383,6 +385,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--keep-norms-fp32", action="store_true", help="keep InstanceNorm/LayerNorm in FP32 in the plans"
     )
     parser.add_argument(
+        "--random-patches", type=int, default=RANDOM_PATCHES, help=f"random windows checked (default {RANDOM_PATCHES})"
+    )
+    parser.add_argument(
+        "--real-patches", type=int, default=REAL_PATCHES, help=f"windows of the real volume checked ({REAL_PATCHES})"
+    )
+    parser.add_argument(
         "--if-stale",
         action="store_true",
         help="do nothing when the repository was already exported from these exact weights by this version",
@@ -403,7 +411,11 @@ def main(argv: list[str] | None = None) -> int:
             min_dice=args.min_dice,
             tensorrt=args.tensorrt,
             keep_norms_fp32=args.keep_norms_fp32,
+            random_patches=args.random_patches,
+            real_patches=args.real_patches,
         )
+        if min(settings.random_patches, settings.real_patches) < 1:
+            raise SatInputError("--random-patches and --real-patches must be at least 1")
         if args.if_stale and repository_is_current(settings):
             print(f"{settings.repository} is current for {settings.checkpoint} (nothing to do)")
             return 0
