@@ -132,7 +132,7 @@ def run_demo(args: argparse.Namespace) -> int:
     with timer.step("start tritonserver (CPU, loopback)"):
         server.start()
     try:
-        with SATClient(server.grpc_url, "grpc") as client:
+        with SATClient(server.grpc_url, "grpc", admin_key=server.admin_key) as client:
             for case in demo_cases(args.ct):
                 run_case(client, case, args.output, timer)
     finally:
