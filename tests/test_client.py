@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from satseg.errors import SatInputError
 from satseg.geometry import Volume
 from satseg.outputs.writer import LABELMAP_FILE, STATISTICS_FILE, mask_file_name
 from satseg.pipeline import Segmenter
-from satseg.serving.server import TritonServer, free_ports
+from satseg.serving.server import ServerPorts, TritonServer, free_ports
 
 pytest.importorskip("tritonclient.grpc")
 ORGANS = ["liver", "spleen", "left kidney"]
@@ -151,3 +152,17 @@ def test_statistics_need_the_admin_key(triton_server: TritonServer, protocol: st
         assert {"sat", "prompt_encoder", "segmenter", "vision"} <= models
         with pytest.raises(PermissionError):
             client.inference_statistics("not-the-key")
+
+
+def test_the_client_retries_until_a_starting_server_answers(triton_server: TritonServer) -> None:
+    ports = ServerPorts(*free_ports(3))
+    later = TritonServer(triton_server.repository, ports=ports)
+    starter = threading.Timer(1.0, later.start)
+    starter.start()
+    try:
+        with SATClient(f"127.0.0.1:{ports.grpc}", retries=8, backoff_s=0.5, shared_memory="off") as client:
+            result = client.segment(phantom(seed=9, shape=(32, 28, 16)), ["liver"], "ct")
+        assert result.masks is not None and result.masks.shape == (1, 32, 28, 16)
+    finally:
+        starter.join()
+        later.stop()
