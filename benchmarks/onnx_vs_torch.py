@@ -1,8 +1,9 @@
 """Time per window of the vision model: onnxruntime (CPU) against PyTorch (CPU), side by side in one run.
 
-For each size (random weights, seed 0) the vision graph is exported with ``export.onnx``, then both runtimes
-segment the same window (``[1, 1, *patch]``) with the same ``--prompts`` queries, alternating, after one
-warm-up run each; both use the same number of threads. The ratio is PyTorch time / onnxruntime time.
+For each size (random weights, seed 0) the vision graph is exported with ``export.onnx``, then each runtime
+segments the same window (``[1, 1, *patch]``) with the same ``--prompts`` queries in its own child process
+(so a large model's two runtimes never hold memory at once), after one warm-up run; both use the same
+number of threads. The ratio is PyTorch time / onnxruntime time.
 
     python benchmarks/onnx_vs_torch.py [--sizes tiny nano] [--repeats 3] [--prompts 8]
 """
@@ -10,10 +11,12 @@ warm-up run each; both use the same number of threads. The ratio is PyTorch time
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import onnxruntime
 import torch
@@ -34,25 +37,60 @@ def time_call(function: object, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(size: str, repeats: int, prompts: int, threads: int) -> str:
+def inputs(size: str, prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same window and queries for both runtimes (seeded)."""
+    config = build_sat(size).config
+    generator = torch.Generator().manual_seed(1)
+    image = torch.randn(1, 1, *config.patch_size, generator=generator)
+    return image, torch.randn(1, prompts, config.d_model, generator=generator)
+
+
+def time_torch(size: str, repeats: int, prompts: int, threads: int, results: Any) -> None:
+    """Child process: PyTorch's time per window (its own process, so the two runtimes never share memory)."""
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     sat = build_sat(size).eval()
-    image = torch.randn(1, 1, *sat.config.patch_size)
-    queries = torch.randn(1, prompts, sat.config.d_model)
+    image, queries = inputs(size, prompts)
+
+    def run() -> None:
+        with torch.inference_mode():
+            sat.vision(image, queries)
+
+    results.put(time_call(run, repeats))
+
+
+def time_onnx(path: str, size: str, repeats: int, prompts: int, threads: int, results: Any) -> None:
+    """Child process: onnxruntime's time per window on the exported graph."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    image, queries = inputs(size, prompts)
+    feeds = {"image": image.numpy(), "queries": queries.numpy()}
+    results.put(time_call(lambda: session.run(None, feeds), repeats))
+
+
+def in_child(target: Any, *args: Any) -> float:
+    """Run ``target(*args, queue)`` in a fresh process and return what it put on the queue."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    child = context.Process(target=target, args=(*args, results))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"{target.__name__} exited with {child.exitcode} (-9: killed, usually out of memory)")
+    return float(results.get())
+
+
+def measure(size: str, repeats: int, prompts: int, threads: int) -> str:
+    """Export the graph here, then time each runtime in its own child process."""
+    torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
+        sat = build_sat(size).eval()
         graph = export_vision(sat, Path(folder) / "vision.onnx")
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        session = onnxruntime.InferenceSession(str(graph.path), options, providers=["CPUExecutionProvider"])
-        feeds = {"image": image.numpy(), "queries": queries.numpy()}
-
-        def run_torch() -> None:
-            with torch.inference_mode():
-                sat.vision(image, queries)
-
-        torch_s = time_call(run_torch, repeats)
-        onnx_s = time_call(lambda: session.run(None, feeds), repeats)
-    patch = "x".join(map(str, sat.config.patch_size))
+        patch = "x".join(map(str, sat.config.patch_size))
+        del sat
+        torch_s = in_child(time_torch, size, repeats, prompts, threads)
+        onnx_s = in_child(time_onnx, str(graph.path), size, repeats, prompts, threads)
     return f"| {size} | {patch} | {prompts} | {torch_s:.3f} s | {onnx_s:.3f} s | {torch_s / onnx_s:.2f}x |"
 
 
