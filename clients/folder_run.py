@@ -104,11 +104,11 @@ def run_case(case: Case, client: SATClient, request: RunRequest, output: Path, v
             modality = request.modality or volume.modality
             if modality is None:
                 raise SatInputError("the modality is not in the file; pass --modality ct|mri|pet")
-            report.megabytes_sent = round(volume.array.size * (2 if modality == "ct" else 4) / 1e6, 1)
             sent = time.perf_counter()
             segmentation = client.segment(volume, request.prompts, modality, output=request.server_output)
             report.seconds["segment"] = round(time.perf_counter() - sent, 3)
             report.model = segmentation.model
+            report.megabytes_sent = round(segmentation.sent_bytes / 1e6, 1)
             report.transport = client.transport
             written = time.perf_counter()
             files = segmentation.save(

@@ -61,6 +61,7 @@ class Segmentation:
         volumes_ml: ``[N]`` float32, each mask's volume in mL.
         model: sha256 of the served repository's ``sat/metadata.json`` (which export answered).
         source_series: the DICOM series folder the volume was read from, if it was (for DICOM SEG output).
+        sent_bytes: the size of the image as sent (INT16 or FP32).
     """
 
     volume: Volume
@@ -70,6 +71,7 @@ class Segmentation:
     volumes_ml: np.ndarray
     model: str
     source_series: Path | None = None
+    sent_bytes: int = 0
 
     @property
     def affine(self) -> np.ndarray:
@@ -245,6 +247,7 @@ class SATClient:
             source_series=None
             if isinstance(volume_or_path, Volume) or not Path(volume_or_path).is_dir()
             else Path(volume_or_path),
+            sent_bytes=image.nbytes,
         )
 
     def _request(

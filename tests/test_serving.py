@@ -17,6 +17,7 @@ import pytest
 from conftest import DEMO_CHECKPOINT
 from served import MIN_AGREEMENT, agreement, phantom, reference_masks
 
+from clients.sat_client import infer_inputs, request_arrays
 from export.build_repo import ExportSettings, repository_is_current
 from satseg.geometry import Volume, load_nifti
 from satseg.outputs import LabelMapAccumulator
@@ -48,24 +49,9 @@ def infer(
 ) -> Any:
     """One ``sat`` request; ``overrides`` replace or add named input arrays (for malformed requests)."""
     module = grpcclient if isinstance(connection, grpcclient.InferenceServerClient) else httpclient
-    image_name = contract.IMAGE_INT16 if volume.array.dtype == np.int16 else contract.IMAGE
-    arrays: dict[str, np.ndarray] = {
-        image_name: volume.array,
-        contract.AFFINE: np.asarray(volume.affine, dtype=np.float64),
-        contract.MODALITY: np.array([modality.encode()], dtype=np.object_),
-        contract.PROMPTS: np.array([prompt.encode() for prompt in prompts], dtype=np.object_),
-    }
+    arrays = request_arrays(volume.array, volume.affine, modality, prompts)
     arrays.update(overrides)
-    inputs = []
-    for name, array in arrays.items():
-        datatype = (
-            "BYTES"
-            if array.dtype == np.object_
-            else {"int16": "INT16", "float32": "FP32"}.get(str(array.dtype), "FP64")
-        )
-        tensor = module.InferInput(name, list(array.shape), datatype)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
+    inputs = infer_inputs(module, arrays)
     return connection.infer("sat", inputs, parameters=parameters)
 
 
