@@ -11,7 +11,6 @@ number of threads. The ratio is PyTorch time / onnxruntime time.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ import onnxruntime
 import torch
 from machine import cpu_model
 
+from export.isolated import run_isolated
 from export.onnx import export_vision
 from satseg.model import build_sat
 
@@ -69,18 +69,6 @@ def time_onnx(path: str, size: str, repeats: int, prompts: int, threads: int, re
     results.put(time_call(lambda: session.run(None, feeds), repeats))
 
 
-def in_child(target: Any, *args: Any) -> float:
-    """Run ``target(*args, queue)`` in a fresh process and return what it put on the queue."""
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    child = context.Process(target=target, args=(*args, results))
-    child.start()
-    child.join()
-    if child.exitcode != 0:
-        raise RuntimeError(f"{target.__name__} exited with {child.exitcode} (-9: killed, usually out of memory)")
-    return float(results.get())
-
-
 def measure(size: str, repeats: int, prompts: int, threads: int) -> str:
     """Export the graph here, then time each runtime in its own child process."""
     torch.manual_seed(0)
@@ -89,8 +77,8 @@ def measure(size: str, repeats: int, prompts: int, threads: int) -> str:
         graph = export_vision(sat, Path(folder) / "vision.onnx")
         patch = "x".join(map(str, sat.config.patch_size))
         del sat
-        torch_s = in_child(time_torch, size, repeats, prompts, threads)
-        onnx_s = in_child(time_onnx, str(graph.path), size, repeats, prompts, threads)
+        torch_s = run_isolated(time_torch, size, repeats, prompts, threads)
+        onnx_s = run_isolated(time_onnx, str(graph.path), size, repeats, prompts, threads)
     return f"| {size} | {patch} | {prompts} | {torch_s:.3f} s | {onnx_s:.3f} s | {torch_s / onnx_s:.2f}x |"
 
 

@@ -25,13 +25,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from export.fp16 import convert_to_fp16
 from export.onnx import ExportedGraph, export_text_encoder, export_vision, file_sha256
-from export.parity import DEFAULT_MIN_DICE, ParityReport, compare_text, compare_vision, volume_patches
+from export.parity import (
+    DEFAULT_MIN_DICE,
+    ParityReport,
+    compare_text,
+    compare_vision,
+    onnx_session,
+    onnx_vision_logits,
+    torch_logits,
+    volume_patches,
+)
 from satseg import __version__
 from satseg.checkpoint import WEIGHTS_FILE, CheckpointMetadata, load_checkpoint
 from satseg.cli.common import cli_parser, run_cli
@@ -143,29 +151,29 @@ def check_parity(
     generator = torch.Generator().manual_seed(settings.seed)
     random_patches = torch.randn((settings.random_patches, 1, *sat.config.patch_size), generator=generator)
     volume, source = parity_volume(settings)
-    real_patches = volume_patches(volume, settings.modality, sat.config.patch_size, settings.real_patches)
+    patch_sets = {
+        "random patches": random_patches,
+        f"{source} windows": volume_patches(volume, settings.modality, sat.config.patch_size, settings.real_patches),
+    }
+    # PyTorch's logits once per patch set, shared by the FP32 and FP16 graphs.
+    expected = {label: torch_logits(sat.vision, patches, queries) for label, patches in patch_sets.items()}
     reports = []
     for name, graph in graphs.items():
-        session = _session(graph.path)
-        if session is None:
-            continue  # this onnxruntime has no kernels for the graph's types (FP16 on CPU): checked on GPU
         gate = settings.min_dice if "fp16" not in name else min(settings.min_dice, FP16_MIN_DICE)
         if name.startswith("text_encoder"):
+            session = onnx_session(graph.path)
+            if session is None:
+                continue  # this onnxruntime has no kernels for the graph's types (FP16 on CPU): checked on GPU
             feeds = {"input_ids": tokens["input_ids"].numpy(), "attention_mask": tokens["attention_mask"].numpy()}
             got = session.run(None, {**feeds, "modality": modality_ids.numpy()})[0]
             bound = TEXT_MAX_ABS_ERROR if "fp16" not in name else FP16_TEXT_MAX_ABS_ERROR
             reports.append(compare_text(queries.numpy(), got, graph=name, inputs="prompts", max_abs_error=bound))
             continue
-
-        def run_graph(image: np.ndarray, batched: np.ndarray, session: Any = session) -> np.ndarray:
-            return session.run(None, {"image": image, "queries": batched})[0]
-
-        for patches, label in ((random_patches, "random patches"), (real_patches, f"{source} windows")):
-            reports.append(
-                compare_vision(
-                    sat.vision, run_graph, patches, queries, prompts, graph=name, inputs=label, min_dice=gate
-                )
-            )
+        for label, patches in patch_sets.items():
+            logits = onnx_vision_logits(graph.path, patches.numpy(), queries.numpy())
+            if logits is None:
+                break  # as above: FP16 vision is checked where a runtime has the kernels
+            reports.append(compare_vision(expected[label], logits, prompts, graph=name, inputs=label, min_dice=gate))
     return reports
 
 
@@ -178,18 +186,6 @@ def parity_volume(settings: ExportSettings) -> tuple[Volume, str]:
     shape = (120, 100, 40)
     volume, _, _ = make_torso_phantom(shape, centred_affine(shape, (2.5, 2.5, 5.0), 12.0), seed=settings.seed)
     return volume, "phantom CT"
-
-
-def _session(path: Path) -> Any | None:
-    """An onnxruntime CPU session on ``path``, or ``None`` when this build has no kernel for one of its ops."""
-    import onnxruntime
-
-    try:
-        return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as error:  # onnxruntime raises its own NotImplemented/Fail types, not importable portably
-        if "NOT_IMPLEMENTED" in str(error) or "Could not find an implementation" in str(error):
-            return None
-        raise
 
 
 def write_prompt_assets(sat: SAT, vocabulary: Vocabulary, folder: Path) -> None:

@@ -7,13 +7,16 @@ prompt, with the max and 99th-percentile absolute logit error reported beside it
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from export.isolated import run_isolated
 from satseg.geometry import Volume, prepare
 from satseg.window import pad_to_patch, window_slices
 
@@ -77,22 +80,74 @@ def mask_agreement(reference: np.ndarray, candidate: np.ndarray, prompts: Sequen
     return agreement
 
 
+def torch_logits(
+    vision: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], patches: torch.Tensor, queries: torch.Tensor
+) -> np.ndarray:
+    """PyTorch's logits ``[B, N, H, W, D]`` (float32) for ``patches [B, 1, H, W, D]`` and ``queries [N, d]``.
+
+    One patch per call, so the peak is one window's activations whatever ``B`` is.
+    """
+    with torch.inference_mode():
+        return np.concatenate([vision(patch[None], queries[None]).float().cpu().numpy() for patch in patches])
+
+
+def onnx_session(path: Path, *, low_memory: bool = False) -> Any | None:
+    """An onnxruntime CPU session on ``path``, or ``None`` when this build has no kernel for one of its ops.
+
+    ``low_memory`` turns off the arena and the memory pattern, so a run holds only its live tensors (slower
+    to allocate; what makes a nano window fit in 23 GB).
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if low_memory:
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own NotImplemented/Fail types, not importable portably
+        if "NOT_IMPLEMENTED" in str(error) or "Could not find an implementation" in str(error):
+            return None
+        raise
+
+
+def onnx_vision_logits(graph: Path, patches: np.ndarray, queries: np.ndarray) -> np.ndarray | None:
+    """onnxruntime's logits for ``patches [B, 1, H, W, D]`` and ``queries [N, d]``, computed in a child process.
+
+    ``None`` when this onnxruntime cannot run the graph (FP16 on CPU). The child runs one patch at a time with
+    a low-memory session and exits, so the caller's PyTorch model and the session never hold memory together.
+    """
+    with tempfile.TemporaryDirectory(prefix="sat-parity-") as folder:
+        inputs, output = Path(folder) / "inputs.npz", Path(folder) / "logits.npy"
+        np.savez(inputs, patches=patches, queries=queries)
+        if not run_isolated(_onnx_vision_logits_child, str(graph), str(inputs), str(output)):
+            return None
+        return np.load(output)
+
+
+def _onnx_vision_logits_child(graph: str, inputs: str, output: str, results: Any) -> None:
+    """Child process of :func:`onnx_vision_logits`: puts whether the graph ran; its logits go to ``output``."""
+    session = onnx_session(Path(graph), low_memory=True)
+    if session is None:
+        results.put(False)
+        return
+    with np.load(inputs) as arrays:
+        patches, queries = arrays["patches"], arrays["queries"][None]
+    logits = [session.run(None, {"image": patch[None], "queries": queries})[0] for patch in patches]
+    np.save(output, np.concatenate(logits).astype(np.float32, copy=False))
+    results.put(True)
+
+
 def compare_vision(
-    reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    candidate: Callable[[np.ndarray, np.ndarray], np.ndarray],
-    patches: torch.Tensor,
-    queries: torch.Tensor,
+    expected: np.ndarray,
+    got: np.ndarray,
     prompts: Sequence[str],
     *,
     graph: str,
     inputs: str,
     min_dice: float = DEFAULT_MIN_DICE,
 ) -> ParityReport:
-    """Run both on ``patches [B, 1, H, W, D]`` with ``queries [N, d]`` (the same for every patch), then compare."""
-    batched = queries[None].expand(patches.shape[0], -1, -1).contiguous()
-    with torch.inference_mode():
-        expected = reference(patches, batched).float().cpu().numpy()
-    got = candidate(patches.numpy(), batched.numpy()).astype(np.float32)
+    """Logits ``[B, N, H, W, D]`` from PyTorch (``expected``) and from the graph, compared and gated."""
     worst, p99 = absolute_errors(expected, got)
     dice = mask_agreement(expected, got, prompts)
     passed = all(value >= min_dice for value in dice.values())

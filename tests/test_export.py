@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,9 @@ import torch
 from safetensors import safe_open
 
 from export.build_repo import ExportSettings, build_repository, main
+from export.isolated import run_isolated
 from export.onnx import file_sha256
-from export.parity import absolute_errors, compare_vision, mask_agreement
+from export.parity import absolute_errors, compare_vision, mask_agreement, onnx_vision_logits, torch_logits
 from export.tensorrt import (
     NO_TENSORRT,
     RuntimeIdentity,
@@ -93,6 +95,26 @@ def test_graphs_take_any_batch_and_prompt_count(exported: tuple[Path, list], tin
     assert absolute_errors(expected, got)[0] < 1e-3
 
 
+def test_onnxruntime_in_a_child_process_gives_the_in_process_logits(exported: tuple[Path, list]) -> None:
+    repository, _ = exported
+    graph = repository / "vision" / "1" / "model.onnx"
+    generator = np.random.default_rng(4)
+    patches = generator.normal(size=(2, 1, 96, 96, 32)).astype(np.float32)
+    queries = generator.normal(size=(3, 192)).astype(np.float32)
+    got = onnx_vision_logits(graph, patches, queries)
+    session = onnxruntime.InferenceSession(str(graph))
+    expected = session.run(None, {"image": patches, "queries": np.stack([queries, queries])})[0]
+    assert got is not None and got.shape == (2, 3, 96, 96, 32)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_a_child_that_fails_or_returns_nothing_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match="_exit exited with 1"):
+        run_isolated(os._exit, 0)  # os._exit(0, queue) is a TypeError in the child: exit status 1
+    with pytest.raises(RuntimeError, match="print returned nothing"):
+        run_isolated(print, "a child that puts nothing on its queue")
+
+
 def test_fp16_graphs_keep_float32_io_and_norms(exported: tuple[Path, list]) -> None:
     import onnx
 
@@ -140,21 +162,13 @@ def test_mask_agreement_and_the_gate_catch_a_wrong_graph() -> None:
     def reference(patches: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bnd,bchwk->bnhwk", queries, patches)
 
-    def wrong(patches: np.ndarray, queries: np.ndarray) -> np.ndarray:
-        return -reference(torch.from_numpy(patches), torch.from_numpy(queries)).numpy()
-
     patches, queries = torch.randn(2, 1, 8, 8, 4), torch.randn(3, 1)
-    report = compare_vision(reference, wrong, patches, queries, ["a", "b", "c"], graph="vision", inputs="random")
+    expected = torch_logits(reference, patches, queries)
+    assert expected.shape == (2, 3, 8, 8, 4)  # one patch per call, stacked back in order
+    np.testing.assert_allclose(expected[1], reference(patches[1:], queries[None])[0].numpy())
+    report = compare_vision(expected, -expected, ["a", "b", "c"], graph="vision", inputs="random")
     assert not report.passed and "FAIL" in report.summary()
-    good = compare_vision(
-        reference,
-        lambda p, q: reference(torch.from_numpy(p), torch.from_numpy(q)).numpy(),
-        patches,
-        queries,
-        ["a", "b", "c"],
-        graph="vision",
-        inputs="random",
-    )
+    good = compare_vision(expected, expected.copy(), ["a", "b", "c"], graph="vision", inputs="random")
     assert good.passed and good.max_abs_error == 0.0
 
 
