@@ -6,7 +6,7 @@ Everything a server or a client does later is measured against this path.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,9 +33,12 @@ class InferenceOptions:
 
     ``prompts_per_pass`` bounds memory: each pass holds ``prompts_per_pass`` fp16 probability maps
     of the model grid (2 bytes per voxel each); more prompts take more passes over the windows.
+    ``precision`` is the vision model's arithmetic: ``fp32``, or ``fp16`` (CUDA autocast; logits come back
+    float32).
     """
 
     overlap: float = 0.5
+    precision: str = "fp32"
     batch_size: int = 1
     accumulator_dtype: torch.dtype = torch.float16
     prompts_per_pass: int = 32
@@ -49,6 +52,29 @@ class PromptProbabilities:
     index: int
     term: str
     probabilities: torch.Tensor
+
+
+PRECISIONS = ("fp32", "fp16")
+
+
+def check_precision(precision: str, device: torch.device) -> str:
+    """``precision`` when ``device`` runs it: fp16 only on CUDA (CPU convolutions have no fast fp16 kernels)."""
+    if precision not in PRECISIONS:
+        raise SatInputError(f"unknown precision {precision!r}; accepted: {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise SatInputError(f"precision fp16 needs a CUDA device, not {device}; the CPU runs fp32")
+    return precision
+
+
+def vision_logits(
+    vision: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    patches: torch.Tensor,
+    queries: torch.Tensor,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """``vision(patches, queries)`` in ``precision`` (fp16: autocast on the inputs' CUDA device), float32 out."""
+    with torch.autocast(patches.device.type, dtype=torch.float16, enabled=precision == "fp16"):
+        return vision(patches, queries).float()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,6 +118,7 @@ class Segmenter:
         self.model = model.to(self.device).eval()
         self.vocabulary = vocabulary or Vocabulary.load()
         self.options = options or InferenceOptions()
+        check_precision(self.options.precision, self.device)
         self.tokenizer = PromptTokenizer(resolve_text_encoder(model.config.text_encoder))
         # The cached value is the final query, so the key covers the whole text tower.
         self.embeddings = EmbeddingCache(tensor_sha256(model.text.state_dict()), cache_dir=cache_dir)
@@ -124,7 +151,9 @@ class Segmenter:
     @torch.inference_mode()
     def predict_logits(self, patches: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """``patches [B, 1, H, W, D]``, ``queries [B, N, d]`` -> ``logits [B, N, H, W, D]`` (the Predictor)."""
-        return self.model.vision(patches.to(self.device), queries.to(self.device))
+        return vision_logits(
+            self.model.vision, patches.to(self.device), queries.to(self.device), self.options.precision
+        )
 
     @property
     def trained_terms(self) -> frozenset[str] | None:

@@ -237,3 +237,13 @@ def test_help_teaches(capsys: pytest.CaptureFixture[str]) -> None:
     text = capsys.readouterr().out
     for words in ("--prompts", "labelmap.nii.gz", "highest probability wins", "examples:", "Not for clinical use"):
         assert words in text
+
+
+def test_fp16_on_the_cpu_is_refused_in_one_line(
+    phantom_path: Path, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    options = ("--prompts", "liver", "--modality", "ct", "--device", "cpu", "--precision", "fp16")
+    code, _, stderr = run_cli(capsys, phantom_path, tmp_path / "out", tiny_checkpoint, *options)
+    assert code == 2
+    assert stderr.strip() == "sat-segment: error: precision fp16 needs a CUDA device, not cpu; the CPU runs fp32"
+    assert not (tmp_path / "out").exists()

@@ -13,7 +13,7 @@ from satseg.errors import SatInputError
 from satseg.geometry import PreprocessConfig, load_volume
 from satseg.geometry.volume import MODALITIES
 from satseg.outputs.writer import OutputOptions, write_segmentation
-from satseg.pipeline import InferenceOptions, Segmenter, resolve_device
+from satseg.pipeline import PRECISIONS, InferenceOptions, Segmenter, resolve_device
 from satseg.text import Vocabulary, parse_prompt_list
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "demo"
@@ -54,6 +54,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="checkpoint folder (config.json + model.safetensors); default $SATSEG_CHECKPOINT or the bundled demo",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="vision model arithmetic: fp32 (default) or fp16 (CUDA autocast; refused on the CPU)",
+    )
     parser.add_argument("--ml", action="store_true", help="write one merged label map instead of one mask per prompt")
     parser.add_argument("--statistics", action="store_true", help="write statistics.json (volume in mL per structure)")
     parser.add_argument("--preview", action="store_true", help="write preview.png (three slices with overlays)")
@@ -113,6 +119,7 @@ def segment(args: argparse.Namespace) -> int:
     options = InferenceOptions(
         overlap=args.overlap,
         batch_size=args.batch_size,
+        precision=args.precision,
         preprocess=PreprocessConfig(orientation=args.orientation),
     )
     checkpoint = choose_checkpoint(args.checkpoint)
