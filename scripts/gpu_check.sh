@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The checks only a CUDA GPU can make, in one run of under 8 minutes; results go into benchmarks/RESULTS.md
+# with the card's name.
+#   1. PyTorch CUDA FP16 against FP32 for the nano vision model on one window: per-prompt Dice agreement of the
+#      masks, logit error, time and peak memory (benchmarks/gpu_fp16.py).
+#
+# Usage:
+#   scripts/gpu_check.sh --fetch-wheels   # on a machine with the package index: the pure-Python packages a
+#                                         # torch-only GPU image lacks, into .whl/ (git-ignored)
+#   scripts/gpu_check.sh                  # on the GPU host, from the repository root: installs .whl/ (if any)
+#                                         # into a temporary folder and runs the checks; a copy of the output
+#                                         # goes to $OUT/gpu_check.txt when $OUT is set
+# The GPU host needs python3 with CUDA PyTorch, numpy, scipy, safetensors and transformers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHEELS=(monai==1.6.1 nibabel==5.4.2 pydicom==3.0.2)
+
+if [ "${1:-}" = "--fetch-wheels" ]; then
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl "${WHEELS[@]}"
+    ls -l .whl
+    exit 0
+fi
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+    site=$(mktemp -d)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
+    export PYTHONPATH="$site"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+report=${OUT:-$(mktemp -d)}/gpu_check.txt
+mkdir -p "$(dirname "$report")"
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    timeout 420 python3 benchmarks/gpu_fp16.py --size nano --prompts 8 --repeats 10
+} 2>&1 | tee "$report"
