@@ -17,6 +17,7 @@ from satseg.errors import SatInputError
 from satseg.geometry import PreprocessConfig, prepare
 from satseg.geometry.volume import MODALITIES, Volume, check_modality
 from satseg.model import SAT
+from satseg.outputs.components import keep_largest_component
 from satseg.text import (
     EmbeddingCache,
     PromptTokenizer,
@@ -34,11 +35,14 @@ class InferenceOptions:
     ``prompts_per_pass`` bounds memory: each pass holds ``prompts_per_pass`` fp16 probability maps
     of the model grid (2 bytes per voxel each); more prompts take more passes over the windows.
     ``precision`` is the vision model's arithmetic: ``fp32``, or ``fp16`` (CUDA autocast; logits come back
-    float32).
+    float32). ``keep_largest_component``: a structure the vocabulary marks as one connected body keeps only
+    the largest connected piece of its ``> threshold`` mask (its other pieces get probability 0).
     """
 
     overlap: float = 0.5
     precision: str = "fp32"
+    threshold: float = 0.5
+    keep_largest_component: bool = True
     batch_size: int = 1
     accumulator_dtype: torch.dtype = torch.float16
     prompts_per_pass: int = 32
@@ -177,12 +181,27 @@ class Segmenter:
             raise ValueError("segment() needs at least one term resolved by resolve_prompts()")
         modality = check_modality(modality)
         plan = [self.components(term) for term in terms]
-        queries = self.encode([component for components in plan for component in components], modality)
+        components = [component for parts in plan for component in parts]
+        queries = self.encode(components, modality)
         stream = probabilities_on_input_grid(
             volume, queries, self.predict_logits, self.patch_size, modality, self.options, self.device, progress
         )
+        if self.options.keep_largest_component:
+            single = [self.vocabulary.is_single_component(component) for component in components]
+            stream = largest_components(stream, single, self.options.threshold)
         for index, union in enumerate(union_per_prompt(stream, [len(components) for components in plan])):
             yield PromptProbabilities(index, terms[index], union)
+
+
+def largest_components(
+    stream: Iterator[tuple[int, torch.Tensor]], single_component: Sequence[bool], threshold: float
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``stream`` with each query row flagged in ``single_component`` cut to its largest connected piece.
+
+    Applied per component before :func:`union_per_prompt`, so "kidney" is each kidney's largest piece, joined.
+    """
+    for index, probabilities in stream:
+        yield index, keep_largest_component(probabilities, threshold) if single_component[index] else probabilities
 
 
 def union_per_prompt(stream: Iterator[tuple[int, torch.Tensor]], counts: Sequence[int]) -> Iterator[torch.Tensor]:

@@ -239,6 +239,20 @@ def test_unsorted_or_malformed_files_are_refused(tmp_path: Path) -> None:
     missing.write_text(json.dumps(entry))
     with pytest.raises(ValueError, match=r"missing\.jsonl:1: expected an object with the keys"):
         KnowledgeTree.load(missing)
+    written_false = tmp_path / "false.jsonl"
+    written_false.write_text(json.dumps({**json.loads(lines[0]), "single_component": False}))
+    with pytest.raises(ValueError, match="written only where it is true"):
+        KnowledgeTree.load(written_false)
+
+
+def test_single_body_structures_reach_the_vocabulary(tree: KnowledgeTree) -> None:
+    vocabulary = Vocabulary.load()
+    flagged = {concept.term for concept in tree.concepts if concept.single_component}
+    assert {"liver", "spleen", "left kidney", "right kidney", "l3 vertebra", "brainstem"} <= flagged
+    # Parents of two parts and structures often seen in pieces are never flagged.
+    assert not flagged & {"kidney", "lung", "small bowel", "colon", "thalamus", "left kidney cyst"}
+    assert not any(tree[term].children for term in flagged)
+    assert {term.name for term in vocabulary.terms if term.single_component} == flagged
 
 
 # --- the vocabulary built from the tree ------------------------------------------------------------

@@ -17,6 +17,7 @@ from satseg.errors import SatInputError
 from satseg.outputs import (
     LabelMapAccumulator,
     OutputOptions,
+    keep_largest_component,
     mask_statistics,
     preview_views,
     read_label_extension,
@@ -340,3 +341,28 @@ def test_ct_previews_use_the_soft_tissue_window(tmp_path: Path) -> None:
         write_segmentation(volume, ["liver"], [result], out, OutputOptions(preview=True, modality=modality))
         pictures[modality] = (out / "preview.png").read_bytes()
     assert pictures["ct"] != pictures[None]
+
+
+def test_largest_component_zeroes_only_the_smaller_pieces() -> None:
+    probabilities = torch.zeros(12, 10, 8)
+    probabilities[1:5, 1:5, 1:5] = 0.9  # the largest piece (64 voxels)
+    probabilities[5, 5, 5] = 0.8  # touches it by a corner only: the same piece under 26-connectivity
+    probabilities[8:10, 7:9, 5:7] = 0.7  # a separate piece (8 voxels)
+    probabilities[11, 0, 0] = 0.4  # below the threshold: not a piece, left as it is
+    expected = probabilities.clone()
+    expected[8:10, 7:9, 5:7] = 0.0
+    result = keep_largest_component(probabilities, 0.5)
+    assert result is probabilities  # in place
+    assert torch.equal(result, expected)
+
+
+def test_largest_component_leaves_empty_and_one_piece_masks_alone() -> None:
+    empty = torch.full((6, 6, 6), 0.2)
+    assert torch.equal(keep_largest_component(empty.clone(), 0.5), empty)
+    one = torch.zeros(6, 6, 6)
+    one[2:4, 2:4, 2:4] = 0.6
+    assert torch.equal(keep_largest_component(one.clone(), 0.5), one)
+    # Both pieces are below a higher threshold's mask: nothing changes.
+    two = one.clone()
+    two[0, 0, 0] = 0.55
+    assert torch.equal(keep_largest_component(two.clone(), 0.7), two)

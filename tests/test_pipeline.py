@@ -7,9 +7,11 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from satseg.geometry import PreprocessConfig, Volume, prepare
+from satseg.outputs import keep_largest_component
 from satseg.pipeline import InferenceOptions, Segmenter, probabilities_on_input_grid
 from training.data.phantom import world_coordinates
 
@@ -137,3 +139,20 @@ def test_a_parent_prompt_is_the_union_of_its_trained_children(segmenter: Segment
         result.probabilities for result in trained.segment(volume, ["kidney", *trained.components("kidney")], "ct")
     )
     torch.testing.assert_close(parent, torch.maximum(left, right))
+
+
+def test_single_body_structures_keep_their_largest_piece(segmenter: Segmenter) -> None:
+    """liver is one connected body in the vocabulary, kidney (both kidneys) is not."""
+    assert segmenter.vocabulary.is_single_component("liver")
+    assert not segmenter.vocabulary.is_single_component("kidney")
+    volume, _, _ = sphere_volume(False)
+    options = InferenceOptions(threshold=0.5)
+    cleaned = Segmenter(segmenter.model, options=options)
+    raw = Segmenter(segmenter.model, options=dataclasses.replace(options, keep_largest_component=False))
+    raw_liver, raw_kidney = (result.probabilities for result in raw.segment(volume, ["liver", "kidney"], "ct"))
+    liver, kidney = (result.probabilities for result in cleaned.segment(volume, ["liver", "kidney"], "ct"))
+    pieces = ndimage.label((raw_liver > 0.5).numpy(), structure=np.ones((3, 3, 3)))[1]
+    assert pieces > 1, "the random model's raw liver mask must have pieces to remove for this test to mean anything"
+    torch.testing.assert_close(liver, keep_largest_component(raw_liver.clone(), 0.5), atol=0, rtol=0)
+    assert ndimage.label((liver > 0.5).numpy(), structure=np.ones((3, 3, 3)))[1] == 1
+    torch.testing.assert_close(kidney, raw_kidney, atol=0, rtol=0)

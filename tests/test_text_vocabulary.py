@@ -146,7 +146,7 @@ def test_resolve_terms_and_synonyms(vocabulary: Vocabulary, prompt: str, term: s
 
 def test_structure_in_both_brain_atlases_is_one_term(vocabulary: Vocabulary) -> None:
     (hippocampus,) = [term for term in vocabulary.terms if term.name == "left hippocampus"]
-    assert hippocampus == Term("left hippocampus", ("hippocampus l",), ("mri",), "brain")
+    assert hippocampus == Term("left hippocampus", ("hippocampus l",), ("mri",), "brain", single_component=True)
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from satseg.cli.common import cli_parser, run_cli
 from satseg.errors import SatInputError
 from satseg.geometry import PreprocessConfig, Volume, load_volume
 from satseg.geometry.volume import check_modality
-from satseg.pipeline import Segmenter, resolve_device
+from satseg.pipeline import InferenceOptions, Segmenter, resolve_device
 from satseg.text import Vocabulary
 from training.data.mni152 import MNI152_TISSUES, load_mni152
 from training.data.names import map_label_names
@@ -306,9 +306,10 @@ def evaluate_case(
     geometry: str,
     *,
     tolerance_mm: float = DEFAULT_TOLERANCE_MM,
-    threshold: float = 0.5,
 ) -> list[dict[str, Any]]:
     """Segment ``case`` on ``geometry``'s grid through the serving path and score every prompt.
+
+    A voxel is predicted where its probability exceeds the segmenter's threshold, as in served masks.
 
     Returns:
         One row per prompt: case, geometry, structure, dice, nsd, truth_ml, predicted_ml, truth_voxels.
@@ -317,7 +318,7 @@ def evaluate_case(
     rows = []
     results = segmenter.segment(volume, [prompt.term for prompt in prompts], case.modality)
     for prompt, result in zip(prompts, results, strict=True):
-        prediction = (result.probabilities >= threshold).numpy()
+        prediction = (result.probabilities > segmenter.options.threshold).numpy()
         truth = truth_mask(labels, case.classes, prompt.truth)
         rows.append(
             {
@@ -440,6 +441,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM, help="NSD tolerance in mm (default 2)"
     )
     parser.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
+    parser.add_argument(
+        "--keep-all-components",
+        action="store_true",
+        help="score raw masks: no largest-piece clean-up of single-body structures (served masks have it)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the images synthesised for label-only cases")
     return parser.parse_args(argv)
@@ -449,7 +455,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.case and args.standardised is None and not args.mni152:
         raise SatInputError("nothing to evaluate: pass --case (repeatable), --standardised and/or --mni152")
     geometries = list(dict.fromkeys([INPUT_GEOMETRY, *(check_geometry(name) for name in args.geometry)]))
-    segmenter = Segmenter.from_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    options = InferenceOptions(threshold=args.threshold, keep_largest_component=not args.keep_all_components)
+    segmenter = Segmenter.from_checkpoint(args.checkpoint, device=resolve_device(args.device), options=options)
     vocabulary = segmenter.vocabulary
     asked = parse_prompts(args.prompts, vocabulary, allow_free_text=args.allow_free_text) if args.prompts else None
     cases = [
@@ -464,9 +471,7 @@ def run(args: argparse.Namespace) -> int:
     work = [(case, asked or labelled_prompts(case), geometry) for case in cases for geometry in geometries]
     rows: list[dict[str, Any]] = []
     for case, prompts, geometry in tqdm(work, desc="evaluate", unit="grid"):
-        rows += evaluate_case(
-            segmenter, case, prompts, geometry, tolerance_mm=args.tolerance_mm, threshold=args.threshold
-        )
+        rows += evaluate_case(segmenter, case, prompts, geometry, tolerance_mm=args.tolerance_mm)
     summary = region_summary(rows, {term.name: term.region for term in vocabulary.terms})
     dependence = grid_dependence(rows)
     extra = segmenter.metadata.extra if segmenter.metadata else {}
@@ -475,6 +480,7 @@ def run(args: argparse.Namespace) -> int:
         "trained steps": extra.get("steps", "untrained"),
         "tolerance_mm": args.tolerance_mm,
         "threshold": args.threshold,
+        "largest piece of single-body structures": options.keep_largest_component,
         "geometries": ", ".join(geometries),
         "cases": len(cases),
     }

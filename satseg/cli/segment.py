@@ -64,6 +64,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--statistics", action="store_true", help="write statistics.json (volume in mL per structure)")
     parser.add_argument("--preview", action="store_true", help="write preview.png (three slices with overlays)")
     parser.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
+    parser.add_argument(
+        "--keep-all-components",
+        action="store_true",
+        help="keep every piece of each mask; by default a structure that is one connected body (liver, a kidney, "
+        "a vertebra: single_component in the vocabulary) keeps only its largest piece",
+    )
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per model call (default 1)")
     parser.add_argument(
@@ -120,6 +126,8 @@ def segment(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         batch_size=args.batch_size,
         precision=args.precision,
+        threshold=args.threshold,
+        keep_largest_component=not args.keep_all_components,
         preprocess=PreprocessConfig(orientation=args.orientation),
     )
     checkpoint = choose_checkpoint(args.checkpoint)

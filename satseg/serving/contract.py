@@ -34,6 +34,8 @@ MODEL = "MODEL"
 # Between the ensemble's steps.
 QUERIES = "QUERIES"
 PROMPT_INDEX = "PROMPT_INDEX"
+SINGLE_COMPONENT = "SINGLE_COMPONENT"
+"""``[M]`` bool per query row: the vocabulary's one-connected-body flag (the mask keeps its largest piece)."""
 
 OUTPUT_MASKS = "masks"
 OUTPUT_LABELMAP = "labelmap"

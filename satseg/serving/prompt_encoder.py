@@ -98,11 +98,13 @@ class PromptEncoderModel:
         plan = [self.vocabulary.expand(term, self.trained_terms) for term in terms]
         components = [component for parts in plan for component in parts]
         queries = await self._queries(components, modality)
+        single = np.array([self.vocabulary.is_single_component(component) for component in components])
         pb_utils = backend()
         return pb_utils.InferenceResponse(
             output_tensors=[
                 to_triton(contract.QUERIES, queries),
                 to_triton(contract.PROMPT_INDEX, contract.prompt_index([len(parts) for parts in plan])),
+                to_triton(contract.SINGLE_COMPONENT, single),
                 pb_utils.Tensor(contract.LABELS, np.array([term.encode() for term in terms], dtype=np.object_)),
                 pb_utils.Tensor(contract.MODEL, self.model_id),
             ]

@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from satseg.errors import SatInputError
 from satseg.geometry import Volume
 from satseg.outputs import LabelMapAccumulator
-from satseg.pipeline import InferenceOptions, probabilities_on_input_grid, union_per_prompt
+from satseg.pipeline import InferenceOptions, largest_components, probabilities_on_input_grid, union_per_prompt
 from satseg.serving import contract
 from satseg.serving.prompt_encoder import read_contract
 from satseg.serving.triton_tensors import (
@@ -47,6 +48,7 @@ class SegmentationRequest:
     modality: str
     queries: torch.Tensor
     counts: list[int]
+    single_component: list[bool]
     options: contract.RequestOptions
 
 
@@ -120,7 +122,12 @@ class SegmenterModel:
         volume = contract.request_volume(image, required_input(request, contract.AFFINE), modality, self.limits)
         counts = contract.component_counts(required_input(request, contract.PROMPT_INDEX))
         queries = torch.from_numpy(np.ascontiguousarray(required_input(request, contract.QUERIES)))
-        return SegmentationRequest(volume, modality, queries, counts, options)
+        # Optional so the segmenter can be called on its own; the ensemble always sends it.
+        flags = optional_input(request, contract.SINGLE_COMPONENT)
+        single = [False] * queries.shape[0] if flags is None else [bool(flag) for flag in flags.reshape(-1)]
+        if len(single) != queries.shape[0]:
+            raise SatInputError(f"{contract.SINGLE_COMPONENT} needs one flag per query row ({queries.shape[0]})")
+        return SegmentationRequest(volume, modality, queries, counts, single, options)
 
     def _segment(self, request: SegmentationRequest, loop: asyncio.AbstractEventLoop) -> SegmentationArrays:
         """Runs in a worker thread; each batch of windows is awaited on the stub's event loop."""
@@ -136,6 +143,7 @@ class SegmenterModel:
         stream = probabilities_on_input_grid(
             request.volume, request.queries, predictor, self.patch_size, request.modality, options, self.device
         )
+        stream = largest_components(stream, request.single_component, request.options.threshold)
         return threshold_prompts(
             union_per_prompt(stream, request.counts),
             request.volume.shape,

@@ -119,6 +119,7 @@ class Term:
         region: body region ("abdomen", "brain", ...), informative only.
         children: terms whose union is this structure ("kidney": "left kidney", "right kidney"),
             so a model not trained on the term itself can segment it from them; empty for a leaf.
+        single_component: one connected body, so a mask keeps only its largest connected piece.
     """
 
     name: str
@@ -126,6 +127,7 @@ class Term:
     modalities: tuple[str, ...]
     region: str | None
     children: tuple[str, ...] = ()
+    single_component: bool = False
 
 
 def _one_line(text: str) -> str:
@@ -146,6 +148,7 @@ def _term_from_json(entry: Any, source: str) -> Term:
     modalities = entry.get("modalities", [])
     region = entry.get("region")
     children = entry.get("children", [])
+    single_component = entry.get("single_component", False)
     if not (isinstance(synonyms, list) and all(isinstance(s, str) for s in synonyms)):
         raise SatInputError(f'vocabulary {source}: "synonyms" of "{name}" must be a list of strings')
     if not (isinstance(modalities, list) and modalities and set(modalities) <= set(MODALITIES)):
@@ -156,7 +159,9 @@ def _term_from_json(entry: Any, source: str) -> Term:
         raise SatInputError(f'vocabulary {source}: "region" of "{name}" must be a string or null')
     if not (isinstance(children, list) and all(isinstance(c, str) for c in children)):
         raise SatInputError(f'vocabulary {source}: "children" of "{name}" must be a list of strings')
-    return Term(name, tuple(synonyms), tuple(modalities), region, tuple(children))
+    if not isinstance(single_component, bool):
+        raise SatInputError(f'vocabulary {source}: "single_component" of "{name}" must be true or false')
+    return Term(name, tuple(synonyms), tuple(modalities), region, tuple(children), single_component)
 
 
 class Vocabulary:
@@ -252,6 +257,7 @@ class Vocabulary:
 
         Independent of the file's formatting and entry order; any change to a term, synonym,
         modality, region or child changes it. Checkpoints record it to pair with their vocabulary.
+        ``single_component`` is left out: it shapes masks after the model, not what a checkpoint learned.
         """
         canonical = [
             {
@@ -315,6 +321,10 @@ class Vocabulary:
             SatInputError: ``term`` is empty or unknown.
         """
         return self._by_name[self.resolve(term)].children
+
+    def is_single_component(self, term: str) -> bool:
+        """Whether ``term`` (a canonical term; free text is not) is one connected body, see :class:`Term`."""
+        return term in self._by_name and self._by_name[term].single_component
 
     def expand(self, term: str, trained_terms: Collection[str] | None) -> list[str]:
         """The terms a model trained on ``trained_terms`` is asked for to segment the resolved ``term``.

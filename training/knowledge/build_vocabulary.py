@@ -1,8 +1,9 @@
 """Regenerate ``satseg/text/vocabulary.json`` from the knowledge tree.
 
 The vocabulary holds every concept of ``training/knowledge/anatomy.jsonl`` that can be segmented
-(it has modalities): its term, synonyms, children, modalities, region and label source, in the
-packaged file's layout, so a regenerated file differs only where the tree changed::
+(it has modalities): its term, synonyms, children, modalities, region, label source and whether it is
+one connected body, in the packaged file's layout, so a regenerated file differs only where the tree
+changed::
 
     python -m training.knowledge.build_vocabulary           # rewrite the packaged vocabulary
     python -m training.knowledge.build_vocabulary --check   # exit 1 if it is out of date
@@ -32,6 +33,8 @@ def vocabulary_entry(concept: Concept) -> dict[str, Any]:
     entry["modalities"] = list(concept.modalities)
     entry["region"] = concept.region
     entry["source"] = "+".join(concept.label_sources) or OWN_SOURCE
+    if concept.single_component:
+        entry["single_component"] = True
     return entry
 
 

@@ -31,6 +31,7 @@ SOURCES: tuple[str, ...] = (*LABEL_SOURCES, "wordnet", "satseg")
 PAIR_KINDS: tuple[str, ...] = ("definition", "synonym", "is_a", "part_of")
 _LIST_FIELDS = ("synonyms", "is_a", "part_of", "modalities", "children", "sources")
 _FIELDS = ("term", "definition", "region", *_LIST_FIELDS)
+_OPTIONAL_FIELDS = ("single_component",)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class Concept:
         children: terms whose union IS this structure; empty for a leaf. Never used for mere
             categories ("organ" has no children).
         sources: where it comes from, a subset of :data:`SOURCES`.
+        single_component: the structure is one connected body (a liver, one kidney, one vertebra), so its
+            mask keeps only its largest connected piece. Written only where true; never for a structure that
+            is often seen in pieces (bowel, ribs as a group, vessels that leave the field of view).
     """
 
     term: str
@@ -60,6 +64,7 @@ class Concept:
     region: str | None
     children: tuple[str, ...]
     sources: tuple[str, ...]
+    single_component: bool = False
 
     @property
     def label_sources(self) -> tuple[str, ...]:
@@ -87,9 +92,14 @@ def concept_from_json(entry: Any, where: str) -> Concept:
     Raises:
         ValueError: a field is missing, unexpected or of the wrong type (the message names ``where``).
     """
-    if not isinstance(entry, dict) or set(entry) != set(_FIELDS):
+    if not isinstance(entry, dict) or not set(_FIELDS) <= set(entry) <= {*_FIELDS, *_OPTIONAL_FIELDS}:
         found = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-        raise ValueError(f"{where}: expected an object with the keys {', '.join(_FIELDS)}, got {found}")
+        raise ValueError(
+            f"{where}: expected an object with the keys {', '.join(_FIELDS)} (optionally "
+            f"{', '.join(_OPTIONAL_FIELDS)}), got {found}"
+        )
+    if entry.get("single_component", True) is not True:
+        raise ValueError(f'{where}: "single_component" is written only where it is true')
     for name in _LIST_FIELDS:
         if not (isinstance(entry[name], list) and all(isinstance(item, str) for item in entry[name])):
             raise ValueError(f'{where}: "{name}" must be a list of strings')
@@ -98,7 +108,13 @@ def concept_from_json(entry: Any, where: str) -> Concept:
     if entry["region"] is not None and not isinstance(entry["region"], str):
         raise ValueError(f'{where}: "region" must be a string or null')
     lists = {name: tuple(entry[name]) for name in _LIST_FIELDS}
-    return Concept(term=entry["term"], definition=entry["definition"], region=entry["region"], **lists)
+    return Concept(
+        term=entry["term"],
+        definition=entry["definition"],
+        region=entry["region"],
+        single_component="single_component" in entry,
+        **lists,
+    )
 
 
 class KnowledgeTree:
@@ -120,7 +136,8 @@ class KnowledgeTree:
         self._source = source
         # The vocabulary index refuses a term listed twice or a spelling naming two concepts, and resolves.
         self._index = Vocabulary(
-            (Term(c.term, c.synonyms, c.modalities, c.region, c.children) for c in concepts), source=source
+            (Term(c.term, c.synonyms, c.modalities, c.region, c.children, c.single_component) for c in concepts),
+            source=source,
         )
         self._concepts = {concept.term: concept for concept in concepts}
         for concept in self._concepts.values():
