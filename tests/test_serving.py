@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import DEMO_CHECKPOINT
+from scipy import ndimage
 from served import MIN_AGREEMENT, agreement, phantom, reference_masks
 
 from clients.sat_client import infer_inputs, request_arrays
@@ -106,6 +107,8 @@ def test_real_ct_and_lps_mr_come_back_on_their_own_grids(
         assert expected.any()
         for index, prompt in enumerate(prompts):
             assert agreement(masks[index], expected[index]) >= MIN_AGREEMENT, (modality, prompt)
+        # The liver is one connected body (the vocabulary says so): the served mask keeps its largest piece.
+        assert ndimage.label(masks[prompts.index("liver")], structure=np.ones((3, 3, 3)))[1] == 1
 
 
 @dataclass
