@@ -161,6 +161,11 @@ def test_crop_pads_short_axes_and_prompts_are_capped() -> None:
     array = np.arange(4 * 10 * 3).reshape(4, 10, 3)
     start = crop_start(array.shape, (6, 6, 3), centre=(0, 9, 1), rng=rng)
     assert start[1] == 4 and start[2] == 0 and -2 <= start[0] <= 0
+    edges = {crop_start((20, 20, 9), (8, 8, 3), None, rng, overhang=(4, 4, 1)) for _ in range(400)}
+    assert min(start[0] for start in edges) == -4 and max(start[0] for start in edges) == 16  # past both edges
+    assert {start[2] for start in edges} == set(range(-1, 8))
+    # Centred on an edge voxel: the patch is centred on it (past the edge), not moved inside.
+    assert crop_start((20, 20, 9), (8, 8, 3), centre=(0, 19, 4), rng=rng, overhang=(4, 4, 1))[:2] == (-4, 15)
     patch = crop(array, (-1, 4, 0), (6, 6, 3), fill=-7)
     assert patch.shape == (6, 6, 3)
     assert (patch[0] == -7).all() and (patch[5] == -7).all()

@@ -4,7 +4,8 @@ Three tables, every key optional except ``train.steps`` (defaults below)::
 
     [model]  size, patch_size, text_pretraining, init_from
     [data]   roots, phantom, holdout, weights, structures, max_prompts, positive_centre_probability,
-             negatives, negative_ratio, spatial_augment_probability, intensity_augment_probability, seed,
+             negatives, negative_ratio, spatial_augment_probability, intensity_augment_probability,
+             edge_crop_probability, seed,
              num_workers, cached_cases
     [train]  steps, batch_size, gradient_accumulation, learning_rate, final_learning_rate, warmup_steps,
              weight_decay, gradient_clip, mixed_precision, seed, save_every, export_every, keep_states
@@ -96,6 +97,9 @@ class DataSettings:
             superior axes) and zoomed (0.85-1.15 per axis) about its centre (``training/augment.py``).
         intensity_augment_probability: chance that a real image patch gets blur, gamma, brightness/contrast
             and noise (synthesised SynthSeg images are random anyway).
+        edge_crop_probability: chance that a crop may reach up to half a patch past the volume's edge, the
+            outside filled with the image's minimum (air for CT). Without it no patch shows a field-of-view
+            edge, and a resampled or padded input's edges (an oblique grid's empty corners) are unseen.
         seed: data seed; sample ``i`` of the run is drawn from a generator seeded by ``(seed, i)``.
         num_workers: DataLoader worker processes per training process.
         cached_cases: decoded cases kept in memory per worker (standardised roots).
@@ -112,6 +116,7 @@ class DataSettings:
     negative_ratio: float = 0.5
     spatial_augment_probability: float = 0.0
     intensity_augment_probability: float = 0.0
+    edge_crop_probability: float = 0.0
     seed: int = 0
     num_workers: int = 0
     cached_cases: int = 8
@@ -178,7 +183,12 @@ class TrainingConfig:
             problems.append("model.init_from brings its own text layers: leave model.text_pretraining unset")
         if data.negative_ratio < 0:
             problems.append("data.negative_ratio must be >= 0")
-        for key in ("positive_centre_probability", "spatial_augment_probability", "intensity_augment_probability"):
+        for key in (
+            "positive_centre_probability",
+            "spatial_augment_probability",
+            "intensity_augment_probability",
+            "edge_crop_probability",
+        ):
             if not 0.0 <= getattr(data, key) <= 1.0:
                 problems.append(f"data.{key} must be in [0, 1]")
         if any(weight <= 0 for weight in data.weights.values()):

@@ -156,16 +156,23 @@ def sampling_weights(pools: Sequence[CasePool], overrides: dict[str, float]) -> 
 
 
 def crop_start(
-    shape: Sequence[int], patch: Sequence[int], centre: Sequence[int] | None, rng: np.random.Generator
+    shape: Sequence[int],
+    patch: Sequence[int],
+    centre: Sequence[int] | None,
+    rng: np.random.Generator,
+    overhang: Sequence[int] = (0, 0, 0),
 ) -> tuple[int, int, int]:
     """Start index of a patch: centred on ``centre`` (moved inside the volume where it fits), else uniform.
 
     Along an axis shorter than the patch, the start is negative (the patch is padded) and the volume lies
-    at a random offset inside it.
+    at a random offset inside it. ``overhang`` lets the patch reach that many voxels past each edge of a
+    longer axis, so it can show the field of view's edge.
     """
     starts = []
     for axis in range(3):
         low, high = sorted((0, shape[axis] - patch[axis]))
+        if shape[axis] >= patch[axis]:
+            low, high = low - overhang[axis], high + overhang[axis]
         if centre is None:
             starts.append(int(rng.integers(low, high + 1)))
         else:
@@ -347,7 +354,9 @@ class PatchDataset(Dataset):
         centre = None
         if classes and rng.random() < self.settings.positive_centre_probability:
             centre = labelled_voxel(case.labels, classes, rng)
-        start = crop_start(case.labels.shape, self.patch_size, centre, rng)
+        edge = happens(self.settings.edge_crop_probability, rng)
+        overhang = tuple(size // 2 if edge else 0 for size in self.patch_size)
+        start = crop_start(case.labels.shape, self.patch_size, centre, rng, overhang)
         image, labels = self.cropped(case, start, rng)
         if image is None:
             from training.data.synthseg import synthesize_image  # only label-only datasets need it
