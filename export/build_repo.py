@@ -276,6 +276,12 @@ def write_metadata(
             "mri_pet": "clip to the 0.5/99.5 percentiles, then z-score",
         },
         "sliding_window": {"patch_size": list(sat.config.patch_size), "overlap": 0.5, "blend": "gaussian"},
+        "postprocessing": {
+            "threshold": "a voxel is in a mask where its probability exceeds the request's threshold",
+            "largest_component": "a term marked single_component in the vocabulary (one connected body: "
+            "liver, a kidney, a vertebra) keeps only the largest 26-connected piece of its mask",
+            "single_component_terms": sum(term.single_component for term in vocabulary.terms),
+        },
         "vocabulary": {
             "terms": len(vocabulary),
             "sha256": vocabulary.sha256,

@@ -32,6 +32,7 @@ from satseg.checkpoint import load_checkpoint
 from satseg.errors import ExportError
 from satseg.geometry import MODALITIES
 from satseg.pipeline import Segmenter
+from satseg.text import Vocabulary
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime (the cpu extra) runs the exported graphs")
 pytest.importorskip("onnx", reason="onnx (the export extra) writes and checks the graphs")
@@ -55,6 +56,8 @@ def test_repository_holds_every_artefact_with_its_hash(exported: tuple[Path, lis
     assert (repository / "prompt_encoder" / "1" / "tokenizer" / "tokenizer.json").is_file()
     metadata = json.loads((repository / "sat" / "metadata.json").read_text())
     assert "not for clinical use" in metadata["intended_use"].lower()
+    flagged = sum(term.single_component for term in Vocabulary.load().terms)
+    assert flagged > 0 and metadata["postprocessing"]["single_component_terms"] == flagged
     assert metadata["inputs"]["AFFINE"] == {
         "dtype": "FP64",
         "shape": [4, 4],
