@@ -61,13 +61,12 @@ class PromptProbabilities:
 PRECISIONS = ("fp32", "fp16")
 
 
-def check_precision(precision: str, device: torch.device) -> str:
-    """``precision`` when ``device`` runs it: fp16 only on CUDA (CPU convolutions have no fast fp16 kernels)."""
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a precision ``device`` cannot run: fp16 only on CUDA (CPU convolutions have no fast fp16 kernels)."""
     if precision not in PRECISIONS:
         raise SatInputError(f"unknown precision {precision!r}; accepted: {', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type != "cuda":
         raise SatInputError(f"precision fp16 needs a CUDA device, not {device}; the CPU runs fp32")
-    return precision
 
 
 def vision_logits(
