@@ -136,6 +136,10 @@ def test_configs_load_and_overrides_are_typed() -> None:
     assert smoke.data.phantom and smoke.train.mixed_precision is None
     demo = load_config(CONFIGS / "demo.toml")
     assert demo.model.size == "tiny" and len(demo.data.holdout) == 4 and demo.data.roots
+    stage4 = load_config(CONFIGS / "demo_t1.toml")
+    assert stage4.data.t1_contrast_probability == 0.5 and demo.data.t1_contrast_probability == 0.0
+    with pytest.raises(SatInputError, match=r"data\.t1_contrast_probability must be in \[0, 1\]"):
+        load_config(CONFIGS / "smoke.toml", ["data.t1_contrast_probability=1.5"])
     assert parse_override("train.mixed_precision=bf16") == ("train", "mixed_precision", "bf16")
     assert parse_override("train.learning_rate=1e-4") == ("train", "learning_rate", 1e-4)
     with pytest.raises(SatInputError, match=r"unknown key\(s\) \['step'\] in \[train\]"):
@@ -285,6 +289,11 @@ def test_standardised_pools_weights_holdout_and_synthesis(standardised_root: Pat
     }
     assert sample["modality"].item() == 1
     assert not torch.equal(brain[1]["image"], sample["image"])  # a new contrast per sample
+    t1_settings = DataSettings(
+        roots=(str(standardised_root),), positive_centre_probability=1.0, t1_contrast_probability=1.0
+    )
+    t1_brain = PatchDataset(pools[:1], np.ones(1), terms, vocabulary, SMALL_PATCH, t1_settings, 3)
+    assert not torch.equal(t1_brain[0]["image"], sample["image"])  # the T1 prior reaches the synthesis
     torso = PatchDataset(pools[1:], np.ones(1), terms, vocabulary, SMALL_PATCH, settings, 2)
     assert torso[0]["positive"].any()  # centred on a labelled voxel
 

@@ -31,7 +31,7 @@ from training.data.readers import (
 from training.data.standardise import main as standardise_main
 from training.data.standardise import standardise
 from training.data.standardised import StandardisedDataset
-from training.data.synthseg import synthesize_image
+from training.data.synthseg import synthesize_image, t1_mean_ranges
 
 SHAPE = (40, 32, 12)
 # Rotated 20 degrees about z and x, and the second axis flipped.
@@ -423,6 +423,18 @@ def test_synthesis_is_deterministic_per_seed_and_varies_across_seeds() -> None:
     assert len(set(contrasts)) == 12  # a new contrast per seed
     assert min(contrasts) < 0 < max(contrasts)  # either tissue can be the brighter
     assert sum(abs(c) > 0.2 for c in contrasts) >= 9  # the two tissues are told apart in most seeds
+
+
+def test_t1_prior_orders_tissues_and_leaves_unnamed_values_free() -> None:
+    labels = _two_tissues()
+    labels[8:48, 8:88, 4:10] = 4  # a slab of ventricle in the left hemisphere
+    classes = {2: "left cerebral white matter", 41: "right cerebral cortex", 4: "left lateral ventricle", 9: "liver"}
+    ranges = t1_mean_ranges(classes)
+    assert set(ranges) == {2, 41, 4}  # "liver" is no brain tissue; 530 has no name
+    for seed in range(12):
+        image = synthesize_image(labels, np.random.default_rng(seed), mean_ranges=ranges)
+        white, cortex, fluid = (float(np.median(image[labels == value])) for value in (2, 41, 4))
+        assert white > cortex > fluid, f"seed {seed}: T1 order lost ({white:.2f}, {cortex:.2f}, {fluid:.2f})"
 
 
 def test_synthesis_checks_its_input() -> None:

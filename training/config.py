@@ -5,7 +5,7 @@ Three tables, every key optional except ``train.steps`` (defaults below)::
     [model]  size, patch_size, text_pretraining, init_from
     [data]   roots, phantom, holdout, weights, structures, max_prompts, positive_centre_probability,
              negatives, negative_ratio, spatial_augment_probability, intensity_augment_probability,
-             edge_crop_probability, seed,
+             edge_crop_probability, t1_contrast_probability, seed,
              num_workers, cached_cases
     [train]  steps, batch_size, gradient_accumulation, learning_rate, final_learning_rate, warmup_steps,
              weight_decay, gradient_clip, mixed_precision, seed, save_every, export_every, keep_states
@@ -100,6 +100,8 @@ class DataSettings:
         edge_crop_probability: chance that a crop may reach up to half a patch past the volume's edge, the
             outside filled with the image's minimum (air for CT). Without it no patch shows a field-of-view
             edge, and a resampled or padded input's edges (an oblique grid's empty corners) are unseen.
+        t1_contrast_probability: chance that a synthesised (SynthSeg) image has T1-weighted tissue order
+            (:func:`training.data.synthseg.t1_mean_ranges`) instead of any contrast.
         seed: data seed; sample ``i`` of the run is drawn from a generator seeded by ``(seed, i)``.
         num_workers: DataLoader worker processes per training process.
         cached_cases: decoded cases kept in memory per worker (standardised roots).
@@ -117,6 +119,7 @@ class DataSettings:
     spatial_augment_probability: float = 0.0
     intensity_augment_probability: float = 0.0
     edge_crop_probability: float = 0.0
+    t1_contrast_probability: float = 0.0
     seed: int = 0
     num_workers: int = 0
     cached_cases: int = 8
@@ -188,6 +191,7 @@ class TrainingConfig:
             "spatial_augment_probability",
             "intensity_augment_probability",
             "edge_crop_probability",
+            "t1_contrast_probability",
         ):
             if not 0.0 <= getattr(data, key) <= 1.0:
                 problems.append(f"data.{key} must be in [0, 1]")

@@ -359,12 +359,14 @@ class PatchDataset(Dataset):
         start = crop_start(case.labels.shape, self.patch_size, centre, rng, overhang)
         image, labels = self.cropped(case, start, rng)
         if image is None:
-            from training.data.synthseg import synthesize_image  # only label-only datasets need it
+            from training.data.synthseg import synthesize_image, t1_mean_ranges  # only label-only data needs it
 
             # Every named structure is brain; the rest (0 and the unnamed head tissues) is what skull
             # stripping removes.
             brain = np.isin(labels, list(case.classes))
-            image = synthesize_image(labels, rng, brain=brain)  # on the model grid, its default spacing
+            t1_like = happens(self.settings.t1_contrast_probability, rng)
+            ranges = t1_mean_ranges(case.classes) if t1_like else None
+            image = synthesize_image(labels, rng, brain=brain, mean_ranges=ranges)  # on the model grid
         elif happens(self.settings.intensity_augment_probability, rng):
             image = augment_intensity(image, rng)
         values_of: dict[str, list[int]] = defaultdict(list)  # prompted term -> its label values in the crop
