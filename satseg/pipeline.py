@@ -51,11 +51,16 @@ class InferenceOptions:
 
 @dataclass(frozen=True)
 class PromptProbabilities:
-    """One prompt's result: ``probabilities`` float32 ``[I, J, K]`` in [0, 1] on the input grid."""
+    """One prompt's result: ``probabilities`` float32 ``[I, J, K]`` in [0, 1] on the input grid.
+
+    ``threshold``: a voxel is inside where its probability exceeds it; the largest-piece clean-up cut there,
+    so masks must be cut there too (the writers and the evaluation read it from here).
+    """
 
     index: int
     term: str
     probabilities: torch.Tensor
+    threshold: float
 
 
 PRECISIONS = ("fp32", "fp16")
@@ -189,7 +194,7 @@ class Segmenter:
             single = [self.vocabulary.is_single_component(component) for component in components]
             stream = largest_components(stream, single, self.options.threshold)
         for index, union in enumerate(union_per_prompt(stream, [len(components) for components in plan])):
-            yield PromptProbabilities(index, terms[index], union)
+            yield PromptProbabilities(index, terms[index], union, self.options.threshold)
 
 
 def largest_components(

@@ -334,7 +334,8 @@ def test_save_preview_needs_a_name_for_every_shown_label(tmp_path: Path) -> None
 def test_ct_previews_use_the_soft_tissue_window(tmp_path: Path) -> None:
     """A CT's preview is windowed at W400/L40, so soft tissue is mid-grey, not washed out by air."""
     volume, labels, _ = make_torso_phantom((40, 32, 12))
-    result = SimpleNamespace(index=0, term="liver", probabilities=torch.from_numpy((labels == 1).astype(np.float32)))
+    probabilities = torch.from_numpy((labels == 1).astype(np.float32))
+    result = SimpleNamespace(index=0, term="liver", probabilities=probabilities, threshold=0.5)
     pictures = {}
     for modality in ("ct", None):
         out = tmp_path / str(modality)
@@ -366,3 +367,17 @@ def test_largest_component_leaves_empty_and_one_piece_masks_alone() -> None:
     two = one.clone()
     two[0, 0, 0] = 0.55
     assert torch.equal(keep_largest_component(two.clone(), 0.7), two)
+
+
+def test_masks_and_label_map_are_cut_at_each_results_own_threshold(tmp_path: Path) -> None:
+    """The writer takes the threshold the segmenter used (its clean-up cut there), not a second setting."""
+    volume, labels, _ = make_torso_phantom((40, 32, 12))
+    probabilities = torch.from_numpy(np.where(labels == 1, 0.45, 0.05).astype(np.float32))
+    for threshold, inside in ((0.5, False), (0.4, True)):
+        result = SimpleNamespace(index=0, term="liver", probabilities=probabilities, threshold=threshold)
+        out = tmp_path / str(threshold)
+        write_segmentation(volume, ["liver"], [result], out, OutputOptions(merged_labelmap=True, statistics=True))
+        labelmap = np.asarray(nib.load(out / "labelmap.nii.gz").dataobj)
+        assert np.array_equal(labelmap == 1, (labels == 1) & inside)
+        voxels = json.loads((out / "statistics.json").read_text())["liver"]["voxels"]
+        assert voxels == (int((labels == 1).sum()) if inside else 0)

@@ -156,3 +156,5 @@ def test_single_body_structures_keep_their_largest_piece(segmenter: Segmenter) -
     torch.testing.assert_close(liver, keep_largest_component(raw_liver.clone(), 0.5), atol=0, rtol=0)
     assert ndimage.label((liver > 0.5).numpy(), structure=np.ones((3, 3, 3)))[1] == 1
     torch.testing.assert_close(kidney, raw_kidney, atol=0, rtol=0)
+    lower = Segmenter(segmenter.model, options=dataclasses.replace(options, threshold=0.3))
+    assert [result.threshold for result in lower.segment(volume, ["liver", "kidney"], "ct")] == [0.3, 0.3]

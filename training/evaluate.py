@@ -309,7 +309,7 @@ def evaluate_case(
 ) -> list[dict[str, Any]]:
     """Segment ``case`` on ``geometry``'s grid through the serving path and score every prompt.
 
-    A voxel is predicted where its probability exceeds the segmenter's threshold, as in served masks.
+    A voxel is predicted where its probability exceeds the result's threshold, as in served masks.
 
     Returns:
         One row per prompt: case, geometry, structure, dice, nsd, truth_ml, predicted_ml, truth_voxels.
@@ -318,7 +318,7 @@ def evaluate_case(
     rows = []
     results = segmenter.segment(volume, [prompt.term for prompt in prompts], case.modality)
     for prompt, result in zip(prompts, results, strict=True):
-        prediction = (result.probabilities > segmenter.options.threshold).numpy()
+        prediction = (result.probabilities > result.threshold).numpy()
         truth = truth_mask(labels, case.classes, prompt.truth)
         rows.append(
             {

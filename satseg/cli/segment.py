@@ -145,7 +145,6 @@ def segment(args: argparse.Namespace) -> int:
             merged_labelmap=args.ml,
             statistics=args.statistics,
             preview=args.preview,
-            threshold=args.threshold,
             modality=modality,
         ),
     )

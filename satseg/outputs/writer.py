@@ -24,24 +24,27 @@ PREVIEW_FILE = "preview.png"
 
 
 class PromptResult(Protocol):
-    """One prompt's result as the segmenter yields it (``satseg.pipeline.PromptProbabilities``)."""
+    """One prompt's result as the segmenter yields it (``satseg.pipeline.PromptProbabilities``).
+
+    ``threshold`` travels with the probabilities: the writer cuts the mask where the segmenter's clean-up did.
+    """
 
     index: int
     term: str
     probabilities: torch.Tensor
+    threshold: float
 
 
 @dataclass(frozen=True)
 class OutputOptions:
-    """Which files to write. ``threshold``: a voxel is inside where its probability exceeds it.
+    """Which files to write. ``modality`` picks the preview's grey window (a soft-tissue window for CT).
 
-    ``modality`` picks the preview's grey window (a soft-tissue window for CT).
+    There is no threshold here: each result brings the one it was segmented with (:class:`PromptResult`).
     """
 
     merged_labelmap: bool = False
     statistics: bool = False
     preview: bool = False
-    threshold: float = 0.5
     modality: str | None = None
 
 
@@ -59,21 +62,21 @@ def write_segmentation(
 ) -> list[Path]:
     """Consume ``results`` one prompt at a time and write the outputs on ``volume``'s grid.
 
-    Label value ``index + 1`` names ``terms[index]``. Each prompt's probabilities are thresholded
-    and dropped before the next arrives; only the merged label map (and the best probability so
-    far) persists across prompts. Files are written atomically. Returns the paths written.
+    Label value ``index + 1`` names ``terms[index]``. Each prompt's probabilities are thresholded (at the
+    result's own ``threshold``) and dropped before the next arrives; only the merged label map (and the best
+    probability so far) persists across prompts. Files are written atomically. Returns the paths written.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     merged = LabelMapAccumulator(volume.shape) if options.merged_labelmap or options.preview else None
     statistics: dict[str, dict[str, int | float]] = {}
     written: list[Path] = []
     for result in results:
-        mask = (result.probabilities > options.threshold).to(torch.uint8).cpu().numpy()
+        mask = (result.probabilities > result.threshold).to(torch.uint8).cpu().numpy()
         if not options.merged_labelmap:
             written.append(write_mask(mask, result.term, volume, output_dir))
         statistics[result.term] = mask_statistics(mask, volume.voxel_volume_ml)
         if merged is not None:
-            merged.add(result.index + 1, result.probabilities, options.threshold)
+            merged.add(result.index + 1, result.probabilities, result.threshold)
     labelmap = merged.labelmap if merged is not None else None
     return written + write_summary(volume, terms, statistics, labelmap, output_dir, options)
 
