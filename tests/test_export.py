@@ -175,6 +175,20 @@ def test_mask_agreement_and_the_gate_catch_a_wrong_graph() -> None:
     assert good.passed and good.max_abs_error == 0.0
 
 
+def test_specks_are_reported_but_not_gated() -> None:
+    """A 10-voxel mask that loses one voxel (Dice 0.947) does not fail an export; a large mask that does, fails."""
+    expected = np.full((1, 2, 16, 16, 8), -1.0, np.float32)
+    expected[0, 0, :10, 0, 0] = 1.0  # a 10-voxel speck
+    expected[0, 1, :8] = 1.0  # half the patch
+    got = expected.copy()
+    got[0, 0, 9, 0, 0] = -1.0
+    report = compare_vision(expected, got, ["speck", "organ"], graph="vision", inputs="t", min_dice=0.99)
+    assert report.dice["speck"] == pytest.approx(18 / 19) and report.ungated == ("speck",) and report.passed
+    assert "not gated" in report.summary() and "speck" in report.summary()
+    got[0, 1, :2] = -1.0  # the large mask loses a quarter
+    assert not compare_vision(expected, got, ["speck", "organ"], graph="vision", inputs="t", min_dice=0.99).passed
+
+
 # --- TensorRT: everything around the builder, without TensorRT -------------------------------------------------
 
 
