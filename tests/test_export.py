@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from export.build_repo import ExportSettings, build_repository, main
+from export.build_repo import ExportSettings, build_repository, main, write_report
 from export.isolated import run_isolated
 from export.onnx import file_sha256
 from export.parity import absolute_errors, compare_vision, mask_agreement, onnx_vision_logits, torch_logits
@@ -175,7 +175,7 @@ def test_mask_agreement_and_the_gate_catch_a_wrong_graph() -> None:
     assert good.passed and good.max_abs_error == 0.0
 
 
-def test_specks_are_reported_but_not_gated() -> None:
+def test_specks_are_reported_but_not_gated(tmp_path: Path) -> None:
     """A 10-voxel mask that loses one voxel (Dice 0.947) does not fail an export; a large mask that does, fails."""
     expected = np.full((1, 2, 16, 16, 8), -1.0, np.float32)
     expected[0, 0, :10, 0, 0] = 1.0  # a 10-voxel speck
@@ -185,6 +185,10 @@ def test_specks_are_reported_but_not_gated() -> None:
     report = compare_vision(expected, got, ["speck", "organ"], graph="vision", inputs="t", min_dice=0.99)
     assert report.dice["speck"] == pytest.approx(18 / 19) and report.ungated == ("speck",) and report.passed
     assert "not gated" in report.summary() and "speck" in report.summary()
+    settings = ExportSettings(checkpoint=Path("demo"), repository=Path("repo"))
+    write_report(tmp_path, [report], settings)
+    assert "not gated, under 100 voxels: speck" in (tmp_path / "export_report.md").read_text()
+    assert json.loads((tmp_path / "export_report.json").read_text())[0]["ungated"] == ["speck"]
     got[0, 1, :2] = -1.0  # the large mask loses a quarter
     assert not compare_vision(expected, got, ["speck", "organ"], graph="vision", inputs="t", min_dice=0.99).passed
 
