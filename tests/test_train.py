@@ -263,7 +263,9 @@ def standardised_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_standardised_pools_weights_holdout_and_synthesis(standardised_root: Path) -> None:
+def test_standardised_pools_weights_holdout_and_synthesis(
+    standardised_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pools = standardised_pools([standardised_root], ["torso/ct2"], cached_cases=2)
     assert [(pool.name, pool.size) for pool in pools] == [("synthseg", 1), ("torso", 2)]
     assert pools[0].labelled_terms == {"left hippocampus", "right hippocampus"}
@@ -289,11 +291,22 @@ def test_standardised_pools_weights_holdout_and_synthesis(standardised_root: Pat
     }
     assert sample["modality"].item() == 1
     assert not torch.equal(brain[1]["image"], sample["image"])  # a new contrast per sample
-    t1_settings = DataSettings(
-        roots=(str(standardised_root),), positive_centre_probability=1.0, t1_contrast_probability=1.0
-    )
-    t1_brain = PatchDataset(pools[:1], np.ones(1), terms, vocabulary, SMALL_PATCH, t1_settings, 3)
-    assert not torch.equal(t1_brain[0]["image"], sample["image"])  # the T1 prior reaches the synthesis
+    # The T1 prior reaches the real synthesis: wrapped only to see the ranges it is called with.
+    import training.data.synthseg as synthseg
+
+    calls: list[object] = []
+
+    def recording(*args: object, **kwargs: object) -> np.ndarray:
+        calls.append(kwargs.get("mean_ranges"))
+        return real_synthesis(*args, **kwargs)
+
+    real_synthesis = synthseg.synthesize_image
+    monkeypatch.setattr(synthseg, "synthesize_image", recording)
+    for probability in (0.0, 1.0):
+        t1_settings = DataSettings(positive_centre_probability=1.0, t1_contrast_probability=probability)
+        PatchDataset(pools[:1], np.ones(1), terms, vocabulary, SMALL_PATCH, t1_settings, 3)[0]
+    hippocampus = synthseg.T1_TISSUE_MEAN_RANGES["hippocampus"]
+    assert calls[0] is None and calls[1] and set(calls[1].values()) == {hippocampus}  # type: ignore[union-attr]
     torso = PatchDataset(pools[1:], np.ones(1), terms, vocabulary, SMALL_PATCH, settings, 2)
     assert torso[0]["positive"].any()  # centred on a labelled voxel
 
