@@ -6,6 +6,7 @@ import csv
 import itertools
 import json
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -155,6 +156,24 @@ def test_configs_load_and_overrides_are_typed() -> None:
         load_config(CONFIGS / "smoke.toml", ["model.patch_size=[32,32,32]"])
     with pytest.raises(SatInputError, match=r"not section\.key=value"):
         parse_override("steps=3")
+
+
+def test_demo_stages_chain_in_the_justfile() -> None:
+    """``just train-demo`` runs stages that each start from the previous one's checkpoint, and the bundle and
+    evaluation recipes default to the last stage's: a stage added or renamed in one place only fails here."""
+    justfile = (CONFIGS.parents[1] / "Justfile").read_text()
+    recipe = justfile.split("\ntrain-demo:", 1)[1].split("\n\n", 1)[0].replace("\\\n", " ")
+    stages = re.findall(r"--config (\S+) --output (\S+)(?:\s+'?model\.init_from=\"([^\"]+)\"'?)?", recipe)
+    assert len(stages) >= 2
+    previous = None
+    for config_path, output, override in stages:
+        config = load_config(CONFIGS.parents[1] / config_path)
+        init_from = override or config.model.init_from
+        if previous is not None:
+            assert init_from == f"{previous}/checkpoint", f"{config_path} starts from {init_from}"
+        previous = output
+    last = f'checkpoint="{previous}/checkpoint"'
+    assert f"bundle-demo {last}" in justfile and f"evaluate-demo {last}" in justfile
 
 
 # --- patches and prompts ------------------------------------------------------------------------------
