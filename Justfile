@@ -56,9 +56,10 @@ standardise-shared: (env "dev")
 pretrain-text: (env "dev")
     {{bin}}/sat-pretrain-text --output runs/pretrain_text
 
-# Train the demo model on the standardised real data in six stages (training/configs/demo.toml, then
+# Train the demo model on the standardised real data in seven stages (training/configs/demo.toml, then
 # demo_finetune.toml with augmentation, demo_edges.toml with field-of-view edges, demo_t1.toml and
-# demo_t1_focus.toml with T1-ordered synthetic brains, demo_balance.toml back on the even mix); resumable per stage.
+# demo_t1_focus.toml with T1-ordered synthetic brains, demo_balance.toml back on the even mix,
+# demo_ct_focus.toml with more CT and more edge crops); resumable per stage.
 train-demo: standardise-shared
     [ -f runs/pretrain_text/text_encoder_layers.safetensors ] || {{just_executable()}} pretrain-text
     {{bin}}/sat-train --config training/configs/demo.toml --output runs/demo
@@ -68,9 +69,10 @@ train-demo: standardise-shared
     {{bin}}/sat-train --config training/configs/demo_t1.toml --output runs/demo_t1
     {{bin}}/sat-train --config training/configs/demo_t1_focus.toml --output runs/demo_t1_focus
     {{bin}}/sat-train --config training/configs/demo_balance.toml --output runs/demo_balance
+    {{bin}}/sat-train --config training/configs/demo_ct_focus.toml --output runs/demo_ct_focus
 
 # Copy a trained checkpoint (default: the demo run's) into models/demo, where sat-segment finds it by default.
-bundle-demo checkpoint="runs/demo_balance/checkpoint": (env "dev")
+bundle-demo checkpoint="runs/demo_ct_focus/checkpoint": (env "dev")
     mkdir -p models/demo
     cp {{checkpoint}}/config.json {{checkpoint}}/model.safetensors models/demo/
     {{bin}}/sat-checkpoint info models/demo
@@ -78,7 +80,7 @@ bundle-demo checkpoint="runs/demo_balance/checkpoint": (env "dev")
 # The training CT on its own grid and rotated 15 degrees, the real MNI152 T1 against nilearn's tissue
 # masks, and the held-out SynthSeg maps; writes runs/demo/evaluation-*.
 # The model card's learning checks of a checkpoint (default: the demo run's).
-evaluate-demo checkpoint="runs/demo_balance/checkpoint": (env "dev")
+evaluate-demo checkpoint="runs/demo_ct_focus/checkpoint": (env "dev")
     {{bin}}/sat-evaluate --checkpoint {{checkpoint}} --output runs/demo/evaluation-ct --geometry oblique15 \
         --case ../shared/data/totalseg/example_ct.nii.gz ../shared/data/totalseg/example_seg_fast_force_split.nii.gz \
         ../shared/data/totalseg/classes_total.json ct --prompts "liver,spleen,left kidney,right kidney,stomach,aorta"
