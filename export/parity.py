@@ -53,13 +53,17 @@ class ParityReport:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def ungated_note(self) -> str:
+        """`` (not gated, under 100 voxels: a, b)``, or empty when every prompt was gated."""
+        return f" (not gated, under {MIN_GATED_VOXELS} voxels: {', '.join(self.ungated)})" if self.ungated else ""
+
     def summary(self) -> str:
         worst = f", worst prompt Dice {min(self.dice.values()):.4f}" if self.dice else ""
         verdict = "pass" if self.passed else f"FAIL (gate Dice >= {self.min_dice})"
-        specks = f" (not gated, under {MIN_GATED_VOXELS} voxels: {', '.join(self.ungated)})" if self.ungated else ""
         return (
             f"{self.graph} on {self.inputs}: max |error| {self.max_abs_error:.2e}, "
-            f"p99 {self.p99_abs_error:.2e}{worst}: {verdict}{specks}"
+            f"p99 {self.p99_abs_error:.2e}{worst}: {verdict}{self.ungated_note}"
         )
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import training.data.synthseg as synthseg
 from satseg.checkpoint import CONFIG_FILE, TEXT_PRETRAINING_WEIGHTS, load_checkpoint
 from satseg.errors import SatInputError
 from satseg.model import build_sat
@@ -311,8 +312,6 @@ def test_standardised_pools_weights_holdout_and_synthesis(
     assert sample["modality"].item() == 1
     assert not torch.equal(brain[1]["image"], sample["image"])  # a new contrast per sample
     # The T1 prior reaches the real synthesis: wrapped only to see the ranges it is called with.
-    import training.data.synthseg as synthseg
-
     calls: list[object] = []
 
     def recording(*args: object, **kwargs: object) -> np.ndarray:
