@@ -15,10 +15,12 @@ from satseg.text import (
     PromptTokenizer,
     Term,
     Vocabulary,
+    check_prompts,
     normalize_prompt,
     parse_prompt_list,
     resolve_text_encoder,
 )
+from satseg.text.vocabulary import MAX_PROMPT_CHARS
 
 PACKAGED_JSON = Path(__file__).parents[1] / "satseg" / "text" / "vocabulary.json"
 
@@ -61,12 +63,38 @@ def test_normalize_prompt(text: str, expected: str) -> None:
 
 
 def test_parse_prompt_list_splits_strips_and_deduplicates() -> None:
-    assert parse_prompt_list("liver, spleen,,Liver , kidney_left,left kidney") == [
+    assert parse_prompt_list("liver, spleen,Liver , kidney_left,left kidney") == [
         "liver",
         "spleen",
         "kidney_left",
     ]
-    assert parse_prompt_list(["liver", " spleen ", "", "LIVER"]) == ["liver", "spleen"]
+    assert parse_prompt_list(["liver", " spleen ", "LIVER"]) == ["liver", "spleen"]
+
+
+@pytest.mark.parametrize("given", ["liver,,spleen", "liver,spleen,", ["liver", " "]])
+def test_a_blank_item_is_refused_by_position(given: str | list[str]) -> None:
+    """One rule for the CLI and the server: a blank item refuses the list (it was silently dropped here)."""
+    with pytest.raises(SatInputError, match=r"^prompt \d of \d is blank"):
+        parse_prompt_list(given)
+
+
+def test_an_over_long_prompt_is_refused_with_a_short_quotation() -> None:
+    """A 20,000-character prompt once came back whole in the error (100 KB over HTTP, over gRPC's 16 KB
+    metadata limit, where the client mistook it for an outage)."""
+    long_prompt = "liver" + "x" * 20_000 + "\x1b[31m"
+    with pytest.raises(SatInputError) as caught:
+        check_prompts(["spleen", long_prompt])
+    message = str(caught.value)
+    assert message.startswith("prompt 2 (") and f"longer than {MAX_PROMPT_CHARS} characters" in message
+    assert len(message) < 200 and "\x1b" not in message
+    assert len(check_prompts(["a" * MAX_PROMPT_CHARS])[0]) == MAX_PROMPT_CHARS
+
+
+def test_unknown_prompt_errors_quote_a_short_prefix_without_control_characters() -> None:
+    with pytest.raises(SatInputError) as caught:
+        Vocabulary.load().resolve("\x1b[2Jnot an organ" + "y" * 300)
+    message = str(caught.value)
+    assert "\x1b" not in message and len(message) < 400 and "not an organ" in message
 
 
 @pytest.mark.parametrize("given", ["", " , ,", [], ["", "  "]])

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from satseg.errors import CheckpointError, ExportError, SatInputError
+from satseg.errors import CheckpointError, ExportError, SatInputError, one_line
 
 USER_ERRORS = (SatInputError, CheckpointError, ExportError, FileNotFoundError, NotADirectoryError, PermissionError)
 
@@ -16,8 +16,7 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
     try:
         return body()
     except USER_ERRORS as error:
-        message = " ".join(str(error).split())
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

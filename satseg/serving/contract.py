@@ -17,7 +17,9 @@ import numpy as np
 
 from satseg.errors import SatInputError
 from satseg.geometry import Volume, validate_volume
+from satseg.geometry.io import DEFAULT_MAX_VOXELS, check_intensities
 from satseg.geometry.volume import check_modality
+from satseg.text.vocabulary import check_prompts
 
 # Tensor names of the ensemble (clients/ and loadtest/ use these too).
 IMAGE = "IMAGE"
@@ -41,11 +43,6 @@ OUTPUT_MASKS = "masks"
 OUTPUT_LABELMAP = "labelmap"
 OUTPUT_BOTH = "both"
 OUTPUT_CHOICES = (OUTPUT_MASKS, OUTPUT_LABELMAP, OUTPUT_BOTH)
-CT_PLAUSIBLE_HU = (-4096.0, 32767.0)
-"""CT values outside this are not Hounsfield units (stored values with no rescale applied, say)."""
-CT_MIN_RANGE_HU = 50.0
-"""A CT spanning less than this has no air-to-tissue contrast: most likely an already normalised image."""
-DEFAULT_MAX_VOXELS = 512 * 512 * 1000
 DEFAULT_MAX_PROMPTS = 64
 
 
@@ -139,13 +136,8 @@ def request_modality(array: np.ndarray) -> str:
 
 
 def request_prompts(array: np.ndarray, limits: ServingLimits) -> list[str]:
-    """The prompts of a ``PROMPTS`` tensor: 1 to ``limits.max_prompts`` non-empty strings."""
-    prompts = [prompt.strip() for prompt in decode_strings(array, PROMPTS)]
-    if not prompts or any(not prompt for prompt in prompts):
-        raise SatInputError(f'{PROMPTS} must hold 1 or more non-empty anatomy terms, e.g. ["liver", "spleen"]')
-    if len(prompts) > limits.max_prompts:
-        raise SatInputError(f"{len(prompts)} prompts were sent; at most {limits.max_prompts} per request")
-    return prompts
+    """The prompts of a ``PROMPTS`` tensor, by the rule every entry point applies (:func:`check_prompts`)."""
+    return check_prompts(decode_strings(array, PROMPTS), limits.max_prompts)
 
 
 def pick_image(image: np.ndarray | None, image_int16: np.ndarray | None) -> np.ndarray:
@@ -170,19 +162,8 @@ def request_volume(image: np.ndarray, affine: np.ndarray, modality: str, limits:
     if image.ndim != 3:
         raise SatInputError(f"{IMAGE} must be 3D [I, J, K], got shape {list(image.shape)}")
     volume = validate_volume(Volume(image, affine, modality), max_voxels=limits.max_voxels)
-    if modality == "ct":
-        check_ct_range(volume.array)
+    check_intensities(volume.array, modality)
     return volume
-
-
-def check_ct_range(array: np.ndarray) -> None:
-    """Refuse a CT whose values cannot be Hounsfield units."""
-    low, high = float(array.min()), float(array.max())
-    if low < CT_PLAUSIBLE_HU[0] or high > CT_PLAUSIBLE_HU[1] or high - low < CT_MIN_RANGE_HU:
-        raise SatInputError(
-            f"CT values span {low:g} to {high:g}; Hounsfield units are expected (air about -1000, "
-            f"bone up to a few thousand, within {CT_PLAUSIBLE_HU[0]:g} to {CT_PLAUSIBLE_HU[1]:g})"
-        )
 
 
 def prompt_index(counts: Sequence[int]) -> np.ndarray:

@@ -53,10 +53,10 @@ def required_input(request: Any, name: str) -> np.ndarray:
 
 def error_response(error: Exception) -> Any:
     """The response of a request that failed: ``INVALID_ARG`` for bad input, ``INTERNAL`` for anything else."""
-    from satseg.errors import SatInputError
+    from satseg.errors import SatInputError, one_line
 
     pb_utils = backend()
-    message = " ".join(str(error).split()) or type(error).__name__
+    message = one_line(str(error)) or type(error).__name__
     if isinstance(error, SatInputError):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG))
     return pb_utils.InferenceResponse(

@@ -6,6 +6,7 @@ from satseg.text.tokenize import PromptTokenizer
 from satseg.text.vocabulary import (
     Term,
     Vocabulary,
+    check_prompts,
     normalize_prompt,
     parse_prompt_list,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "PromptTokenizer",
     "Term",
     "Vocabulary",
+    "check_prompts",
     "normalize_prompt",
     "parse_prompt_list",
     "resolve_text_encoder",

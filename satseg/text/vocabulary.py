@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from satseg.errors import SatInputError
+from satseg.errors import SatInputError, one_line, quoted
 from satseg.geometry.volume import MODALITIES, check_modality
 
 VOCABULARY_FORMAT_VERSION = 1
@@ -29,6 +29,8 @@ _SIDES = ("left", "right")
 _EDGE_PUNCTUATION = re.compile(r"^[\W_]+|[\W_]+$")
 _MAX_SUGGESTIONS = 5
 _NO_PROMPTS = 'no prompts given; pass one or more anatomy terms, e.g. --prompts "liver,spleen"'
+MAX_PROMPT_CHARS = 256
+"""The longest prompt accepted: anatomy terms are short, and a refusal must stay a short one-line message."""
 
 
 def normalize_prompt(text: str) -> str:
@@ -54,24 +56,45 @@ def normalize_prompt(text: str) -> str:
     return " ".join(words)
 
 
-def parse_prompt_list(text: str | Sequence[str]) -> list[str]:
-    """Prompts from ``"liver, spleen"`` or ``["liver", "spleen"]``.
-
-    A string is split on commas; list items are taken whole. Items are stripped, empty ones are
-    dropped, and later items that normalise like an earlier one are dropped (order kept).
+def check_prompts(items: Sequence[str], max_prompts: int | None = None) -> list[str]:
+    """The one rule every entry point applies to a list of prompts: each stripped, none blank, none longer
+    than :data:`MAX_PROMPT_CHARS`, at least one and at most ``max_prompts``.
 
     Raises:
-        SatInputError: nothing is left.
+        SatInputError: naming the first offending item by its position (and a short quotation of it).
+    """
+    prompts = [item.strip() for item in items]
+    if not any(prompts):
+        raise SatInputError(_NO_PROMPTS)
+    for position, prompt in enumerate(prompts, start=1):
+        if not prompt:
+            raise SatInputError(
+                f"prompt {position} of {len(prompts)} is blank; every item must name an anatomy term, "
+                'e.g. "liver,spleen" (no empty items between commas)'
+            )
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise SatInputError(
+                f"prompt {position} ({quoted(prompt)}) is longer than {MAX_PROMPT_CHARS} characters; "
+                "pass an anatomy term such as \"left kidney\""
+            )
+    if max_prompts is not None and len(prompts) > max_prompts:
+        raise SatInputError(f"{len(prompts)} prompts were sent; at most {max_prompts} per request")
+    return prompts
+
+
+def parse_prompt_list(text: str | Sequence[str]) -> list[str]:
+    """Prompts from ``"liver, spleen"`` or ``["liver", "spleen"]``, checked by :func:`check_prompts`.
+
+    A string is split on commas; list items are taken whole. Later items that normalise like an earlier one
+    are dropped (order kept): a term is segmented once.
+
+    Raises:
+        SatInputError: no prompts, a blank or over-long item.
     """
     items = text.split(",") if isinstance(text, str) else text
     prompts: dict[str, str] = {}
-    for item in items:
-        stripped = item.strip()
-        key = normalize_prompt(stripped)
-        if key and key not in prompts:
-            prompts[key] = stripped
-    if not prompts:
-        raise SatInputError(_NO_PROMPTS)
+    for prompt in check_prompts(items):
+        prompts.setdefault(normalize_prompt(prompt), prompt)
     return list(prompts.values())
 
 
@@ -128,10 +151,6 @@ class Term:
     region: str | None
     children: tuple[str, ...] = ()
     single_component: bool = False
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _term_from_json(entry: Any, source: str) -> Term:
@@ -223,7 +242,7 @@ class Vocabulary:
                 text = Path(path).read_text("utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise SatInputError(
-                    f"cannot read vocabulary {source}: {_one_line(str(exc))}; pass a UTF-8 JSON file "
+                    f"cannot read vocabulary {source}: {one_line(str(exc))}; pass a UTF-8 JSON file "
                     "in the format of satseg/text/vocabulary.json"
                 ) from exc
         try:
@@ -299,7 +318,7 @@ class Vocabulary:
             else "no known term is close (known terms are in satseg/text/vocabulary.json)"
         )
         raise SatInputError(
-            f'unknown prompt "{_one_line(prompt)}"; {known}; '
+            f"unknown prompt {quoted(prompt)}; {known}; "
             "pass allow_free_text (--allow-free-text) to send free text to the encoder"
         )
 
