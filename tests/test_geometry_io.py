@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import gzip
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 from dicom_series import COL_COSINE, ORIGIN, PIXEL_SPACING, ROW_COSINE, SLICE_GAP, distinct_hu, write_series
 
 from satseg.errors import SatInputError
 from satseg.geometry import Volume, load_dicom_series, load_nifti, load_volume, validate_volume
+from satseg.geometry.io import check_intensities
+from satseg.geometry.volume import MODALITIES, choose_modality
 
 OBLIQUE = np.array(
     [
@@ -125,7 +131,7 @@ def test_truncated_nifti_gives_one_line(tmp_path: Path, keep: float) -> None:
     cut = tmp_path / "cut.nii.gz"
     cut.write_bytes(data[: int(len(data) * keep)])
     message = _error(load_volume, cut)
-    assert "could not read NIfTI 'cut.nii.gz'" in message and "truncated or corrupt" in message
+    assert message.startswith("could not read NIfTI 'cut.nii.gz': file is truncated")
 
 
 def test_unsupported_and_missing_paths(tmp_path: Path) -> None:
@@ -188,3 +194,113 @@ def test_dicom_two_series(tmp_path: Path) -> None:
 def test_folder_without_slices(tmp_path: Path) -> None:
     (tmp_path / "DICOMDIR").write_bytes(b"\0" * 10)
     assert "no DICOM image slices" in _error(load_volume, tmp_path)
+
+
+# --- files that declare more than they hold (memory bombs) ------------------------------------------
+
+BOMB_SHAPE = (2000, 2000, 2000)
+
+
+def _header_only_nifti(path: Path, shape: tuple[int, ...], dtype: type = np.int16) -> Path:
+    """A NIfTI of only its 352-byte header declaring ``shape`` (gzip-compressed for ``.gz``: about 90 bytes)."""
+    header = nib.Nifti1Header()
+    header.set_data_dtype(dtype)
+    header.set_data_shape(shape)
+    header.set_sform(np.diag([1.0, 1.0, 1.0, 1.0]), code=1)
+    raw = header.binaryblock + b"\0" * 4  # the 4 extension bytes before vox_offset 352
+    path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
+    return path
+
+
+def _peak_rss_mb_loading(path: Path) -> tuple[str, float]:
+    """(error message, peak RSS growth in MB over the imports) of load_volume(path) in a fresh child process."""
+    code = (
+        "import resource, sys\n"
+        "from satseg.errors import SatInputError\n"
+        "from satseg.geometry import load_volume\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        f"    load_volume({str(path)!r}); message = 'loaded'\n"
+        "except SatInputError as error:\n"
+        "    message = str(error)\n"
+        "print(message); print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    message, peak = done.stdout.strip().splitlines()
+    return message, float(peak)
+
+
+@pytest.mark.parametrize("name", ["bomb.nii.gz", "bomb.nii"])
+def test_a_tiny_file_declaring_2000_cubed_is_refused_before_allocation(tmp_path: Path, name: str) -> None:
+    """An 88-byte .nii.gz declaring 2000^3 int16 made nibabel zero-fill 16 GB (OOM kill, no message)."""
+    bomb = _header_only_nifti(tmp_path / name, BOMB_SHAPE)
+    assert bomb.stat().st_size < 400
+    message, peak_mb = _peak_rss_mb_loading(bomb)
+    assert "declares 8000000000 voxels" in message and "at most" in message
+    assert peak_mb < 100
+
+
+@pytest.mark.parametrize("name", ["short.nii.gz", "short.nii"])
+def test_a_header_that_claims_more_bytes_than_the_file_holds_is_refused_unread(tmp_path: Path, name: str) -> None:
+    """Under the voxel cap (200 M int16 voxels: 400 MB) but with no voxels behind the header."""
+    short = _header_only_nifti(tmp_path / name, (1000, 1000, 200))
+    message, peak_mb = _peak_rss_mb_loading(short)
+    assert message.startswith(f"could not read NIfTI '{name}': file is truncated (its header declares shape")
+    assert message.endswith("a complete NIfTI file is required")
+    assert peak_mb < 100
+
+
+def test_a_gzip_that_decompresses_short_is_counted_not_allocated(tmp_path: Path) -> None:
+    """A .gz within deflate's expansion ratio of its claim, but whose stream ends early: counted by streaming."""
+    rng = np.random.default_rng(1)
+    whole = _save_nifti(tmp_path / "whole.nii", rng.integers(-1000, 1000, (64, 64, 64)).astype(np.int16))
+    header = nib.load(whole).header.copy()
+    header.set_data_shape((64, 64, 6400))  # 100x the data present
+    raw = header.binaryblock + b"\0" * 4 + whole.read_bytes()[352:]
+    (tmp_path / "short.nii.gz").write_bytes(gzip.compress(raw))
+    message = _error(load_volume, tmp_path / "short.nii.gz")
+    assert "is truncated" in message and "but the file holds 524640 decompressed bytes)" in message
+
+
+def test_a_dicom_series_declaring_absurd_rows_and_columns_is_refused_before_decoding(tmp_path: Path) -> None:
+    write_series(tmp_path / "s", distinct_hu((6, 5, 4)))
+    for path in (tmp_path / "s").iterdir():
+        ds = pydicom.dcmread(path)
+        ds.Rows, ds.Columns = 60000, 60000
+        ds.save_as(path)
+    message = _error(load_volume, tmp_path / "s")
+    assert "DICOM series declares 14400000000 voxels (4 slices of 60000x60000)" in message
+    for path in (tmp_path / "s").iterdir():
+        ds = pydicom.dcmread(path)
+        ds.Rows, ds.Columns = 5000, 5000  # under the cap for 4 slices, but each file holds 60 bytes of pixels
+        ds.save_as(path)
+    message = _error(load_volume, tmp_path / "s")
+    assert "declares 5000x5000 pixels (50000000 bytes) but holds" in message
+
+
+# --- intensities and modality: the checks every entry point shares -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("array", "modality", "words"),
+    [
+        (np.zeros((4, 4, 4), np.int16), "ct", "image is constant (every voxel is 0)"),
+        (np.full((4, 4, 4), 7.5, np.float32), "mri", "image is constant (every voxel is 7.5)"),
+        (np.linspace(0, 0.71, 64, dtype=np.float32).reshape(4, 4, 4), "ct", "CT values span 0 to 0.71"),
+        (np.linspace(0, 40000, 64, dtype=np.float32).reshape(4, 4, 4), "ct", "Hounsfield units are expected"),
+    ],
+)
+def test_implausible_intensities_are_refused(array: np.ndarray, modality: str, words: str) -> None:
+    assert words in _error(check_intensities, array, modality)
+
+
+def test_plausible_intensities_pass() -> None:
+    check_intensities(np.linspace(-1000, 1500, 64, dtype=np.float32).reshape(4, 4, 4), "ct")
+    check_intensities(np.linspace(0, 0.71, 64, dtype=np.float32).reshape(4, 4, 4), "mri")
+
+
+def test_the_modality_rule_asks_rather_than_assumes() -> None:
+    assert choose_modality("MRI", "ct") == "mri"
+    assert choose_modality(None, "pet") == "pet"
+    message = _error(choose_modality, None, None)
+    assert message.endswith(f"pass --modality {'|'.join(MODALITIES)}") and "us" in MODALITIES

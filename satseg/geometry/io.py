@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import os
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -16,19 +19,31 @@ from nibabel.openers import ImageOpener
 from nibabel.spatialimages import HeaderDataError
 from pydicom.errors import InvalidDicomError
 
-from satseg.errors import SatInputError
+from satseg.errors import SatInputError, one_line
 from satseg.geometry.volume import Volume
 
 ACCEPTED_INPUT = "a .nii / .nii.gz file or a folder holding one DICOM series"
 MIN_SPACING_MM = 0.01
 MAX_SPACING_MM = 100.0
+DEFAULT_MAX_VOXELS = 512 * 512 * 1000
+"""The largest image every entry point accepts (CLI, client, server): a 512x512 CT of 1,000 slices."""
+MAX_DEFLATE_RATIO = 1032
+"""Deflate cannot expand data by more than about 1032:1, so a .gz declaring more than this lies about its size."""
+_READ_CHUNK = 1 << 20
+CT_PLAUSIBLE_HU = (-4096.0, 32767.0)
+"""CT values outside this are not Hounsfield units (stored values with no rescale applied, say)."""
+CT_MIN_RANGE_HU = 50.0
+"""A CT spanning less than this has no air-to-tissue contrast: most likely an already normalised image."""
 
 _DICOM_MODALITIES: dict[str, str] = {"CT": "ct", "MR": "mri", "PT": "pet", "US": "us"}
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def load_volume(path: str | os.PathLike[str], max_voxels: int = 1_000_000_000) -> Volume:
+def load_volume(path: str | os.PathLike[str], max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
     """Read a NIfTI file or a folder holding one DICOM series, and check it with :func:`validate_volume`.
+
+    The header's declared shape, dtype and byte count are checked against ``max_voxels`` and the file's real
+    size before any voxel is read, so a small file that declares a huge image is refused, not allocated.
 
     Returns:
         A :class:`Volume` with a 3D array ``[I, J, K]`` and a voxel -> RAS+ mm affine.
@@ -38,9 +53,9 @@ def load_volume(path: str | os.PathLike[str], max_voxels: int = 1_000_000_000) -
     """
     path = Path(path)
     if path.is_dir():
-        volume = load_dicom_series(path)
+        volume = load_dicom_series(path, max_voxels)
     elif path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
-        volume = load_nifti(path)
+        volume = load_nifti(path, max_voxels)
     elif not path.exists():
         raise SatInputError(f"no such file or folder: {path}; expected {ACCEPTED_INPUT}")
     else:
@@ -48,26 +63,84 @@ def load_volume(path: str | os.PathLike[str], max_voxels: int = 1_000_000_000) -
     return validate_volume(volume, max_voxels=max_voxels)
 
 
-def load_nifti(path: str | os.PathLike[str]) -> Volume:
+def load_nifti(path: str | os.PathLike[str], max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
     """Read a ``.nii`` / ``.nii.gz`` file with nibabel (not validated: see :func:`validate_volume`).
 
     The affine is nibabel's ``img.affine`` (sform if set, else qform, else pixdim). The array keeps its
     stored dtype (int16 CT stays int16); scaled data (scl_slope) and float64 come back as float32.
+
+    Raises:
+        SatInputError: the header declares more than ``max_voxels`` voxels or more bytes than the file holds
+            (checked before any voxel is read), or the file is truncated or corrupt.
     """
     path = Path(path)
-    try:
-        img = nib.load(path)
-        # nibabel reads lazily: force the read here so a truncated file fails inside this try.
+    with _unreadable_nifti(path):
+        img = nib.load(path)  # the header only: nibabel reads voxels lazily
+    check_declared_size(path, img.header, max_voxels)
+    with _unreadable_nifti(path):
+        # Force the read here so a truncated file fails inside this block.
         array = np.asanyarray(img.dataobj)
         zero_pixdim_axes = _zero_pixdim_axes(path, img)
-    except (ImageFileError, HeaderDataError, EOFError, OSError, zlib.error, ValueError) as error:
-        reason = " ".join(str(error).split())
-        raise SatInputError(f"could not read NIfTI {path.name!r}: file is truncated or corrupt ({reason})") from error
     if array.dtype == np.float64:
         array = array.astype(np.float32)
     affine = np.array(img.affine, dtype=np.float64)
     affine[:, zero_pixdim_axes] = 0.0  # so validate_volume reports the zero spacing
     return Volume(array=array, affine=affine, modality=None)
+
+
+@contextmanager
+def _unreadable_nifti(path: Path) -> Iterator[None]:
+    """Turn nibabel's and zlib's read errors into one SatInputError line."""
+    try:
+        yield
+    except (ImageFileError, HeaderDataError, EOFError, OSError, zlib.error, ValueError) as error:
+        reason = one_line(str(error))
+        raise SatInputError(f"could not read NIfTI {path.name!r}: file is truncated or corrupt ({reason})") from error
+
+
+def check_declared_size(path: Path, header: nib.Nifti1Header, max_voxels: int) -> None:
+    """Refuse a NIfTI header that declares more voxels than ``max_voxels`` or more bytes than ``path`` holds.
+
+    Runs before nibabel allocates the array (it zero-fills what a short file lacks): an uncompressed file must
+    be at least ``vox_offset`` + the voxel bytes long; a ``.gz`` must decompress to at least that, which is
+    counted by streaming (1 MiB of memory), after a refusal of any claim beyond what deflate can expand to.
+    """
+    shape = tuple(int(size) for size in header.get_data_shape())
+    voxels = int(np.prod(shape, dtype=np.int64))
+    declared = "x".join(map(str, shape))
+    if voxels > max_voxels:
+        raise SatInputError(
+            f"NIfTI {path.name!r} declares {voxels} voxels (shape {declared}); at most {max_voxels} are accepted"
+        )
+    needed = int(header.get_data_offset()) + voxels * header.get_data_dtype().itemsize
+    size = path.stat().st_size
+    if not path.name.lower().endswith(".gz"):
+        holds = f"{size} bytes" if size < needed else ""
+    elif needed > MAX_DEFLATE_RATIO * size:
+        holds = f"{size} compressed bytes, at most {MAX_DEFLATE_RATIO * size} decompressed"
+    else:
+        decompressed = _decompressed_size(path, limit=needed)
+        holds = f"{decompressed} decompressed bytes" if decompressed < needed else ""
+    if holds:
+        raise SatInputError(
+            f"could not read NIfTI {path.name!r}: file is truncated (its header declares shape {declared}, "
+            f"{needed} bytes with the header, but the file holds {holds}); a complete NIfTI file is required"
+        )
+
+
+def _decompressed_size(path: Path, limit: int) -> int:
+    """Bytes that ``path`` (gzip) decompresses to, counted up to ``limit`` without holding them."""
+    count = 0
+    with gzip.open(path, "rb") as stream:
+        while count < limit:
+            try:
+                chunk = stream.read(min(_READ_CHUNK, limit - count))
+            except (EOFError, OSError, zlib.error):
+                break  # a cut or corrupt stream holds what was counted so far
+            if not chunk:
+                break
+            count += len(chunk)
+    return count
 
 
 def _zero_pixdim_axes(path: Path, img: nib.Nifti1Image) -> list[int]:
@@ -82,7 +155,7 @@ def _zero_pixdim_axes(path: Path, img: nib.Nifti1Image) -> list[int]:
     return [axis for axis in range(3) if raw["pixdim"][axis + 1] == 0]
 
 
-def load_dicom_series(folder: str | os.PathLike[str]) -> Volume:
+def load_dicom_series(folder: str | os.PathLike[str], max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
     """Read the single-frame DICOM files of one series in ``folder`` with pydicom (not validated).
 
     Files that are not DICOM, or DICOM without an image plane (DICOMDIR, reports), are skipped.
@@ -97,9 +170,11 @@ def load_dicom_series(folder: str | os.PathLike[str]) -> Volume:
 
     Raises:
         SatInputError: no image slices, several series, multi-frame files, inconsistent slices,
-            a gap or uneven spacing, or pixel data that cannot be decoded.
+            a gap or uneven spacing, more than ``max_voxels`` voxels or a slice file shorter than its declared
+            pixels (both checked before any pixel is decoded), or pixel data that cannot be decoded.
     """
     headers = sorted_series_headers(folder)
+    check_declared_pixels(headers, max_voxels)
     first = headers[0][1]
     row_cosine, col_cosine = np.reshape(np.asarray(first.ImageOrientationPatient, dtype=np.float64), (2, 3))
     positions = np.array([ds.ImagePositionPatient for _, ds in headers], dtype=np.float64)
@@ -147,6 +222,29 @@ def sorted_series_headers(folder: str | os.PathLike[str]) -> list[tuple[Path, py
     positions = np.array([ds.ImagePositionPatient for _, ds in headers], dtype=np.float64)
     order = np.argsort(positions @ np.cross(row_cosine, col_cosine), kind="stable")
     return [headers[i] for i in order]
+
+
+def check_declared_pixels(headers: list[tuple[Path, pydicom.Dataset]], max_voxels: int) -> None:
+    """Refuse a series whose headers declare more than ``max_voxels`` voxels, or (uncompressed) a file shorter
+    than the pixel bytes its header declares, before anything is decoded or allocated."""
+    first = headers[0][1]
+    rows, columns = int(first.Rows), int(first.Columns)
+    voxels = rows * columns * len(headers)
+    if voxels > max_voxels:
+        raise SatInputError(
+            f"DICOM series declares {voxels} voxels ({len(headers)} slices of {rows}x{columns}); "
+            f"at most {max_voxels} are accepted"
+        )
+    for path, ds in headers:
+        syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+        if syntax is None or not syntax.is_transfer_syntax or syntax.is_compressed:
+            continue  # compressed pixels have no fixed size; the voxel cap above still bounds the decoder
+        frame = rows * columns * int(ds.get("SamplesPerPixel", 1) or 1) * (int(ds.get("BitsAllocated", 16)) // 8)
+        if path.stat().st_size < frame:
+            raise SatInputError(
+                f"DICOM file {path.name!r} declares {rows}x{columns} pixels ({frame} bytes) but holds "
+                f"{path.stat().st_size} bytes; complete uncompressed or compressed slices are required"
+            )
 
 
 def _read_dicom_headers(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
@@ -221,7 +319,7 @@ def _decode_slice(path: Path, header: pydicom.Dataset) -> np.ndarray:
         ) from error
 
 
-def validate_volume(volume: Volume, max_voxels: int = 1_000_000_000) -> Volume:
+def validate_volume(volume: Volume, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
     """Check that ``volume`` is one usable 3D image; drop trailing singleton axes (``[I, J, K, 1]``).
 
     Accepted: a real (integer or float) array with 3 axes of at least 2 voxels, at most ``max_voxels``
@@ -279,4 +377,22 @@ def _check_affine(affine: np.ndarray) -> None:
     if abs(np.linalg.det(affine[:3, :3])) < 1e-6 * float(np.prod(spacing)):
         raise SatInputError(
             "image affine is singular (its voxel axes are coplanar); a valid voxel-to-world affine is required"
+        )
+
+
+def check_intensities(array: np.ndarray, modality: str) -> None:
+    """Refuse values that cannot be an image of ``modality``: a constant image (any modality), or a CT whose
+    values cannot be Hounsfield units. Every entry point (CLI, client, server) calls this once the modality is
+    known, so the same image is refused the same way everywhere.
+
+    Raises:
+        SatInputError: one line with the value range found and what is expected.
+    """
+    low, high = float(array.min()), float(array.max())
+    if low == high:
+        raise SatInputError(f"image is constant (every voxel is {low:g}); an image with contrast is required")
+    if modality == "ct" and (low < CT_PLAUSIBLE_HU[0] or high > CT_PLAUSIBLE_HU[1] or high - low < CT_MIN_RANGE_HU):
+        raise SatInputError(
+            f"CT values span {low:g} to {high:g}; Hounsfield units are expected (air about -1000, "
+            f"bone up to a few thousand, within {CT_PLAUSIBLE_HU[0]:g} to {CT_PLAUSIBLE_HU[1]:g})"
         )

@@ -24,6 +24,22 @@ def check_modality(modality: str) -> str:
     return name
 
 
+def choose_modality(requested: str | None, from_file: str | None) -> str:
+    """The one rule for a volume's modality, at every entry point: the one asked for, else the file's (a DICOM
+    header's), else a refusal; nothing is assumed, since the modality picks the intensity normalisation.
+
+    Raises:
+        SatInputError: neither is known, or the one asked for is not a modality name.
+    """
+    if requested:
+        return check_modality(requested)
+    if from_file:
+        return check_modality(from_file)
+    raise SatInputError(
+        f"the modality is not known from the file (NIfTI has none); pass --modality {'|'.join(MODALITIES)}"
+    )
+
+
 @dataclass(frozen=True)
 class Volume:
     """A 3D scalar image and where it lies in the world.
