@@ -381,3 +381,17 @@ def test_masks_and_label_map_are_cut_at_each_results_own_threshold(tmp_path: Pat
         assert np.array_equal(labelmap == 1, (labels == 1) & inside)
         voxels = json.loads((out / "statistics.json").read_text())["liver"]["voxels"]
         assert voxels == (int((labels == 1).sum()) if inside else 0)
+
+
+def test_label_map_membership_is_the_masks_threshold_on_the_same_values() -> None:
+    """Label maps were thresholded on float16 copies, masks on float32: 0.50001 was in the mask (> 0.5) and
+    background in the label map (float16 rounds it to 0.5), so a liver counted 37,282 voxels one way and
+    37,269 the other."""
+    probabilities = torch.tensor([0.50001, 0.5, 0.49, 0.9, 0.50001], dtype=torch.float32).reshape(1, 1, 5)
+    overlapping = torch.tensor([0.6, 0.7, 0.2, 0.50002, 0.1], dtype=torch.float32).reshape(1, 1, 5)
+    merged = LabelMapAccumulator((1, 1, 5))
+    merged.add(1, probabilities, 0.5)
+    merged.add(2, overlapping, 0.5)
+    inside = [(p > 0.5).numpy() for p in (probabilities, overlapping)]
+    assert np.array_equal(merged.labelmap > 0, inside[0] | inside[1])
+    assert merged.labelmap.reshape(-1).tolist() == [2, 2, 0, 1, 1]

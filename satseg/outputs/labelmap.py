@@ -14,6 +14,8 @@ class LabelMapAccumulator:
 
     A voxel gets the label whose probability is above its threshold and highest among
     all prompts added so far (ties: the earlier prompt keeps the voxel); 0 is background.
+    Membership is decided on the probabilities as given (``> threshold``, as the masks are cut), so a voxel
+    inside a mask is never background in the label map; the float16 copy only ranks overlapping prompts.
     The caller assigns values 1..N to its N prompts in order and may drop each prompt's
     probabilities after :meth:`add`, so only two volumes are held: the best probability
     so far and its label.
@@ -44,11 +46,11 @@ class LabelMapAccumulator:
             raise ValueError(f"label value must be a new value in 1..{_MAX_LABEL}, got {label_value}")
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+        inside = _as_numpy(probabilities > threshold)
         candidate = self._as_best_dtype(probabilities)
         if candidate.shape != self._best.shape:
             raise ValueError(f"probabilities of shape {candidate.shape}, expected {self._best.shape}")
-        # _best is 0 where no prompt claimed the voxel, and every claim is > threshold >= 0.
-        wins = (candidate > threshold) & (candidate > self._best)
+        wins = inside & ((candidate > self._best) | (self._labels == 0))
         self._best[wins] = candidate[wins]
         self._labels[wins] = label_value
         self._added.append(label_value)
@@ -69,3 +71,8 @@ class LabelMapAccumulator:
             dtype = _TORCH_DTYPES[self._best.dtype]
             return probabilities.detach().to(device="cpu", dtype=dtype).numpy()
         return np.asarray(probabilities, dtype=self._best.dtype)
+
+
+def _as_numpy(mask: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A bool mask as numpy on the CPU."""
+    return mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
