@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import matplotlib.image
@@ -16,12 +18,16 @@ from dicom_series import distinct_hu, write_series
 from satseg.cli.segment import main as segment_cli
 from satseg.geometry import load_volume
 from satseg.outputs import read_label_extension
+from satseg.outputs.run_folder import MANIFEST_FILE
 from training.data.phantom import centred_affine, make_torso_phantom
 
 
 def run_cli(
     capsys: pytest.CaptureFixture[str], source: Path, out: Path, checkpoint: Path, *options: str
 ) -> tuple[int, str, str]:
+    """Run sat-segment in this process; NIfTI inputs get ``--modality ct`` unless the options name one."""
+    if "--modality" not in options and not source.is_dir():
+        options = (*options, "--modality", "ct")
     code = segment_cli(["-i", str(source), "-o", str(out), "--checkpoint", str(checkpoint), *options, "--quiet"])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
@@ -194,18 +200,29 @@ def test_bad_input_gives_one_line_and_keeps_earlier_results(
     case: str, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     make_input, prompts, words = BAD_INPUTS[case]
-    out = tmp_path / "out"
-    out.mkdir()
-    earlier = out / "liver.nii.gz"
-    earlier.write_bytes(b"an earlier result")
+    out = earlier_run(tmp_path / "out")
     source = make_input(tmp_path)
     code, _, stderr = run_cli(capsys, source, out, tiny_checkpoint, "--prompts", prompts)
     assert code == 2
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sat-segment: error: "), stderr
     assert words in lines[0]
-    assert earlier.read_bytes() == b"an earlier result"
-    assert sorted(path.name for path in out.iterdir()) == ["liver.nii.gz"]
+    assert folder_bytes(out) == EARLIER_RUN
+
+
+EARLIER_RUN = {"liver.nii.gz": b"an earlier result", MANIFEST_FILE: b'{"files": ["liver.nii.gz"]}'}
+
+
+def earlier_run(out: Path) -> Path:
+    """A folder as an earlier run left it: its files and the manifest listing them."""
+    out.mkdir()
+    for name, data in EARLIER_RUN.items():
+        (out / name).write_bytes(data)
+    return out
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
 
 def test_the_installed_command_prints_no_traceback(tmp_path: Path) -> None:
@@ -221,6 +238,8 @@ def test_the_installed_command_prints_no_traceback(tmp_path: Path) -> None:
             str(tmp_path / "o"),
             "--prompts",
             "liver",
+            "--modality",
+            "ct",
         ],
         capture_output=True,
         text=True,
@@ -247,3 +266,154 @@ def test_fp16_on_the_cpu_is_refused_in_one_line(
     assert code == 2
     assert stderr.strip() == "sat-segment: error: precision fp16 needs a CUDA device, not cpu; the CPU runs fp32"
     assert not (tmp_path / "out").exists()
+
+
+# --- hardening: checks before work, one rule for the modality, whole folders ------------------------
+
+
+def test_an_existing_file_as_output_is_refused_before_inference(
+    phantom_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It used to end in a FileExistsError traceback, and only after inference."""
+    taken = tmp_path / "taken"
+    taken.write_text("a user's file")
+    missing_checkpoint = tmp_path / "no-such-checkpoint"  # never opened: the output is checked first
+    code, _, stderr = run_cli(capsys, phantom_path, taken, missing_checkpoint, "--prompts", "liver")
+    assert code == 2
+    assert stderr.strip() == f"sat-segment: error: -o {taken} is an existing file; name a folder (it is created)"
+    assert taken.read_text() == "a user's file"
+
+
+def test_a_folder_with_foreign_files_is_refused_not_replaced(
+    phantom_path: Path, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, _, stderr = run_cli(capsys, phantom_path, out, tiny_checkpoint, "--prompts", "liver")
+    assert code == 2 and "holds files an earlier run did not write (notes.txt)" in stderr
+    assert folder_bytes(out) == {"notes.txt": b"mine"}
+
+
+def test_a_nifti_without_modality_is_refused_with_the_shared_message(
+    phantom_path: Path, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """sat-segment assumed ct where sat-client refused; now both ask, in the same words."""
+    code = segment_cli(["-i", str(phantom_path), "-o", str(tmp_path / "o"), "--prompts", "liver", "--quiet"])
+    stderr = capsys.readouterr().err.strip()
+    assert code == 2
+    assert stderr == "sat-segment: error: the modality is not known from the file (NIfTI has none); " + (
+        "pass --modality ct|mri|us|pet"
+    )
+
+
+@pytest.mark.parametrize(("scale", "words"), [(0.0, "image is constant"), (1 / 1400, "CT values span")])
+def test_a_ct_that_is_not_in_hounsfield_units_is_refused_like_the_server_does(
+    phantom_path: Path,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    scale: float,
+    words: str,
+) -> None:
+    """A CT rescaled to 0..1 gave a 'liver' of half the crop with exit 0; an all-zero CT passed silently."""
+    source = nib.load(phantom_path)
+    rescaled = (np.asanyarray(source.dataobj).astype(np.float32) + 1024) * scale
+    path = write_nifti(tmp_path / "rescaled.nii.gz", rescaled, source.affine)
+    code, _, stderr = run_cli(capsys, path, tmp_path / "out", tiny_checkpoint, "--prompts", "liver")
+    assert code == 2 and words in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_rerun_with_other_prompts_leaves_no_stale_masks(
+    phantom_path: Path, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    first = run_cli(capsys, phantom_path, out, tiny_checkpoint, "--prompts", "liver,spleen", "--statistics")
+    second = run_cli(capsys, phantom_path, out, tiny_checkpoint, "--prompts", "left kidney")
+    assert first[0] == 0 and second[0] == 0
+    assert sorted(path.name for path in out.iterdir()) == ["labels.json", "left_kidney.nii.gz", MANIFEST_FILE]
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["files"] == ["labels.json", "left_kidney.nii.gz"] and manifest["terms"] == ["left kidney"]
+    assert "not for clinical use" in manifest["notice"]
+    assert [path.name for path in tmp_path.iterdir()] == ["out"], "no work folder is left beside it"
+
+
+INTERRUPT_POINTS = {
+    "during inference": ("satseg.pipeline.Segmenter.predict_logits", 2),
+    "after some masks": ("satseg.outputs.writer.write_mask", 3),
+    "writing the summary": ("satseg.outputs.writer.write_summary", 1),
+    "writing the manifest": ("satseg.outputs.run_folder.write_json", 1),
+    "swapping in": ("satseg.outputs.run_folder.swap_into_place", 1),
+}
+
+
+@pytest.mark.parametrize("point", list(INTERRUPT_POINTS))
+def test_ctrl_c_leaves_the_earlier_complete_result(
+    point: str,
+    phantom_path: Path,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C while writing 40 masks left 32 new masks, 10 old ones and the old labels.json side by side."""
+    out = tmp_path / "out"
+    assert run_cli(capsys, phantom_path, out, tiny_checkpoint, "--prompts", "liver,spleen", "--statistics")[0] == 0
+    before = folder_bytes(out)
+    target, calls_before_interrupt = INTERRUPT_POINTS[point]
+    module_name, _, attribute = target.rpartition(".")
+    owner = _resolve(module_name)
+    original = getattr(owner, attribute)
+    calls = {"count": 0}
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        calls["count"] += 1
+        if calls["count"] >= calls_before_interrupt:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attribute, interrupted)
+    prompts = "left kidney,right kidney,stomach,aorta"
+    code, _, stderr = run_cli(capsys, phantom_path, out, tiny_checkpoint, "--prompts", prompts)
+    assert code == 130 and calls["count"] >= calls_before_interrupt, stderr
+    assert folder_bytes(out) == before
+    assert [path.name for path in tmp_path.iterdir()] == ["out"], "the interrupted run's work folder is removed"
+
+
+def _resolve(dotted: str) -> object:
+    """A module, or a class inside one, by its dotted name."""
+    import importlib
+
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            owner: object = importlib.import_module(".".join(parts[:split]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[split:]:
+            owner = getattr(owner, name)
+        return owner
+    raise ModuleNotFoundError(dotted)
+
+
+def test_sigint_to_the_real_command_keeps_the_earlier_result(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The installed command, interrupted by a real SIGINT once its work folder holds a first mask."""
+    shape = (40, 32, 12)
+    volume, _, _ = make_torso_phantom(shape, centred_affine(shape, (8.0, 8.0, 10.0), 15.0))
+    source = write_nifti(tmp_path / "ct.nii.gz", volume.array, volume.affine)
+    out = earlier_run(tmp_path / "out")
+    prompts = ",".join(["liver", "spleen", "left kidney", "right kidney", "stomach", "aorta", "pancreas"] * 1)
+    command = [sys.executable, "-m", "satseg.cli.segment", "-i", str(source), "-o", str(out), "--modality", "ct"]
+    command += ["--checkpoint", str(tiny_checkpoint), "--prompts", prompts, "--quiet", "--preview"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if any(work.is_dir() and any(work.glob("*.nii.gz")) for work in tmp_path.glob(".out.sat-work-*")):
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert folder_bytes(out) == EARLIER_RUN
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["ct.nii.gz", "out"]

@@ -11,17 +11,19 @@ from pathlib import Path
 from satseg.cli.common import cli_parser, run_cli
 from satseg.errors import SatInputError
 from satseg.geometry import PreprocessConfig, load_volume
-from satseg.geometry.volume import MODALITIES
+from satseg.geometry.io import check_intensities
+from satseg.geometry.volume import MODALITIES, choose_modality
+from satseg.outputs.run_folder import MANIFEST_FILE, check_output_folder, run_folder
 from satseg.outputs.writer import OutputOptions, write_segmentation
 from satseg.pipeline import PRECISIONS, InferenceOptions, Segmenter, resolve_device
 from satseg.text import Vocabulary, parse_prompt_list
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "demo"
 
-EPILOG = """examples:
-  sat-segment -i ct.nii.gz -o out/ --prompts "liver,spleen,left kidney" --statistics --preview
+EPILOG = f"""examples:
+  sat-segment -i ct.nii.gz -o out/ --modality ct --prompts "liver,spleen,left kidney" --statistics --preview
   sat-segment -i dicom_series/ -o out/ --prompts "left hippocampus,right hippocampus" --modality mri --ml
-  sat-segment -i ct.nii.gz -o out/ --prompts "liver" --checkpoint checkpoints/nano --device cuda
+  sat-segment -i ct.nii.gz -o out/ --modality ct --prompts "liver" --checkpoint checkpoints/nano --device cuda
 
 outputs (all on the input's grid, with the input's affine):
   <term>.nii.gz     one uint8 mask per prompt (spaces become underscores), or with --ml
@@ -29,6 +31,10 @@ outputs (all on the input's grid, with the input's affine):
   labels.json       label value -> term (also stored in each NIfTI header extension)
   statistics.json   volume in mL and voxel count per structure (--statistics)
   preview.png       three orthogonal slices with coloured overlays (--preview)
+  {MANIFEST_FILE}      the run's record and its file list, written last
+
+The folder is replaced whole when the run succeeds: an interrupted or failed run leaves the earlier result
+as it was, and a folder holding files no run wrote is refused, not overwritten.
 
 Prompts are anatomy terms from the packaged vocabulary (synonyms and snake_case such as
 "kidney_left" are understood). Not for clinical use.
@@ -45,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--modality",
         choices=MODALITIES,
-        help="imaging modality; default: read from DICOM, else ct (it selects the intensity normalisation)",
+        help="imaging modality; default: read from DICOM (required for NIfTI: it selects the intensity normalisation)",
     )
     parser.add_argument(
         "--checkpoint",
@@ -97,15 +103,6 @@ def choose_checkpoint(requested: Path | None) -> Path:
     )
 
 
-def choose_modality(requested: str | None, from_file: str | None) -> str:
-    if requested and from_file and requested != from_file:
-        print(f"note: the DICOM header says {from_file}; using --modality {requested}", file=sys.stderr)
-    if requested or from_file:
-        return requested or from_file  # type: ignore[return-value]
-    print("note: no --modality given and none in the file; assuming ct", file=sys.stderr)
-    return "ct"
-
-
 def check_options(args: argparse.Namespace) -> None:
     if not 0.0 < args.threshold < 1.0:
         raise SatInputError(f"--threshold {args.threshold} is outside (0, 1)")
@@ -117,10 +114,12 @@ def check_options(args: argparse.Namespace) -> None:
 
 def segment(args: argparse.Namespace) -> int:
     check_options(args)
+    check_output_folder(args.output)
     vocabulary = Vocabulary.load()
     terms = vocabulary.resolve_all(parse_prompt_list(args.prompts), allow_free_text=args.allow_free_text)
     volume = load_volume(args.input)
     modality = choose_modality(args.modality, volume.modality)
+    check_intensities(volume.array, modality)
     device = resolve_device(args.device)
     options = InferenceOptions(
         overlap=args.overlap,
@@ -136,21 +135,15 @@ def segment(args: argparse.Namespace) -> int:
         print(f"warning: {checkpoint} holds untrained weights; the masks are meaningless", file=sys.stderr)
     started = time.perf_counter()
     results = segmenter.segment(volume, terms, modality, progress=not args.quiet)
-    written = write_segmentation(
-        volume,
-        terms,
-        results,
-        args.output,
-        OutputOptions(
-            merged_labelmap=args.ml,
-            statistics=args.statistics,
-            preview=args.preview,
-            modality=modality,
-        ),
+    options = OutputOptions(
+        merged_labelmap=args.ml, statistics=args.statistics, preview=args.preview, modality=modality
     )
+    record = {"tool": "sat-segment", "terms": terms, "modality": modality, "shape": list(volume.shape)}
+    with run_folder(args.output, record) as work:
+        written = write_segmentation(volume, terms, results, work, options)
     print(
         f"segmented {len(terms)} structure(s) of a {'x'.join(map(str, volume.shape))} {modality} volume "
-        f"in {time.perf_counter() - started:.1f} s on {device}; wrote {len(written)} file(s) to {args.output}"
+        f"in {time.perf_counter() - started:.1f} s on {device}; wrote {len(written) + 1} file(s) to {args.output}"
     )
     return 0
 
