@@ -417,3 +417,25 @@ def test_sigint_to_the_real_command_keeps_the_earlier_result(tiny_checkpoint: Pa
     assert process.returncode == 130, stderr
     assert folder_bytes(out) == EARLIER_RUN
     assert sorted(path.name for path in tmp_path.iterdir()) == ["ct.nii.gz", "out"]
+
+
+def test_running_out_of_memory_is_one_line_not_a_traceback(
+    phantom_path: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Under a memory limit (prlimit --as) an allocation fails with MemoryError; it ended in a traceback.
+    Here the real command runs with 3 GiB of address space to spare and loading allocates 8 GiB more."""
+    code = (
+        "import resource, sys\n"
+        "import numpy\n"
+        "import satseg.cli.segment as cli\n"
+        "loaded = cli.load_volume\n"
+        "cli.load_volume = lambda path: (numpy.ones(2**33, numpy.uint8), loaded(path))[1]\n"
+        "spare = 3 * 2**30 + resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (spare, spare))\n"
+        f"sys.exit(cli.main(['-i', {str(phantom_path)!r}, '-o', {str(tmp_path / 'o')!r}, '--modality', 'ct', "
+        f"'--prompts', 'liver', '--checkpoint', {str(tiny_checkpoint)!r}, '--quiet']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().startswith("sat-segment: error: out of memory;") and "Traceback" not in done.stderr
+    assert not (tmp_path / "o").exists()

@@ -21,6 +21,13 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:  # under a memory limit (prlimit, a cgroup) allocation fails here rather than OOM-killing
+        print(
+            f"{prog}: error: out of memory; the volume and prompts need more memory than this process may use "
+            "(fewer prompts per run, a smaller volume, or more memory)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def cli_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
