@@ -145,6 +145,11 @@ def bad_requests(volume: Volume) -> list[BadRequest]:
         BadRequest("threshold out of range", volume, parameters={"threshold": 2.0}),
         BadRequest("unknown option", volume, parameters={"tresh": 0.3}),
         BadRequest("2D image", Volume(volume.array[:, :, 0], volume.affine)),
+        BadRequest("all-zero CT", Volume(np.zeros_like(volume.array), volume.affine)),
+        BadRequest("blank item among prompts", volume, prompts=["liver", " "]),
+        # Its error once echoed the prompt whole: past gRPC's 16 KB metadata limit, RESOURCE_EXHAUSTED.
+        BadRequest("20,000-character prompt", volume, prompts=["liver" + "x" * 20_000]),
+        BadRequest("escape characters", volume, prompts=["\x1b[31mlivr\x1b[0m"]),
     ]
 
 
@@ -155,6 +160,8 @@ def test_each_bad_input_gets_invalid_arg_and_the_server_stays_ready(triton_serve
         with pytest.raises(InferenceServerException) as caught:
             infer(connection, bad.volume, bad.modality, bad.prompts, bad.parameters, **bad.extra)
         assert "INVALID_ARG" in str(caught.value.status()), (bad.problem, caught.value.message())
+        message = caught.value.message()
+        assert len(message) < 400 and "\x1b" not in message and "\n" not in message, (bad.problem, message)
         assert triton_server.is_ready(), bad.problem
     good = infer(connection, volume, "ct", ["liver"]).as_numpy(contract.MASKS)
     assert good.shape == (1, *volume.shape)
@@ -193,3 +200,11 @@ def test_the_served_repository_is_current_only_for_its_own_weights(
     assert repository_is_current(served)
     assert not repository_is_current(replace(served, checkpoint=tiny_checkpoint))
     assert not repository_is_current(replace(served, tensorrt=True))  # no plans in it
+
+
+def test_prompts_naming_one_term_share_one_mask_and_labels_say_which(triton_server: TritonServer) -> None:
+    """MASKS has one mask per distinct term; LABELS is the mapping (the contract said one per prompt)."""
+    volume = phantom(seed=4, shape=(32, 28, 16))
+    result = infer(client(triton_server, "grpc"), volume, "ct", ["kidney_left", "liver", "left kidney"])
+    assert [label.decode() for label in result.as_numpy(contract.LABELS)] == ["left kidney", "liver"]
+    assert result.as_numpy(contract.MASKS).shape == (2, *volume.shape)
