@@ -10,6 +10,7 @@ from clients.cases import discover_cases
 from clients.folder_run import REPORT_FILE, RunRequest, run_folder
 from clients.sat_client import (
     DEFAULT_PORTS,
+    DEFAULT_RETRY_BUDGET_S,
     OUTPUT_TYPES,
     PROTOCOLS,
     SHARED_MEMORY_MODES,
@@ -72,7 +73,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="system shared memory with a server on this host (auto: when $SAT_ADMIN_KEY lets it register one)",
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
-    parser.add_argument("--retries", type=int, default=3, help="retries when the server is unavailable (default 3)")
+    parser.add_argument(
+        "--retry-budget",
+        type=float,
+        default=DEFAULT_RETRY_BUDGET_S,
+        metavar="SECONDS",
+        help="how long to keep retrying an unavailable server, e.g. through a restart "
+        f"(default {DEFAULT_RETRY_BUDGET_S:g}; 0: never)",
+    )
     parser.add_argument("--verbose", action="store_true", help="name inputs by path in logs and the report")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -88,6 +96,8 @@ def run_request(args: argparse.Namespace) -> RunRequest:
         raise SatInputError("no prompts: name 1 or more anatomy terms, e.g. --prompts liver,spleen")
     if args.jobs < 1:
         raise SatInputError(f"--jobs {args.jobs} must be at least 1")
+    if args.retry_budget < 0:
+        raise SatInputError(f"--retry-budget {args.retry_budget:g} must be 0 or more seconds")
     return RunRequest(prompts, modality, args.ml, args.statistics, args.preview, args.output_type)
 
 
@@ -98,11 +108,21 @@ def run(args: argparse.Namespace) -> int:
 
     def make_client() -> SATClient:
         return SATClient(
-            url, args.protocol, timeout_s=args.timeout, retries=args.retries, shared_memory=args.shared_memory
+            url,
+            args.protocol,
+            timeout_s=args.timeout,
+            retry_budget_s=args.retry_budget,
+            shared_memory=args.shared_memory,
         )
 
-    if not make_client().is_ready():
-        raise ServerUnavailable(f"no ready SAT server at {url} ({args.protocol}); start one with `just serve`")
+    probe = make_client()
+    if not probe.is_ready():
+        print(f"{PROG}: waiting up to {args.retry_budget:g} s for a ready server at {url}", file=sys.stderr)
+        if not probe.wait_ready():
+            raise ServerUnavailable(
+                f"no ready SAT server at {url} ({args.protocol}) within {args.retry_budget:g} s; "
+                "start one with `just serve`"
+            )
     print(f"{PROG}: {len(cases)} case(s), {len(request.prompts)} prompt(s), server {url}", file=sys.stderr)
     report = run_folder(
         cases, make_client, request, args.output, jobs=args.jobs, progress=not args.quiet, verbose=args.verbose

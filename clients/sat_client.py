@@ -20,7 +20,7 @@ import numpy as np
 
 from clients.dicom_seg import SEG_FILE, write_dicom_seg
 from clients.shared_memory import Placement, placements, read_output, request_region
-from satseg.errors import SatInputError
+from satseg.errors import SatInputError, one_line
 from satseg.geometry import Volume, load_volume
 from satseg.geometry.volume import check_modality
 from satseg.outputs import OutputOptions, write_thresholded
@@ -33,7 +33,20 @@ OUTPUT_TYPES = ("nifti", "dicom_seg")
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
 ENTRY_MODEL = "sat"
 RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "503", "timed out", "Connection refused", "reset by peer")
-"""Failures worth a retry: the server is starting, restarting or overloaded. INVALID_ARG never is."""
+"""Failures worth a retry: the server is starting, restarting or overloaded."""
+REFUSED = ("INVALID_ARG", "400")
+"""Statuses of a request the server refused: the same request would be refused again, so never retried."""
+OVER_LIMIT = ("RESOURCE_EXHAUSTED", "413")
+"""Statuses of a message over a size limit (gRPC's message or metadata caps, a proxy's body cap): not an outage,
+and never retried."""
+DEFAULT_RETRY_BUDGET_S = 60.0
+"""How long a request keeps being retried after its first failure: longer than a server restart (about 18 s on
+CPU, several times that on a loaded host)."""
+FIRST_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 4.0
+"""The longest wait between two attempts, so a server that is back is found within seconds."""
+MAX_REASON_CHARS = 400
+"""A server's message is quoted up to this length (one line): enough for any reason, never a whole payload."""
 INT16_RANGE = (np.iinfo(np.int16).min, np.iinfo(np.int16).max)
 RESULT_TENSORS = (contract.MASKS, contract.LABELMAP, contract.LABELS, contract.VOLUMES_ML, contract.MODEL)
 SHARED_OUTPUTS = (contract.MASKS, contract.LABELMAP)
@@ -133,7 +146,8 @@ class SATClient:
         url: ``host:port`` of the gRPC (default ``127.0.0.1:8001``) or HTTP (``127.0.0.1:8000``) endpoint.
         protocol: ``"grpc"`` or ``"http"``.
         timeout_s: time allowed for one request, network and inference together.
-        retries: extra attempts, with exponential backoff, when the server is unavailable or times out.
+        retry_budget_s: how long, after a request's first failure, it is retried while the server is unavailable
+            or times out (waits double from ``backoff_s`` up to :data:`MAX_BACKOFF_S`); 0: no retries.
         compression: ``"gzip"``, ``None`` or ``"auto"`` (default: gzip unless the server is on this host).
         admin_key: the server's ``sat-admin-key`` (default ``$SAT_ADMIN_KEY``): shared memory needs it.
         shared_memory: ``"auto"`` (system shared memory when the server is on this host and accepts a region,
@@ -146,9 +160,9 @@ class SATClient:
         protocol: str = "grpc",
         *,
         timeout_s: float = 600.0,
-        retries: int = 3,
+        retry_budget_s: float = DEFAULT_RETRY_BUDGET_S,
         compression: str | None = "auto",
-        backoff_s: float = 1.0,
+        backoff_s: float = FIRST_BACKOFF_S,
         admin_key: str | None = None,
         shared_memory: str = "auto",
     ) -> None:
@@ -162,7 +176,7 @@ class SATClient:
         self.protocol = protocol
         self.url = url or f"127.0.0.1:{DEFAULT_PORTS[protocol]}"
         self.timeout_s = timeout_s
-        self.retries = retries
+        self.retry_budget_s = retry_budget_s
         self.backoff_s = backoff_s
         self.compression = default_compression(self.url) if compression == "auto" else compression
         self._module = _client_module(protocol)
@@ -179,6 +193,19 @@ class SATClient:
             return bool(self._connection.is_model_ready(ENTRY_MODEL))
         except Exception:  # any transport failure means "not ready" to a caller asking this
             return False
+
+    def wait_ready(self) -> bool:
+        """Whether ``sat`` turns ready within the retry budget (polled with the same backoff as requests)."""
+
+        def ready() -> None:
+            if not self._connection.is_model_ready(ENTRY_MODEL):
+                raise ConnectionError(f"{ENTRY_MODEL} is not ready")
+
+        try:
+            self._with_retries(ready)
+        except ServerUnavailable:
+            return False
+        return True
 
     def server_version(self) -> str:
         """The Triton version the server reports."""
@@ -226,7 +253,7 @@ class SATClient:
 
         Raises:
             SatInputError: the volume, a prompt or an option was refused (by this client or the server).
-            ServerUnavailable: the server stayed unreachable through every retry.
+            ServerUnavailable: the server stayed unreachable through the retry budget.
         """
         volume = volume_or_path if isinstance(volume_or_path, Volume) else load_volume(volume_or_path)
         modality = check_modality(modality or _required_modality(volume))
@@ -322,16 +349,24 @@ class SATClient:
         return self._connection.infer(ENTRY_MODEL, inputs, outputs=outputs, parameters=parameters, **transport)
 
     def _with_retries(self, call: Callable[[], Result]) -> Result:
-        """Run ``call``; retry with backoff on unavailability or a timeout; INVALID_ARG becomes SatInputError."""
+        """Run ``call``; on unavailability or a timeout retry it with backoff until :attr:`retry_budget_s` has
+        passed since its first failure; a refusal (INVALID_ARG, a size limit) becomes SatInputError at once."""
+        first_failure: float | None = None
         attempt = 0
         while True:
             try:
                 return call()
             except Exception as error:
                 failure = self._retryable_failure(error)
-            if attempt >= self.retries:
-                raise ServerUnavailable(f"{self.url} ({self.protocol}) after {attempt + 1} attempt(s): {failure}")
-            time.sleep(self.backoff_s * 2**attempt)
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            left = self.retry_budget_s - (now - first_failure)
+            if left <= 0:
+                raise ServerUnavailable(
+                    f"{self.url} ({self.protocol}) still unavailable after {attempt + 1} attempt(s) in "
+                    f"{now - first_failure:.0f} s (retry budget {self.retry_budget_s:g} s): {failure}"
+                )
+            time.sleep(min(backoff_delay(attempt, self.backoff_s), left))
             attempt += 1
 
     def _retryable_failure(self, error: Exception) -> str:
@@ -340,9 +375,15 @@ class SATClient:
 
         if isinstance(error, InferenceServerException):
             status = str(error.status())
-            failure = " ".join(f"{status} {error.message()}".split())
-            if "INVALID_ARG" in status or status == "400":
-                raise SatInputError(f"the server refused the request: {error.message()}") from None
+            reason = short_reason(str(error.message()))
+            failure = f"{status} {reason}"
+            if any(marker in status for marker in REFUSED):
+                raise SatInputError(f"the server refused the request: {reason}") from None
+            if any(marker in status for marker in OVER_LIMIT):
+                raise SatInputError(
+                    f"the request or its answer is over a size limit (not an outage; retrying would not help): "
+                    f"{failure}"
+                ) from None
             if "restricted" in failure or status == "403":
                 raise PermissionError(f"{self.url} refused an admin call (wrong or missing admin key): {failure}")
             if any(marker in failure for marker in RETRYABLE):
@@ -360,6 +401,17 @@ class SATClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def backoff_delay(attempt: int, first_s: float, cap_s: float = MAX_BACKOFF_S) -> float:
+    """Seconds to wait before retry ``attempt + 1``: ``first_s`` doubling per attempt, at most ``cap_s``."""
+    return min(cap_s, first_s * 2.0 ** min(attempt, 32))  # the exponent's cap keeps the float finite
+
+
+def short_reason(message: str) -> str:
+    """A server's message on one line (no control characters) and at most :data:`MAX_REASON_CHARS` long."""
+    line = one_line(message)
+    return line if len(line) <= MAX_REASON_CHARS else f"{line[:MAX_REASON_CHARS]}… ({len(line)} characters)"
 
 
 def wire_image(array: np.ndarray, modality: str) -> np.ndarray:

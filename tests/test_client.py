@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -99,10 +100,13 @@ def test_a_refusal_is_one_line_and_an_absent_server_is_unavailable(triton_server
     volume = phantom(seed=8, shape=(32, 28, 16))
     with SATClient(triton_server.http_url, "http") as client, pytest.raises(SatInputError, match="livr"):
         client.segment(volume, ["livr"], "ct")
-    absent = SATClient(f"127.0.0.1:{free_ports(1)[0]}", retries=1, backoff_s=0.01)
+    absent = SATClient(f"127.0.0.1:{free_ports(1)[0]}", retry_budget_s=0.5, backoff_s=0.05)
     assert not absent.is_ready()
-    with pytest.raises(ServerUnavailable, match="2 attempt"):
+    started = time.monotonic()
+    with pytest.raises(ServerUnavailable, match=r"still unavailable after [3-9] attempt.*retry budget 0.5 s"):
         absent.segment(volume, ["liver"], "ct")
+    assert time.monotonic() - started < 3.0
+    assert not absent.wait_ready()
     with pytest.raises(SatInputError, match="modality"):
         absent.segment(Volume(volume.array, volume.affine), ["liver"])
 
@@ -147,22 +151,26 @@ def test_sat_serve_serves_until_sigterm(triton_server: TritonServer, tmp_path: P
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_statistics_need_the_admin_key(triton_server: TritonServer, protocol: str) -> None:
     url = triton_server.grpc_url if protocol == "grpc" else triton_server.http_url
-    with SATClient(url, protocol, retries=0) as client:
+    with SATClient(url, protocol, retry_budget_s=0) as client:
         models = {entry["name"] for entry in client.inference_statistics(triton_server.admin_key)["model_stats"]}
         assert {"sat", "prompt_encoder", "segmenter", "vision"} <= models
         with pytest.raises(PermissionError):
             client.inference_statistics("not-the-key")
 
 
-def test_the_client_retries_until_a_starting_server_answers(triton_server: TritonServer) -> None:
+def test_the_client_retries_until_a_restarted_server_answers(triton_server: TritonServer) -> None:
     ports = ServerPorts(*free_ports(3))
     later = TritonServer(triton_server.repository, ports=ports)
-    starter = threading.Timer(1.0, later.start)
+    # Nothing listens for the first 10 s, then the server loads (a restart takes about 18 s): the default
+    # retry budget must outlast both.
+    starter = threading.Timer(10.0, later.start)
+    started = time.monotonic()
     starter.start()
     try:
-        with SATClient(f"127.0.0.1:{ports.grpc}", retries=8, backoff_s=0.5, shared_memory="off") as client:
+        with SATClient(f"127.0.0.1:{ports.grpc}", shared_memory="off") as client:
             result = client.segment(phantom(seed=9, shape=(32, 28, 16)), ["liver"], "ct")
         assert result.masks is not None and result.masks.shape == (1, 32, 28, 16)
+        assert time.monotonic() - started > 10.0
     finally:
         starter.join()
         later.stop()

@@ -24,7 +24,7 @@ from satseg.geometry import Volume, load_volume
 from satseg.geometry.io import sorted_series_headers
 from satseg.outputs import write_nifti
 from satseg.outputs.nifti import save_nifti_exact
-from satseg.serving.server import TritonServer
+from satseg.serving.server import TritonServer, free_ports
 
 pytest.importorskip("tritonclient.grpc")
 PROMPTS = "liver,spleen"
@@ -143,3 +143,17 @@ def test_dicom_seg_segments_overlay_the_source_slices(tmp_path: Path) -> None:
         np.testing.assert_array_equal(pixels[frame], nifti[segment - 1][:, :, k].T, err_msg=f"frame {frame}")
         position = groups.PlanePositionSequence[0].ImagePositionPatient
         np.testing.assert_allclose([float(v) for v in position], headers[k].ImagePositionPatient, atol=1e-3)
+
+
+def test_an_absent_server_is_waited_for_within_the_retry_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    volume = phantom(seed=15, shape=(24, 20, 12))
+    save_nifti_exact(volume.array, volume.affine, tmp_path / "ct.nii.gz")
+    command = ["-i", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "out"), "--prompts", PROMPTS]
+    started = time.monotonic()
+    code = sat_client([*command, "--url", f"127.0.0.1:{free_ports(1)[0]}", "--retry-budget", "1.5", "--quiet"])
+    waited = time.monotonic() - started
+    assert code == 1 and 1.5 <= waited < 10.0
+    printed = capsys.readouterr().err
+    assert "waiting up to 1.5 s" in printed and "no ready SAT server" in printed and "within 1.5 s" in printed
