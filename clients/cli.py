@@ -21,7 +21,7 @@ from clients.tasks import load_tasks, task
 from satseg.cli.common import cli_parser, run_cli
 from satseg.errors import SatInputError
 from satseg.geometry import MODALITIES
-from satseg.text import parse_prompt_list
+from satseg.text import check_prompts, parse_prompt_list
 
 PROG = "sat-client"
 
@@ -58,7 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompts", help='comma-separated anatomy terms, e.g. "liver,left kidney"')
     what.add_argument("--task", help="a named prompt set (listed below)")
-    parser.add_argument("--modality", choices=MODALITIES, help="default: the task's, else read from DICOM")
+    parser.add_argument(
+        "--modality", choices=MODALITIES, help="default: the task's, else the DICOM header's; required for NIfTI"
+    )
     parser.add_argument("--url", help="server host:port (default 127.0.0.1:8001 for gRPC, :8000 for HTTP)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="default grpc")
     parser.add_argument("--ml", action="store_true", help="one merged label map instead of a mask per structure")
@@ -89,11 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_request(args: argparse.Namespace) -> RunRequest:
     if args.task:
         chosen = task(args.task)
-        prompts, modality = chosen.prompts, args.modality or chosen.modality
+        prompts, modality = tuple(check_prompts(chosen.prompts)), args.modality or chosen.modality
     else:
         prompts, modality = tuple(parse_prompt_list(args.prompts)), args.modality
-    if not prompts:
-        raise SatInputError("no prompts: name 1 or more anatomy terms, e.g. --prompts liver,spleen")
     if args.jobs < 1:
         raise SatInputError(f"--jobs {args.jobs} must be at least 1")
     if args.retry_budget < 0:

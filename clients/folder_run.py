@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from clients.cases import Case, opened_case
 from clients.sat_client import SATClient, ServerUnavailable
-from satseg.errors import SatInputError
+from satseg.errors import SatInputError, one_line
+from satseg.geometry.volume import choose_modality
 from satseg.outputs import write_json
 from satseg.serving import contract
 
@@ -101,9 +102,7 @@ def run_case(case: Case, client: SATClient, request: RunRequest, output: Path, v
             report.seconds["load"] = round(time.perf_counter() - started, 3)
             if request.output_type == "dicom_seg" and series is None:
                 raise SatInputError("DICOM SEG output needs a DICOM source series; this case is NIfTI")
-            modality = request.modality or volume.modality
-            if modality is None:
-                raise SatInputError("the modality is not in the file; pass --modality ct|mri|pet")
+            modality = choose_modality(request.modality, volume.modality)
             sent = time.perf_counter()
             segmentation = client.segment(volume, request.prompts, modality, output=request.server_output)
             report.seconds["segment"] = round(time.perf_counter() - sent, 3)
@@ -138,11 +137,11 @@ def run_case(case: Case, client: SATClient, request: RunRequest, output: Path, v
 def describe(error: Exception, case: Case, verbose: bool) -> str:
     """A one-line error; without ``verbose`` the input's path and name are replaced by the case's index."""
     known = isinstance(error, (SatInputError, ServerUnavailable, PermissionError))
-    message = " ".join(str(error).split()) if known else f"{type(error).__name__}: {' '.join(str(error).split())}"
+    message = str(error) if known else f"{type(error).__name__}: {error}"
     if not verbose:
         for identifying in (str(case.source.resolve()), str(case.source), case.source.name):
             message = message.replace(identifying, f"<case {case.index}>")
-    return message
+    return one_line(message)
 
 
 def run_folder(

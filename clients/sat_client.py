@@ -22,11 +22,13 @@ from clients.dicom_seg import SEG_FILE, write_dicom_seg
 from clients.shared_memory import Placement, placements, read_output, request_region
 from satseg.errors import SatInputError, one_line
 from satseg.geometry import Volume, load_volume
-from satseg.geometry.volume import check_modality
+from satseg.geometry.io import check_intensities
+from satseg.geometry.volume import choose_modality
 from satseg.outputs import OutputOptions, write_thresholded
 from satseg.outputs.writer import thresholded_statistics, write_summary
 from satseg.serving import contract
 from satseg.serving.server import ADMIN_HEADER, GRPC_ADMIN_HEADER
+from satseg.text import check_prompts
 
 PROTOCOLS = ("grpc", "http")
 OUTPUT_TYPES = ("nifti", "dicom_seg")
@@ -246,20 +248,22 @@ class SATClient:
         Args:
             volume_or_path: a :class:`Volume`, a NIfTI file or a DICOM series folder.
             prompts: anatomy terms (the server resolves synonyms and refuses unknown ones).
-            modality: ``ct``, ``mri`` or ``pet``; default: the volume's own (read from DICOM).
+            modality: one of :data:`~satseg.geometry.volume.MODALITIES`; default: the volume's own (from DICOM),
+                else refused (:func:`~satseg.geometry.volume.choose_modality`, the rule of every entry point).
             output: ``"masks"``, ``"labelmap"`` or ``"both"``.
             threshold: probability threshold in ``(0, 1)``.
             overlap: sliding-window overlap in ``[0, 0.9]``.
 
         Raises:
-            SatInputError: the volume, a prompt or an option was refused (by this client or the server).
+            SatInputError: the volume, a prompt or an option was refused (by this client or the server); the
+                checks the server applies to the modality, the prompts and the intensities run here first, so
+                a bad request is refused with the server's message without being sent.
             ServerUnavailable: the server stayed unreachable through the retry budget.
         """
         volume = volume_or_path if isinstance(volume_or_path, Volume) else load_volume(volume_or_path)
-        modality = check_modality(modality or _required_modality(volume))
-        prompts = list(prompts)
-        if not prompts:
-            raise SatInputError("no prompts: name 1 or more anatomy terms, e.g. liver, spleen")
+        modality = choose_modality(modality, volume.modality)
+        prompts = check_prompts(prompts)
+        check_intensities(volume.array, modality)
         image = wire_image(volume.array, modality)
         parameters = {"output": output, "threshold": threshold, "overlap": overlap}
         arrays = self._with_retries(lambda: self._request(image, volume.affine, modality, prompts, parameters))
@@ -484,12 +488,6 @@ def triton_dtype(array: np.ndarray) -> str:
     from tritonclient.utils import np_to_triton_dtype
 
     return str(np_to_triton_dtype(array.dtype))
-
-
-def _required_modality(volume: Volume) -> str:
-    if volume.modality is None:
-        raise SatInputError("the modality is not known from the file: pass modality= (ct, mri or pet)")
-    return volume.modality
 
 
 def _client_module(protocol: str) -> Any:
