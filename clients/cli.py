@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from clients.cases import discover_cases
-from clients.folder_run import REPORT_FILE, RunRequest, run_folder
+from clients.folder_run import REPORT_FILE, RunRequest, run_cases, run_folder
 from clients.sat_client import (
     DEFAULT_PORTS,
     DEFAULT_RETRY_BUDGET_S,
@@ -39,9 +38,12 @@ outputs per case (in OUT/<case>/, on the input's grid with its affine):
   preview.png (--preview), segmentation.dcm (--output-type dicom_seg), case.json (written last)
 OUT/run_report.json lists every case: status, error, timings, size, server version and model.
 
-A run is resumable: a case whose folder is complete for the same request is skipped, and outputs
-appear only when whole, so an interrupted run loses and duplicates nothing. Exit status: 0 when
-every case succeeded, 1 when any failed (the report says which), 2 for bad options.
+A run is resumable: a case is skipped only when its folder is complete for the same request, the
+same input (size, mtime and a hash of its first and last MiB; for DICOM, of every file's header)
+and the same served model; any other case is done again. A folder stays its input's: a new file
+whose name would collide with an earlier case's gets a suffixed folder. Outputs appear only when
+whole, so an interrupted run loses and duplicates nothing. Exit status: 0 when every case
+succeeded, 1 when any failed (the report says which), 2 for bad options.
 Logs name cases by index only; --verbose adds input paths (they may hold patient names).
 
 tasks (--task):
@@ -103,7 +105,7 @@ def run_request(args: argparse.Namespace) -> RunRequest:
 
 def run(args: argparse.Namespace) -> int:
     request = run_request(args)
-    cases = discover_cases(args.input)
+    cases = run_cases(args.input, args.output)
     url = args.url or f"127.0.0.1:{DEFAULT_PORTS[args.protocol]}"
 
     def make_client() -> SATClient:

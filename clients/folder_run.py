@@ -1,15 +1,15 @@
 """Unattended runs over many cases: resumable, concurrent, one bad case never stops the run.
 
-Each case is written into a hidden work folder inside the output folder and renamed into place only when
-every file, and last ``case.json``, is written; a killed run leaves no folder that looks complete, and the
-next run redoes exactly the cases without a complete folder for the same request. ``run_report.json`` is
-rewritten (atomically) after every case.
+Each case is written into a hidden work folder inside the output folder and swapped into place only when
+every file, and last ``case.json``, is written; a killed run leaves no folder that looks complete. A case is
+skipped only when its folder's ``case.json`` records the same request, the same input (its
+:func:`~clients.cases.source_identity`) and the same served model (``MODEL``); every other case is done
+again. ``run_report.json`` is rewritten (atomically) after every case.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import time
@@ -21,11 +21,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from clients.cases import Case, opened_case
+from clients.cases import Case, discover_cases, opened_case, source_identity
 from clients.sat_client import SATClient, ServerUnavailable
 from satseg.errors import SatInputError, one_line
 from satseg.geometry.volume import choose_modality
 from satseg.outputs import write_json
+from satseg.outputs.run_folder import swap_into_place
 from satseg.serving import contract
 
 CASE_FILE = "case.json"
@@ -73,30 +74,96 @@ class CaseReport:
     model: str | None = None
 
 
-def case_is_complete(folder: Path, request: RunRequest) -> bool:
-    """Whether ``folder`` holds a finished case for exactly ``request``."""
+def read_record(folder: Path) -> dict[str, Any] | None:
+    """The ``case.json`` of ``folder`` as a dict, or ``None`` when there is none or it is unreadable."""
     try:
         record = json.loads((folder / CASE_FILE).read_text())
     except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def case_record(request: RunRequest, files: list[Path], model: str, case: Case, identity: str) -> dict[str, Any]:
+    """What ``case.json`` holds: the request, the files, the model, and the input as hashes (never its name)."""
+    return {
+        "request": request.as_json(),
+        "files": sorted(path.name for path in files),
+        "model": model,
+        "source": {"name_sha256": case.name_hash, "identity": identity},
+    }
+
+
+def case_is_complete(folder: Path, request: RunRequest, identity: str, model: str) -> bool:
+    """Whether ``folder`` holds a finished case for exactly ``request``, made from the input whose
+    :func:`~clients.cases.source_identity` is ``identity`` by the served model ``model``."""
+    record = read_record(folder)
+    if record is None:
         return False
-    return record.get("request") == request.as_json() and all((folder / name).is_file() for name in record["files"])
+    source = record.get("source")
+    return (
+        record.get("request") == request.as_json()
+        and record.get("model") == model
+        and isinstance(source, dict)
+        and source.get("identity") == identity
+        and all((folder / name).is_file() for name in record.get("files", []))
+    )
 
 
-def run_case(case: Case, client: SATClient, request: RunRequest, output: Path, verbose: bool = False) -> CaseReport:
-    """Segment one case into ``output/<case.name>``, unless a complete folder for ``request`` is there.
+def holds_another_input(folder: Path, identity: str) -> bool:
+    """Whether ``folder``'s record names an input other than the one whose identity is ``identity``."""
+    source = (read_record(folder) or {}).get("source")
+    recorded = source.get("identity") if isinstance(source, dict) else None
+    return isinstance(recorded, str) and recorded != identity
+
+
+def existing_folders(output: Path) -> tuple[dict[str, str], set[str]]:
+    """What an earlier run left in ``output``: input name hash -> the case folder recorded for it, and the
+    names a case must not take (files, and the run's own report and work folder)."""
+    claims: dict[str, str] = {}
+    taken = {REPORT_FILE, WORK_FOLDER}
+    if not output.is_dir():
+        return claims, taken
+    for entry in sorted(output.iterdir()):
+        if not entry.is_dir():
+            taken.add(entry.name)
+            continue
+        source = (read_record(entry) or {}).get("source")
+        digest = source.get("name_sha256") if isinstance(source, dict) else None
+        if isinstance(digest, str):
+            claims.setdefault(digest, entry.name)
+            taken.add(entry.name)  # a second folder for the same name (copied by hand) is nobody's to take
+    return claims, taken
+
+
+def run_cases(input_path: Path, output: Path) -> list[Case]:
+    """The cases of ``input_path``, each given the folder of ``output`` an earlier run recorded for it."""
+    if output.exists() and not output.is_dir():
+        raise SatInputError(f"-o {output} is an existing file; name a folder (it is created)")
+    return discover_cases(input_path, *existing_folders(output))
+
+
+def run_case(
+    case: Case, client: SATClient, request: RunRequest, output: Path, model: str, verbose: bool = False
+) -> CaseReport:
+    """Segment one case into ``output/<case.name>``, unless a complete folder for ``request``, this input and
+    the served ``model`` is there.
 
     Any failure fails this case alone; its message names the case by index, not by path, unless ``verbose``.
     """
     report = CaseReport(case.index, case.name)
     final = output / case.name
-    if case_is_complete(final, request):
-        report.status = "skipped"
-        return report
     work = output / WORK_FOLDER
     partial = work / f"{case.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
     started = time.perf_counter()
+    identity: str | None = None
     try:
+        # Before reading the input: a file replaced while it is read gets the old identity and is redone.
+        identity = source_identity(case.source)
+        report.seconds["identity"] = round(time.perf_counter() - started, 3)
+        if case_is_complete(final, request, identity, model):
+            report.status, report.model = "skipped", model
+            return report
+        shutil.rmtree(partial, ignore_errors=True)
         with opened_case(case, work) as (volume, series):
             report.shape = list(volume.shape)
             report.seconds["load"] = round(time.perf_counter() - started, 3)
@@ -118,19 +185,19 @@ def run_case(case: Case, client: SATClient, request: RunRequest, output: Path, v
                 output_type=request.output_type,
                 source_series=series,
             )
-            write_json(
-                {"request": request.as_json(), "files": sorted(path.name for path in files), "model": report.model},
-                partial / CASE_FILE,
-            )
+            write_json(case_record(request, files, segmentation.model, case, identity), partial / CASE_FILE)
             report.seconds["write"] = round(time.perf_counter() - written, 3)
-        if final.exists():
-            shutil.rmtree(final)  # an earlier incomplete run, or one for another request
-        os.replace(partial, final)
+        # One atomic exchange: the case folder is never missing; the earlier one (another request, input or
+        # model) ends up at ``partial``, removed below.
+        swap_into_place(partial, final)
         report.status = "done"
     except Exception as error:  # one bad case never stops the run
-        shutil.rmtree(partial, ignore_errors=True)
         report.status = "failed"
         report.error = describe(error, case, verbose)
+        if identity is not None and holds_another_input(final, identity):
+            shutil.rmtree(final, ignore_errors=True)  # results of a replaced input must not pass for this one's
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return report
 
 
@@ -161,14 +228,18 @@ def run_folder(
     output.mkdir(parents=True, exist_ok=True)
     local = threading.local()
 
+    first = make_client()
+    # Needed before any case is skipped; a prompt the server refuses ends the run here, with its reason.
+    model = first.model_hash(request.prompts[0], request.modality)
+
     def run(case: Case) -> CaseReport:
         if not hasattr(local, "client"):
             local.client = make_client()
-        return run_case(case, local.client, request, output, verbose)
+        return run_case(case, local.client, request, output, model, verbose)
 
-    first = make_client()
     report: dict[str, Any] = {
         "server_version": first.server_version(),
+        "model": model,
         "request": request.as_json(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cases": [asdict(CaseReport(case.index, case.name)) for case in cases],

@@ -23,7 +23,7 @@ from clients.shared_memory import Placement, placements, read_output, request_re
 from satseg.errors import SatInputError, one_line
 from satseg.geometry import Volume, load_volume
 from satseg.geometry.io import check_intensities
-from satseg.geometry.volume import choose_modality
+from satseg.geometry.volume import MODALITIES, check_modality, choose_modality
 from satseg.outputs import OutputOptions, write_thresholded
 from satseg.outputs.writer import thresholded_statistics, write_summary
 from satseg.serving import contract
@@ -34,6 +34,8 @@ PROTOCOLS = ("grpc", "http")
 OUTPUT_TYPES = ("nifti", "dicom_seg")
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
 ENTRY_MODEL = "sat"
+PROMPT_ENCODER_MODEL = "prompt_encoder"
+"""The ensemble's first step (prompts in, queries and ``MODEL`` out): asked alone for the model's hash."""
 RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "503", "timed out", "Connection refused", "reset by peer")
 """Failures worth a retry: the server is starting, restarting or overloaded."""
 REFUSED = ("INVALID_ARG", "400")
@@ -180,6 +182,7 @@ class SATClient:
         self.timeout_s = timeout_s
         self.retry_budget_s = retry_budget_s
         self.backoff_s = backoff_s
+        self._model_hash: str | None = None
         self.compression = default_compression(self.url) if compression == "auto" else compression
         self._module = _client_module(protocol)
         if protocol == "grpc":
@@ -208,6 +211,26 @@ class SATClient:
         except ServerUnavailable:
             return False
         return True
+
+    def model_hash(self, prompt: str, modality: str | None = None) -> str:
+        """The served model's hash (``MODEL``: sha256 of ``sat/metadata.json``), without sending an image.
+
+        Asks :data:`PROMPT_ENCODER_MODEL` alone with ``prompt`` (a term of the run, so a refusal is the one the
+        run would get) and answers from a cache after the first call: one small request per client.
+
+        Raises:
+            SatInputError: the prompt or modality was refused.
+            ServerUnavailable: the server stayed unreachable through the retry budget.
+        """
+        if self._model_hash is None:
+            # MODEL is the same for every modality; the encoder only needs a valid one.
+            names = {contract.MODALITY: check_modality(modality or MODALITIES[0]), contract.PROMPTS: prompt}
+            arrays = {name: np.array([value.encode()], dtype=np.object_) for name, value in names.items()}
+            inputs = infer_inputs(self._module, arrays)
+            outputs = [self._module.InferRequestedOutput(contract.MODEL)]
+            result = self._with_retries(lambda: self._infer(PROMPT_ENCODER_MODEL, inputs, {}, outputs))
+            self._model_hash = str(result.as_numpy(contract.MODEL)[0].decode())
+        return self._model_hash
 
     def server_version(self) -> str:
         """The Triton version the server reports."""
@@ -288,7 +311,7 @@ class SATClient:
         arrays = request_arrays(image, affine, modality, prompts)
         if not self._shared_memory_usable():
             check_response_size(image.shape, len(prompts), parameters["output"])
-            result = self._infer(infer_inputs(self._module, arrays), parameters)
+            result = self._infer(ENTRY_MODEL, infer_inputs(self._module, arrays), parameters)
             return {name: result.as_numpy(name) for name in RESULT_TENSORS}
         image_name = image_tensor_name(image)
         inputs = infer_inputs(self._module, {name: array for name, array in arrays.items() if name != image_name})
@@ -302,7 +325,7 @@ class SATClient:
                 if name in layout:
                     requested.set_shared_memory(region, layout[name].byte_size, offset=layout[name].offset)
                 outputs.append(requested)
-            result = self._infer([tensor, *inputs], parameters, outputs)
+            result = self._infer(ENTRY_MODEL, [tensor, *inputs], parameters, outputs)
             arrays = {name: result.as_numpy(name) for name in RESULT_TENSORS if name not in layout}
             arrays.update({name: read_output(handle, layout[name]) for name in SHARED_OUTPUTS if name in layout})
         for name in SHARED_OUTPUTS:
@@ -342,7 +365,9 @@ class SATClient:
         """The admin key under the header name the protocol uses (gRPC prefixes it)."""
         return {GRPC_ADMIN_HEADER if self.protocol == "grpc" else ADMIN_HEADER: admin_key or self.admin_key or ""}
 
-    def _infer(self, inputs: list[Any], parameters: dict[str, Any], outputs: list[Any] | None = None) -> Any:
+    def _infer(
+        self, model: str, inputs: list[Any], parameters: dict[str, Any], outputs: list[Any] | None = None
+    ) -> Any:
         if self.protocol == "grpc":
             transport = {"client_timeout": self.timeout_s, "compression_algorithm": self.compression}
         else:  # the HTTP client's timeouts were set on the connection
@@ -350,7 +375,7 @@ class SATClient:
                 "request_compression_algorithm": self.compression,
                 "response_compression_algorithm": self.compression,
             }
-        return self._connection.infer(ENTRY_MODEL, inputs, outputs=outputs, parameters=parameters, **transport)
+        return self._connection.infer(model, inputs, outputs=outputs, parameters=parameters or None, **transport)
 
     def _with_retries(self, call: Callable[[], Result]) -> Result:
         """Run ``call``; on unavailability or a timeout retry it with backoff until :attr:`retry_budget_s` has

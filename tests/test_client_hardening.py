@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -16,9 +17,10 @@ import pytest
 from served import phantom
 
 from clients import SATClient
+from clients.cases import assign_folders, name_hash, source_identity
 from clients.cli import main as sat_client
-from clients.folder_run import REPORT_FILE
-from clients.sat_client import backoff_delay
+from clients.folder_run import CASE_FILE, REPORT_FILE
+from clients.sat_client import PROMPT_ENCODER_MODEL, backoff_delay
 from satseg.errors import SatInputError
 from satseg.geometry import Volume
 from satseg.geometry.io import check_intensities
@@ -142,3 +144,121 @@ def test_implausible_intensities_are_refused_before_sending(array: np.ndarray, m
         client.segment(Volume(array, np.diag([2.0, 2.0, 3.0, 1.0])), [PROMPTS], modality)
     assert str(refused.value) == str(rule.value)
     assert time.monotonic() - started < 1.0
+
+
+def outcome(report: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Input file name -> (status, output folder), from a ``--verbose`` report."""
+    return {Path(case["input"]).name: (case["status"], case["output"]) for case in report["cases"]}
+
+
+def test_a_replaced_input_is_redone(triton_server: TritonServer, tmp_path: Path) -> None:
+    cases, output = tmp_path / "cases", tmp_path / "out"
+    cases.mkdir()
+    save(phantom(seed=31, shape=SMALL), cases / "a.nii.gz")
+    save(phantom(seed=32, shape=SMALL), cases / "b.nii.gz")
+    assert folder_run(triton_server, cases, output, "--modality", "ct")[0] == 0
+    save(phantom(seed=33, shape=OTHER), cases / "b.nii.gz")  # another volume under the same name
+    code, report = folder_run(triton_server, cases, output, "--modality", "ct", "--verbose")
+    assert code == 0
+    assert outcome(report) == {"a.nii.gz": ("skipped", "a"), "b.nii.gz": ("done", "b")}
+    assert mask_shape(output, "b") == OTHER
+
+
+def test_a_replaced_input_that_fails_leaves_no_stale_results(triton_server: TritonServer, tmp_path: Path) -> None:
+    cases, output = tmp_path / "cases", tmp_path / "out"
+    cases.mkdir()
+    good = save(phantom(seed=41, shape=SMALL), cases / "a.nii.gz")
+    assert folder_run(triton_server, cases, output, "--modality", "ct")[0] == 0
+    good.write_bytes(good.read_bytes()[:2000])  # replaced by a truncated file
+    code, report = folder_run(triton_server, cases, output, "--modality", "ct")
+    assert code == 1 and report["cases"][0]["status"] == "failed"
+    assert not (output / "a").exists(), "the old volume's masks would pass for the new file's"
+
+
+def test_a_case_done_by_another_model_is_redone(triton_server: TritonServer, tmp_path: Path) -> None:
+    cases, output = tmp_path / "cases", tmp_path / "out"
+    cases.mkdir()
+    save(phantom(seed=36, shape=SMALL), cases / "a.nii.gz")
+    save(phantom(seed=37, shape=SMALL), cases / "b.nii.gz")
+    assert folder_run(triton_server, cases, output, "--modality", "ct")[0] == 0
+    record = json.loads((output / "a" / CASE_FILE).read_text())
+    assert len(record["model"]) == 64
+    record["model"] = "0" * 64  # as if another export had answered
+    (output / "a" / CASE_FILE).write_text(json.dumps(record))
+    code, report = folder_run(triton_server, cases, output, "--modality", "ct", "--verbose")
+    assert code == 0
+    assert outcome(report) == {"a.nii.gz": ("done", "a"), "b.nii.gz": ("skipped", "b")}
+    assert json.loads((output / "a" / CASE_FILE).read_text())["model"] == report["cases"][0]["model"]
+
+
+def test_a_newcomer_beside_a_case_gets_its_own_folder(triton_server: TritonServer, tmp_path: Path) -> None:
+    cases, output = tmp_path / "cases", tmp_path / "out"
+    cases.mkdir()
+    save(phantom(seed=34, shape=SMALL), cases / "a.nii.gz")
+    assert folder_run(triton_server, cases, output, "--modality", "ct")[0] == 0
+    save(phantom(seed=35, shape=OTHER), cases / "a.nii")  # sorts before a.nii.gz, same case name
+    code, report = folder_run(triton_server, cases, output, "--modality", "ct", "--verbose")
+    assert code == 0
+    first = outcome(report)
+    assert first["a.nii.gz"] == ("skipped", "a")
+    status, newcomer = first["a.nii"]
+    assert status == "done" and newcomer != "a"
+    assert mask_shape(output, "a") == SMALL and mask_shape(output, newcomer) == OTHER
+    again = outcome(folder_run(triton_server, cases, output, "--modality", "ct", "--verbose")[1])
+    assert again == {"a.nii.gz": ("skipped", "a"), "a.nii": ("skipped", newcomer)}
+
+
+def test_the_model_hash_is_the_served_models_and_asked_once(triton_server: TritonServer) -> None:
+    with SATClient(triton_server.grpc_url, admin_key=triton_server.admin_key, shared_memory="off") as client:
+        model = client.model_hash(PROMPTS, "ct")
+        assert model == client.segment(phantom(seed=42, shape=SMALL), [PROMPTS], "ct").model
+        encoder_calls = model_requests(client, PROMPT_ENCODER_MODEL)
+        assert client.model_hash(PROMPTS) == model
+        assert model_requests(client, PROMPT_ENCODER_MODEL) == encoder_calls, "cached per client"
+    with SATClient(triton_server.grpc_url) as other, pytest.raises(SatInputError, match="livr"):
+        other.model_hash("livr")
+
+
+def test_folders_stay_with_their_inputs() -> None:
+    old, new = name_hash("a.nii.gz"), name_hash("a.nii")
+    assert assign_folders([("a", new), ("a", old)], {}) == ["a", f"a_{old[:8]}"]  # a fresh run: sorted order
+    # An earlier run recorded folder "a" for a.nii.gz: it keeps it; the newcomer is suffixed, by its own name.
+    assert assign_folders([("a", new), ("a", old)], {old: "a"}) == [f"a_{new[:8]}", "a"]
+    assert assign_folders([("a", new)], {old: "a"}) == [f"a_{new[:8]}"]  # even with a.nii.gz gone
+    assert assign_folders([("a", new)], {}, taken={"a", f"a_{new[:8]}"}) == [f"a_{new[:8]}_2"]
+    assert assign_folders([("b", new)], {new: "b_old"}) == ["b_old"]
+
+
+def test_source_identity_sees_replacements_and_edits(tmp_path: Path) -> None:
+    path = tmp_path / "ct.nii.gz"
+    path.write_bytes(np.random.default_rng(1).bytes(3 << 20))
+    first = source_identity(path)
+    assert source_identity(path) == first
+
+    def edited(offset: int) -> str:
+        """The identity after one byte at ``offset`` changed, size and mtime kept."""
+        status = path.stat()
+        data = bytearray(path.read_bytes())
+        data[offset] ^= 0xFF
+        path.write_bytes(bytes(data))
+        os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+        return source_identity(path)
+
+    assert edited(10) != first  # the header
+    assert edited(10) == first  # edited back
+    assert edited((3 << 20) - 5) != first  # the data's end
+    edited((3 << 20) - 5)
+    assert edited(3 << 19) == first  # the middle, mtime restored by hand: the known blind spot
+    os.utime(path, ns=(0, 1))
+    assert source_identity(path) != first
+    series = tmp_path / "series"
+    series.mkdir()
+    for index in range(3):
+        (series / f"{index}.dcm").write_bytes(bytes([index]) * 1000)
+    folder = source_identity(series)
+    (series / "3.dcm").write_bytes(b"\0" * 10)
+    assert source_identity(series) != folder
+    (series / "3.dcm").unlink()
+    assert source_identity(series) == folder
+    (series / ".DS_Store").write_bytes(b"finder")
+    assert source_identity(series) == folder, "hidden files are not slices"
