@@ -26,7 +26,7 @@ from clients.sat_client import SATClient, ServerUnavailable
 from satseg.errors import SatInputError, one_line
 from satseg.geometry.volume import choose_modality
 from satseg.outputs import write_json
-from satseg.outputs.run_folder import swap_into_place
+from satseg.outputs.run_folder import refuse_existing_file, swap_into_place
 from satseg.serving import contract
 
 CASE_FILE = "case.json"
@@ -137,8 +137,7 @@ def existing_folders(output: Path) -> tuple[dict[str, str], set[str]]:
 
 def run_cases(input_path: Path, output: Path) -> list[Case]:
     """The cases of ``input_path``, each given the folder of ``output`` an earlier run recorded for it."""
-    if output.exists() and not output.is_dir():
-        raise SatInputError(f"-o {output} is an existing file; name a folder (it is created)")
+    refuse_existing_file(output)
     return discover_cases(input_path, *existing_folders(output))
 
 

@@ -29,6 +29,11 @@ DEFAULT_MAX_VOXELS = 512 * 512 * 1000
 """The largest image every entry point accepts (CLI, client, server): a 512x512 CT of 1,000 slices."""
 MAX_DEFLATE_RATIO = 1032
 """Deflate cannot expand data by more than about 1032:1, so a .gz declaring more than this lies about its size."""
+MAX_IMAGE_EXPANSION = 100
+"""A compressed image over :data:`EXPANSION_CHECKED_FROM` bytes may expand this many times at most. Real CT and MR
+compress 2-10:1; one that expands 1000-fold is nearly constant, a decompression bomb (a 0.5 MB file of a
+512x512x1000 CT made sat-segment peak at 3.8 GB)."""
+EXPANSION_CHECKED_FROM = 64 << 20
 _READ_CHUNK = 1 << 20
 CT_PLAUSIBLE_HU = (-4096.0, 32767.0)
 """CT values outside this are not Hounsfield units (stored values with no rescale applied, say)."""
@@ -118,6 +123,12 @@ def check_declared_size(path: Path, header: nib.Nifti1Header, max_voxels: int) -
         holds = f"{size} bytes" if size < needed else ""
     elif needed > MAX_DEFLATE_RATIO * size:
         holds = f"{size} compressed bytes, at most {MAX_DEFLATE_RATIO * size} decompressed"
+    elif needed >= EXPANSION_CHECKED_FROM and needed > MAX_IMAGE_EXPANSION * size:
+        raise SatInputError(
+            f"NIfTI {path.name!r} would expand {needed // size}-fold ({size} bytes to {needed}): an image that "
+            f"compressible is nearly constant (a decompression bomb?); images over {EXPANSION_CHECKED_FROM >> 20} MiB "
+            f"may expand at most {MAX_IMAGE_EXPANSION}-fold"
+        )
     else:
         decompressed = _decompressed_size(path, limit=needed)
         holds = f"{decompressed} decompressed bytes" if decompressed < needed else ""

@@ -36,8 +36,7 @@ def check_output_folder(target: Path) -> None:
     Raises:
         SatInputError: ``target`` is a file, or a folder holding files no run wrote (named, up to three).
     """
-    if target.exists() and not target.is_dir():
-        raise SatInputError(f"-o {target} is an existing file; name a folder (it is created)")
+    refuse_existing_file(target)
     if not target.is_dir():
         return
     present = {entry.name for entry in target.iterdir()}
@@ -48,6 +47,12 @@ def check_output_folder(target: Path) -> None:
             f"-o {target} holds files an earlier run did not write ({shown}); "
             "name a new or empty folder, or one an earlier run wrote"
         )
+
+
+def refuse_existing_file(target: Path) -> None:
+    """Refuse an output folder's name that an existing file holds (before any work, not after it)."""
+    if target.exists() and not target.is_dir():
+        raise SatInputError(f"-o {target} is an existing file; name a folder (it is created)")
 
 
 def run_files(folder: Path) -> list[str]:
