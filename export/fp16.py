@@ -2,7 +2,7 @@
 
 Weights and activations become float16; the graph's inputs and outputs stay float32 (clients and the
 stitcher never see half precision), and normalisation layers stay float32: InstanceNorm's variance over a
-whole 3D feature map and LayerNorm's over the hidden size are where FP16 loses accuracy (BRIEF section 4).
+whole 3D feature map and LayerNorm's over the hidden size are where FP16 loses accuracy (docs/architecture.md).
 """
 
 from __future__ import annotations

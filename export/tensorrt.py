@@ -250,16 +250,6 @@ def build_engine(
     return plan_path
 
 
-def load_engine(plan_path: Path) -> Any:
-    """Deserialise a plan after :func:`check_plan` accepts it for this GPU and TensorRT."""
-    trt = _import_tensorrt()
-    check_plan(plan_path, current_runtime())
-    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan_path.read_bytes())
-    if engine is None:
-        raise ExportError(f"TensorRT could not deserialise {plan_path}; rebuild it with sat-export --tensorrt")
-    return engine
-
-
 def _pin_layers_fp32(trt: Any, network: Any, config: Any) -> list[str]:
     """Keep normalisation layers (and their outputs) in FP32 under the FP16 flag; returns the type names pinned."""
     pinned = {getattr(trt.LayerType, name) for name in FP32_LAYER_TYPES}

@@ -96,13 +96,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def default_cache_dir() -> Path:
-    """Where prompt embeddings persist: ``$SATSEG_CACHE_DIR``, else ``$XDG_CACHE_HOME/satseg``."""
-    if "SATSEG_CACHE_DIR" in os.environ:
-        return Path(os.environ["SATSEG_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "satseg" / "embeddings"
-
-
 class Segmenter:
     """SAT inference in this process, on CPU or one GPU.
 

@@ -15,6 +15,29 @@ from satseg.text import Vocabulary
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "demo"
+MARKERS = {
+    "server": "starts a real tritonserver (the served model or one of its own)",
+    "export": "exports a whole model repository (ONNX graphs behind the parity gates)",
+    "distributed": "runs two training processes under accelerate",
+}
+"""The slow kinds of test; `pytest -m "not server and not export and not distributed"` runs the fast unit tests."""
+MARKED_BY_FIXTURE = {"triton_server": "server", "exported": "export"}
+MARKED_BY_MODULE = {"test_server_hardening": "server", "test_train_distributed": "distributed"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, meaning in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by the fixtures it uses and the module it is in (one rule, no per-file boilerplate)."""
+    for item in items:
+        names = {MARKED_BY_FIXTURE[f] for f in getattr(item, "fixturenames", ()) if f in MARKED_BY_FIXTURE}
+        module = item.module.__name__ if getattr(item, "module", None) else ""
+        names |= {MARKED_BY_MODULE[module]} if module in MARKED_BY_MODULE else set()
+        for name in sorted(names):
+            item.add_marker(name)
 
 
 @pytest.fixture(scope="session")

@@ -261,7 +261,7 @@ def test_without_tensorrt_the_build_says_where_engines_are_built(
 
 
 def test_real_tensorrt_build(exported: tuple[Path, list], tmp_path: Path) -> None:
-    pytest.importorskip("tensorrt", reason="TensorRT is only in NVIDIA's containers (BRIEF section 4)")
+    pytest.importorskip("tensorrt", reason="TensorRT is only in NVIDIA's containers (docs/architecture.md)")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT engines need a CUDA GPU")
     repository, _ = exported

@@ -1,4 +1,4 @@
-"""The SAT model family (BRIEF section 2): U-Net backbone, query decoder, mask head, text tower."""
+"""The SAT model family (docs/architecture.md): U-Net backbone, query decoder, mask head, text tower."""
 
 from satseg.model.build import build_sat, build_text_tower
 from satseg.model.config import SAT_CONFIGS, SATConfig, get_config

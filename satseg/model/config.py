@@ -94,7 +94,7 @@ SAT_CONFIGS: dict[str, SATConfig] = {
         decoder_heads=4,
         decoder_ffn=384,
     ),
-    # The published SAT-Nano (110M vision parameters) and SAT-Pro widths (BRIEF section 2).
+    # The published SAT-Nano (110M vision parameters) and SAT-Pro widths (docs/architecture.md).
     "nano": SATConfig(
         name="nano",
         unet_channels=(64, 64, 128, 256, 512, 768),
