@@ -13,12 +13,14 @@ import matplotlib.image
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import DEMO_CHECKPOINT
 from dicom_series import distinct_hu, write_series
 
 from satseg.cli.segment import main as segment_cli
 from satseg.geometry import load_volume
 from satseg.outputs import read_label_extension
 from satseg.outputs.run_folder import MANIFEST_FILE
+from satseg.text import untrained_warning
 from training.data.phantom import centred_affine, make_torso_phantom
 
 
@@ -439,3 +441,13 @@ def test_running_out_of_memory_is_one_line_not_a_traceback(
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip().startswith("sat-segment: error: out of memory;") and "Traceback" not in done.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_prompt_the_demo_was_not_trained_on_runs_with_a_one_line_warning(
+    phantom_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The bundled demo knows 13 terms and the parents they make up ("kidney"); "pancreas" is not one."""
+    code, _, stderr = run_cli(capsys, phantom_path, tmp_path / "out", DEMO_CHECKPOINT, "--prompts", "pancreas,kidney")
+    assert code == 0
+    assert stderr.strip().splitlines() == [f"warning: {untrained_warning(['pancreas'])}"]
+    assert (tmp_path / "out" / "pancreas.nii.gz").is_file()

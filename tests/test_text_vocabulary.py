@@ -19,6 +19,7 @@ from satseg.text import (
     normalize_prompt,
     parse_prompt_list,
     resolve_text_encoder,
+    untrained_warning,
 )
 from satseg.text.vocabulary import MAX_PROMPT_CHARS
 
@@ -318,3 +319,12 @@ def test_tokenizer_pads_to_longest_and_truncates() -> None:
     short = tokenizer(["liver", "left kidney"])
     assert short["input_ids"].shape == (2, 4)  # padded to the longest, not to max_length
     assert short["input_ids"][0, -1].item() == 0 and short["attention_mask"][0].tolist() == [1, 1, 1, 0]
+
+
+def test_a_term_is_known_when_trained_or_made_of_trained_parts() -> None:
+    vocabulary = Vocabulary.load()
+    trained = ["left kidney", "right kidney", "liver"]
+    assert vocabulary.untrained(["kidney", "liver", "pancreas", "left lung"], trained) == ["pancreas", "left lung"]
+    assert vocabulary.untrained(["pancreas"], None) == [], "nothing is said without a record of the trained terms"
+    assert vocabulary.known_terms(trained) == ["kidney", "left kidney", "liver", "right kidney"]
+    assert untrained_warning(["pancreas"]).startswith('not trained on "pancreas": the model runs')

@@ -57,7 +57,11 @@ def init_checkpoint(args: argparse.Namespace) -> int:
 def show_info(args: argparse.Namespace) -> int:
     metadata = read_metadata(args.checkpoint)
     summary = metadata.to_json()
-    summary["vocabulary_matches_this_install"] = metadata.vocabulary_sha256 == Vocabulary.load().sha256
+    vocabulary = Vocabulary.load()
+    summary["vocabulary_matches_this_install"] = metadata.vocabulary_sha256 == vocabulary.sha256
+    trained = metadata.extra.get("trained_terms")
+    if trained is not None:  # what a prompt may name without the untrained-term warning
+        summary["known_terms"] = vocabulary.known_terms(trained)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -16,7 +16,7 @@ from satseg.geometry.volume import MODALITIES, choose_modality
 from satseg.outputs.run_folder import MANIFEST_FILE, check_output_folder, run_folder
 from satseg.outputs.writer import OutputOptions, write_segmentation
 from satseg.pipeline import PRECISIONS, InferenceOptions, Segmenter, resolve_device
-from satseg.text import Vocabulary, parse_prompt_list
+from satseg.text import Vocabulary, parse_prompt_list, untrained_warning
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "demo"
 
@@ -133,6 +133,8 @@ def segment(args: argparse.Namespace) -> int:
     segmenter = Segmenter.from_checkpoint(checkpoint, device=device, vocabulary=vocabulary, options=options)
     if segmenter.metadata.extra.get("trained") is False:
         print(f"warning: {checkpoint} holds untrained weights; the masks are meaningless", file=sys.stderr)
+    elif unknown := vocabulary.untrained(terms, segmenter.trained_terms):
+        print(f"warning: {untrained_warning(unknown)}", file=sys.stderr)
     started = time.perf_counter()
     results = segmenter.segment(volume, terms, modality, progress=not args.quiet)
     options = OutputOptions(

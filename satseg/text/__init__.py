@@ -9,6 +9,7 @@ from satseg.text.vocabulary import (
     check_prompts,
     normalize_prompt,
     parse_prompt_list,
+    untrained_warning,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "parse_prompt_list",
     "resolve_text_encoder",
     "tensor_sha256",
+    "untrained_warning",
 ]

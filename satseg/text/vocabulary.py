@@ -98,6 +98,15 @@ def parse_prompt_list(text: str | Sequence[str]) -> list[str]:
     return list(prompts.values())
 
 
+def untrained_warning(terms: Sequence[str]) -> str:
+    """The one-line warning every entry point gives for prompts outside what the weights were trained on."""
+    which = "this term" if len(terms) == 1 else "these terms"
+    return (
+        f"not trained on {', '.join(quoted(term) for term in terms)}: the model runs, but its masks for {which} "
+        "are unreliable (sat-checkpoint info lists the known terms)"
+    )
+
+
 def expand_to_trained(
     term: str, children_of: Callable[[str], Sequence[str]], trained_terms: Collection[str]
 ) -> list[str]:
@@ -355,6 +364,21 @@ class Vocabulary:
             return [term]
         by_name = self._by_name
         return expand_to_trained(term, lambda name: by_name[name].children if name in by_name else (), trained_terms)
+
+    def untrained(self, terms: Sequence[str], trained_terms: Collection[str] | None) -> list[str]:
+        """The resolved ``terms`` a model trained on ``trained_terms`` does not know: neither trained on them nor
+        on every child that makes them up (a parent whose children were trained counts as known). ``[]`` when
+        the trained terms are not recorded (``None``): nothing can be said then.
+        """
+        if trained_terms is None:
+            return []
+        trained = frozenset(trained_terms)
+        return [term for term in terms if not set(self.expand(term, trained)) <= trained]
+
+    def known_terms(self, trained_terms: Collection[str]) -> list[str]:
+        """Every vocabulary term a model trained on ``trained_terms`` knows (trained, or all its parts), sorted."""
+        names = [term.name for term in self._terms]
+        return sorted(set(names) - set(self.untrained(names, trained_terms)))
 
     def for_modality(self, modality: str) -> list[str]:
         """Canonical terms usable with ``modality``, sorted.
