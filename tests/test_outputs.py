@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from satseg.errors import SatInputError
+from satseg.geometry.volume import Volume
 from satseg.outputs import (
     LabelMapAccumulator,
     OutputOptions,
@@ -25,6 +27,7 @@ from satseg.outputs import (
     write_json,
     write_nifti,
     write_segmentation,
+    write_thresholded,
 )
 from training.data.phantom import make_torso_phantom
 
@@ -219,16 +222,183 @@ def test_label_map_accumulator_rejects_misuse() -> None:
 # --- statistics and JSON ---------------------------------------------------------------------------
 
 
+def stats_volume(affine: np.ndarray, dtype: type = np.float32, seed: int = 0) -> Volume:
+    """A ``SHAPE`` volume of random intensities (HU-like, any sign) on ``affine``."""
+    values = np.random.default_rng(seed).normal(20.0, 300.0, SHAPE)
+    return Volume(values.astype(dtype), affine)
+
+
+def flipped_rotation_affine() -> np.ndarray:
+    """i -> +y by 2 mm, j -> -x by 3 mm, k -> -z by 1.5 mm (a 90 degree turn about z and a negative axis):
+    world(i, j, k) = (10 - 3 j, -20 + 2 i, 30 - 1.5 k)."""
+    affine = np.eye(4)
+    affine[:3, :3] = [[0.0, -3.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, -1.5]]
+    affine[:3, 3] = [10.0, -20.0, 30.0]
+    return affine
+
+
+def oblique_flipped_affine() -> np.ndarray:
+    """The oblique affine with its j axis reversed (a left-handed, rotated grid)."""
+    affine = oblique_affine()
+    affine[:3, 1] *= -1.0
+    return affine
+
+
+def irregular_mask(seed: int = 3) -> np.ndarray:
+    """``SHAPE`` bool: a scatter of voxels away from the field of view's edges."""
+    mask = np.zeros(SHAPE, bool)
+    mask[2:-2, 2:-2, 2:-2] = np.random.default_rng(seed).random((SHAPE[0] - 4, SHAPE[1] - 4, SHAPE[2] - 4)) < 0.3
+    return mask
+
+
 def test_mask_statistics_in_millilitres() -> None:
     mask = np.zeros(SHAPE, bool)
     mask[:10, :10, :5] = True
-    voxel_ml = 0.8 * 0.8 * 2.0 / 1000  # 1.28 mm^3
-    assert mask_statistics(mask, voxel_ml) == {"voxels": 500, "volume_ml": 0.64}
-    assert mask_statistics(np.zeros(SHAPE, np.uint8), voxel_ml) == {"voxels": 0, "volume_ml": 0.0}
+    volume = Volume(np.zeros(SHAPE, np.int16), np.diag([0.8, 0.8, 2.0, 1.0]))  # 1.28 mm^3 voxels
+    assert {key: mask_statistics(volume, mask)[key] for key in ("voxels", "volume_ml")} == {
+        "voxels": 500,
+        "volume_ml": 0.64,
+    }
     # Rounded to 0.001 mL (1 mm^3).
-    assert mask_statistics(mask[:1, :1, :3], 0.000125)["volume_ml"] == 0.0
-    with pytest.raises(ValueError):
-        mask_statistics(mask, 0.0)
+    tiny = Volume(np.zeros(SHAPE, np.int16), np.diag([0.5, 0.5, 0.5, 1.0]))  # 0.125 mm^3 voxels
+    single = np.zeros(SHAPE, bool)
+    single[0, 0, :3] = True
+    assert mask_statistics(tiny, single)["volume_ml"] == 0.0
+    with pytest.raises(ValueError, match="positive"):
+        mask_statistics(Volume(np.zeros(SHAPE, np.int16), np.diag([1.0, 1.0, 0.0, 1.0])), mask)
+    with pytest.raises(ValueError, match="grid"):
+        mask_statistics(volume, mask[:, :, :4])
+
+
+def test_empty_mask_has_zero_volume_and_null_fields(tmp_path: Path) -> None:
+    statistics = mask_statistics(stats_volume(oblique_affine()), np.zeros(SHAPE, np.uint8))
+    assert statistics["voxels"] == 0 and statistics["volume_ml"] == 0.0
+    others = {key: value for key, value in statistics.items() if key not in ("voxels", "volume_ml")}
+    assert len(others) == 8 and all(value is None for value in others.values())
+    # JSON null, not NaN (write_json refuses NaN).
+    text = write_json({"liver": statistics}, tmp_path / "statistics.json").read_text()
+    assert json.loads(text)["liver"]["intensity_mean"] is None and text.count("null") == 8
+
+
+def test_intensities_are_in_the_images_units_by_hand() -> None:
+    """Four CT voxels of 10, 20, 30 and 40 HU: mean 25, std sqrt(125), median 25, p5 11.5, p95 38.5."""
+    array = np.full(SHAPE, -1000, np.int16)
+    mask = np.zeros(SHAPE, np.uint8)
+    for value, index in zip((10, 20, 30, 40), ((1, 1, 1), (5, 2, 3), (7, 7, 6), (3, 8, 2)), strict=True):
+        array[index], mask[index] = value, 1
+    statistics = mask_statistics(Volume(array, np.eye(4), "ct"), mask)
+    assert statistics["intensity_mean"] == 25.0
+    assert statistics["intensity_std"] == 11.18  # sqrt(125) = 11.1803
+    assert statistics["intensity_median"] == 25.0
+    assert (statistics["intensity_p5"], statistics["intensity_p95"]) == (11.5, 38.5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int16])
+@pytest.mark.parametrize("affine", [oblique_affine(), oblique_flipped_affine(), flipped_rotation_affine()])
+def test_intensity_statistics_equal_numpys_on_the_masked_values(dtype: type, affine: np.ndarray) -> None:
+    volume, mask = stats_volume(affine, dtype), irregular_mask()
+    values = volume.array[mask].astype(np.float64)
+    expected = {
+        "intensity_mean": np.mean(values),
+        "intensity_std": np.std(values),
+        "intensity_median": np.median(values),
+        "intensity_p5": np.percentile(values, 5),
+        "intensity_p95": np.percentile(values, 95),
+    }
+    statistics = mask_statistics(volume, mask.astype(np.uint8))
+    assert statistics["voxels"] == int(mask.sum())
+    for key, value in expected.items():
+        assert statistics[key] == pytest.approx(value, abs=0.005 + 1e-9), key
+        assert statistics[key] == round(statistics[key], 2)  # rounded to 0.01
+
+
+def test_bounding_box_on_a_rotated_and_flipped_grid_by_hand() -> None:
+    """Voxels (1, 2, 3), (4, 6, 5) and (2, 3, 4) under world = (10 - 3 j, -20 + 2 i, 30 - 1.5 k): x from
+    10 - 18 to 10 - 6, y from -20 + 2 to -20 + 8, z from 30 - 7.5 to 30 - 4.5."""
+    mask = np.zeros(SHAPE, bool)
+    for index in ((1, 2, 3), (4, 6, 5), (2, 3, 4)):
+        mask[index] = True
+    statistics = mask_statistics(stats_volume(flipped_rotation_affine()), mask)
+    assert statistics["bbox_min_ras_mm"] == [-8.0, -18.0, 22.5]
+    assert statistics["bbox_max_ras_mm"] == [4.0, -12.0, 25.5]
+    assert statistics["touches_fov_edge"] is False
+
+
+@pytest.mark.parametrize("affine", [oblique_affine(), oblique_flipped_affine(), oblique_affine(shear=0.2)])
+def test_bounding_box_of_a_box_mask_on_oblique_grids(affine: np.ndarray) -> None:
+    """A filled index box holds its 8 corners, so the world box is the min/max over every voxel's centre."""
+    mask = np.zeros(SHAPE, bool)
+    mask[2:9, 1:7, 3:6] = True
+    centres = nib.affines.apply_affine(affine, np.argwhere(mask))
+    statistics = mask_statistics(stats_volume(affine), mask)
+    assert statistics["bbox_min_ras_mm"] == pytest.approx(centres.min(axis=0), abs=0.005 + 1e-9)
+    assert statistics["bbox_max_ras_mm"] == pytest.approx(centres.max(axis=0), abs=0.005 + 1e-9)
+
+
+@pytest.mark.parametrize(
+    ("affine", "tight"),
+    [(flipped_rotation_affine(), True), (np.diag([-0.7, 1.2, -2.0, 1.0]), True), (oblique_flipped_affine(), False)],
+)
+def test_bounding_box_of_a_scattered_mask(affine: np.ndarray, tight: bool) -> None:
+    """Without obliquity the box is exactly the voxel centres' min/max; on an oblique grid it encloses them."""
+    mask = irregular_mask()
+    centres = nib.affines.apply_affine(affine, np.argwhere(mask))
+    statistics = mask_statistics(stats_volume(affine), mask)
+    low, high = np.array(statistics["bbox_min_ras_mm"]), np.array(statistics["bbox_max_ras_mm"])
+    assert (low <= centres.min(axis=0) + 0.005).all() and (high >= centres.max(axis=0) - 0.005).all()
+    exact = np.allclose(low, centres.min(axis=0), atol=0.006) and np.allclose(high, centres.max(axis=0), atol=0.006)
+    assert exact is tight
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+@pytest.mark.parametrize("last", [False, True])
+def test_touching_the_field_of_views_edge(axis: int, last: bool) -> None:
+    mask = np.zeros(SHAPE, bool)
+    mask[3:6, 3:6, 3:6] = True
+    volume = stats_volume(oblique_affine())
+    assert mask_statistics(volume, mask)["touches_fov_edge"] is False
+    edge = [4, 4, 4]
+    edge[axis] = SHAPE[axis] - 1 if last else 0
+    mask[tuple(edge)] = True
+    assert mask_statistics(volume, mask)["touches_fov_edge"] is True
+
+
+def test_mask_statistics_gathers_only_the_structures_voxels() -> None:
+    """A 1000-voxel structure in a 4-million-voxel volume: no full-volume copy (a float64 one is 32 MB)."""
+    shape = (200, 200, 100)
+    volume = Volume(np.zeros(shape, np.int16), np.eye(4))
+    mask = np.zeros(shape, np.uint8)
+    mask[50:60, 50:60, 40:50] = 1
+    tracemalloc.start()
+    try:
+        statistics = mask_statistics(volume, mask)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert statistics["voxels"] == 1000 and peak < volume.array.nbytes // 8
+
+
+def test_every_path_writes_the_same_statistics(tmp_path: Path) -> None:
+    """In-process results, a server's masks and a server's label map give one statistics.json."""
+    volume, labels, _ = make_torso_phantom((40, 32, 12))
+    terms = ["liver", "spleen", "absent"]
+    masks = np.stack([labels == 1, labels == 2, np.zeros_like(labels, bool)]).astype(np.uint8)
+    labelmap = np.where(masks[0] == 1, 1, np.where(masks[1] == 1, 2, 0)).astype(np.uint16)
+    results = [
+        SimpleNamespace(index=index, term=term, probabilities=torch.from_numpy(mask.astype(np.float32)), threshold=0.5)
+        for index, (term, mask) in enumerate(zip(terms, masks, strict=True))
+    ]
+    options = OutputOptions(statistics=True)
+    write_segmentation(volume, terms, results, tmp_path / "in_process", options)
+    write_thresholded(volume, terms, masks, None, tmp_path / "masks", options)
+    write_thresholded(volume, terms, None, labelmap, tmp_path / "labelmap", options)
+    folders = ("in_process", "masks", "labelmap")
+    written = [json.loads((tmp_path / name / "statistics.json").read_text()) for name in folders]
+    assert written[0] == written[1] == written[2]
+    liver = volume.array[labels == 1].astype(np.float64)
+    assert written[0]["liver"]["voxels"] == liver.size > 0
+    assert written[0]["liver"]["intensity_mean"] == pytest.approx(liver.mean(), abs=0.005 + 1e-9)
+    assert written[0]["absent"]["intensity_mean"] is None
 
 
 def test_write_json_round_trip_and_atomic(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from satseg.geometry.volume import Volume
 from satseg.outputs.labelmap import LabelMapAccumulator
 from satseg.outputs.nifti import write_nifti
 from satseg.outputs.preview import CT_SOFT_TISSUE_WINDOW, save_preview
-from satseg.outputs.statistics import mask_statistics, write_json
+from satseg.outputs.statistics import StructureStatistics, mask_statistics, write_json
 
 LABELMAP_FILE = "labelmap.nii.gz"
 LABELS_FILE = "labels.json"
@@ -68,13 +68,13 @@ def write_segmentation(
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     merged = LabelMapAccumulator(volume.shape) if options.merged_labelmap or options.preview else None
-    statistics: dict[str, dict[str, int | float]] = {}
+    statistics: dict[str, StructureStatistics] = {}
     written: list[Path] = []
     for result in results:
         mask = (result.probabilities > result.threshold).to(torch.uint8).cpu().numpy()
         if not options.merged_labelmap:
             written.append(write_mask(mask, result.term, volume, output_dir))
-        statistics[result.term] = mask_statistics(mask, volume.voxel_volume_ml)
+        statistics[result.term] = mask_statistics(volume, mask)
         if merged is not None:
             merged.add(result.index + 1, result.probabilities, result.threshold)
     labelmap = merged.labelmap if merged is not None else None
@@ -110,10 +110,11 @@ def write_thresholded(
 
 def thresholded_statistics(
     volume: Volume, terms: Sequence[str], masks: np.ndarray | None, labelmap: np.ndarray | None
-) -> dict[str, dict[str, int | float]]:
-    """Volume and voxel count per term, from its mask, else from its label value ``index + 1``."""
+) -> dict[str, StructureStatistics]:
+    """:func:`~satseg.outputs.statistics.mask_statistics` per term, from its mask (``masks[index]``,
+    ``[N, I, J, K]``), else from its label value ``index + 1`` in ``labelmap`` (``[I, J, K]``)."""
     return {
-        term: mask_statistics(masks[index] if masks is not None else labelmap == index + 1, volume.voxel_volume_ml)
+        term: mask_statistics(volume, masks[index] if masks is not None else labelmap == index + 1)
         for index, term in enumerate(terms)
     }
 
@@ -126,7 +127,7 @@ def write_mask(mask: np.ndarray, term: str, volume: Volume, output_dir: Path) ->
 def write_summary(
     volume: Volume,
     terms: Sequence[str],
-    statistics: dict[str, dict[str, int | float]],
+    statistics: dict[str, StructureStatistics],
     labelmap: np.ndarray | None,
     output_dir: Path,
     options: OutputOptions,
