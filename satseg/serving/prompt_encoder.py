@@ -18,12 +18,14 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from satseg.errors import SatInputError
 from satseg.geometry.volume import MODALITIES
 from satseg.serving import contract
 from satseg.serving.triton_tensors import (
     backend,
     error_response,
     model_parameters,
+    optional_input,
     required_input,
     to_torch,
     to_triton,
@@ -33,6 +35,11 @@ from satseg.text import PromptTokenizer, Vocabulary
 EMBEDDINGS_FILE = "embeddings.safetensors"
 TOKENIZER_FOLDER = "tokenizer"
 TEXT_ENCODER_MODEL = "text_encoder"
+MISSING_PROMPTS = (
+    f"input {contract.PROMPTS} is missing; send the anatomical terms to segment as a BYTES tensor [N] "
+    '(e.g. ["liver", "spleen"])'
+)
+"""PROMPTS is optional in the configs only so that its absence reaches this refusal (Triton's own is a deadlock)."""
 
 
 def read_contract(model_folder: Path) -> dict[str, Any]:
@@ -93,7 +100,10 @@ class PromptEncoderModel:
 
     async def _answer(self, request: Any) -> Any:
         modality = contract.request_modality(required_input(request, contract.MODALITY))
-        prompts = contract.request_prompts(required_input(request, contract.PROMPTS), self.limits)
+        prompts_array = optional_input(request, contract.PROMPTS)
+        if prompts_array is None:
+            raise SatInputError(MISSING_PROMPTS)
+        prompts = contract.request_prompts(prompts_array, self.limits)
         terms = self.vocabulary.resolve_all(prompts, allow_free_text=self.limits.allow_free_text)
         plan = [self.vocabulary.expand(term, self.trained_terms) for term in terms]
         components = [component for parts in plan for component in parts]
