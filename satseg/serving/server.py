@@ -5,10 +5,17 @@ runtime folder (``bin``, ``backends``, ``caches``) with the python-backend stub 
 interpreter's own ``libpython`` first on ``LD_LIBRARY_PATH`` (else the stub loads the system one and
 breaks), and this environment's ``bin`` first on ``PATH`` (the stub finds its packages through
 ``python3``, not ``PYTHONPATH``). :class:`TritonServer` does all of that.
+
+Two guards Triton 2.51 lacks run beside it: the HTTP front (:mod:`satseg.serving.front`) owns the public
+HTTP port, refusing JSON requests that would make the server allocate by a lying shape, and the stub
+watchdog (:mod:`satseg.serving.watchdog`) notices a python-backend process that died, which the server
+itself never reports. Stopping removes the shared-memory regions a killed server leaves in ``/dev/shm``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -18,14 +25,22 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from satseg.errors import SatInputError
+from satseg.serving.watchdog import SHM, Stub, StubWatchdog, is_alive, python_stubs, shm_regions, unlink_regions
+
+if TYPE_CHECKING:
+    from satseg.serving.front import HttpFront
+
+LOG = logging.getLogger(__name__)
 
 ENTRY_MODEL = "sat"
 DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "triton_repo"
@@ -37,6 +52,10 @@ ADMIN_HEADER = "sat-admin-key"
 GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
 """gRPC clients send the key under this name: Triton prefixes restricted-protocol headers on gRPC."""
 READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+"""Graceful stop: requests in flight may finish for this long."""
+FAILED_STOP_TIMEOUT_S = 2.0
+"""Stop of a server whose stub died: nothing in flight can finish, so SIGKILL follows soon."""
 NO_TRITON = (
     "tritonserver is not installed in this environment; install the serving extra "
     '(pip install -e ".[serve]") or use NVIDIA\'s Triton container on a GPU server (deploy/README.md)'
@@ -45,11 +64,15 @@ NO_TRITON = (
 
 @dataclass(frozen=True)
 class ServerPorts:
-    """TCP ports of the three endpoints, all on ``host``."""
+    """TCP ports of the three endpoints, all on ``host`` (``http`` is the HTTP front's)."""
 
     http: int
     grpc: int
     metrics: int
+
+
+class ServerFailure(RuntimeError):
+    """The server can no longer answer (a python-backend process died); it must be stopped."""
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -107,15 +130,24 @@ def server_environment() -> dict[str, str]:
 
 
 def server_arguments(
-    runtime: Path, repository: Path, ports: ServerPorts, host: str, config_name: str | None, admin_key: str
+    runtime: Path,
+    repository: Path,
+    ports: ServerPorts,
+    host: str,
+    config_name: str | None,
+    admin_key: str,
+    http_host: str | None = None,
 ) -> list[str]:
-    """The ``tritonserver`` command line: loopback by default, strict readiness, no model control, restricted APIs."""
+    """The ``tritonserver`` command line: loopback by default, strict readiness, no model control, restricted APIs.
+
+    ``http_host`` binds the server's own HTTP endpoint elsewhere than ``host`` (loopback behind the front).
+    """
     arguments = [
         str(runtime / "bin" / "tritonserver"),
         f"--model-repository={repository}",
         f"--backend-directory={runtime / 'backends'}",
         f"--cache-directory={runtime / 'caches'}",
-        f"--http-address={host}",
+        f"--http-address={http_host or host}",
         f"--http-port={ports.http}",
         f"--grpc-address={host}",
         f"--grpc-port={ports.grpc}",
@@ -136,6 +168,11 @@ def server_arguments(
 class TritonServer:
     """One ``tritonserver`` process serving ``repository``; a context manager that stops it on exit.
 
+    Clients reach HTTP through the front on ``ports.http`` (the server's own HTTP endpoint listens on a
+    private loopback port); gRPC and metrics are the server's own. Once ready, a watchdog checks the
+    python-backend processes every half second: when one dies, :attr:`failure` names its model, the front's
+    health and readiness endpoints answer 503 and :meth:`wait` raises :class:`ServerFailure`.
+
     Args:
         repository: a model repository filled by ``sat-export``.
         config_name: ``configs/<name>.pbtxt`` to use where a model has one (``cpu``); ``None``: ``config.pbtxt``.
@@ -143,6 +180,7 @@ class TritonServer:
         ports: fixed ports, or free ones chosen now.
         log_path: file the server log is appended to (default: this process's console).
         admin_key: value of the ``sat-admin-key`` header the restricted endpoints require (random by default).
+            It is on tritonserver's command line, which Triton 2.51 offers no other way to take.
     """
 
     def __init__(
@@ -164,13 +202,30 @@ class TritonServer:
         self.host = host
         self.ports = ports or ServerPorts(*free_ports(3, host))
         self.admin_key = admin_key or secrets.token_hex(16)
-        self._runtime: Path | None = None
         self.log_path = log_path
+        self.failure: str | None = None
+        """Why the server can no longer answer (set by the watchdog), or ``None``."""
+        self.stubs: list[Stub] = []
+        """The python-backend processes recorded when the server turned ready."""
+        self.removed_regions: list[Path] = []
+        """``/dev/shm`` regions the last stop had to remove because the server left them."""
+        self._runtime: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self._triton_http_port: int | None = None
+        self._front: HttpFront | None = None
+        self._watchdog: StubWatchdog | None = None
+        self._regions: set[Path] = set()
+        self._failed = threading.Event()
 
     @property
     def http_url(self) -> str:
+        """The public HTTP endpoint (the front)."""
         return f"{self.host}:{self.ports.http}"
+
+    @property
+    def triton_http_url(self) -> str:
+        """tritonserver's own HTTP endpoint on loopback, behind the front (for measurements and tests)."""
+        return f"127.0.0.1:{self._triton_http_port}"
 
     @property
     def grpc_url(self) -> str:
@@ -185,15 +240,23 @@ class TritonServer:
         return self._process.pid if self._process else None
 
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> TritonServer:
-        """Start the server and wait until ``sat`` is ready.
+        """Start the server and wait until ``sat`` is ready; then start watching its python-backend processes.
 
         Raises:
-            RuntimeError: the process died (a busy port, a model that failed to load) or was not ready in
-                ``timeout_s``; the message ends with the log's last lines.
+            RuntimeError: the HTTP port is busy, the process died (a busy port, a model that failed to load)
+                or was not ready in ``timeout_s``; the message ends with the log's last lines.
         """
+        from satseg.serving.front import HttpFront  # aiohttp: only where a server runs
+
+        listening = bind_listener(self.host, self.ports.http)  # first: a busy port fails before any loading
+        self._triton_http_port = free_ports(1)[0]
+        self._failed.clear()
+        self.failure = None
         self._runtime = build_runtime(Path(tempfile.mkdtemp(prefix="sat-triton-")))
+        # The server's own HTTP listens on a private loopback port; the front takes the public one.
+        private = replace(self.ports, http=self._triton_http_port)
         command = server_arguments(
-            self._runtime, self.repository, self.ports, self.host, self.config_name, self.admin_key
+            self._runtime, self.repository, private, self.host, self.config_name, self.admin_key, "127.0.0.1"
         )
         log = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 - the child keeps it open
         try:
@@ -203,25 +266,43 @@ class TritonServer:
         finally:
             if log:
                 log.close()
+        self._front = HttpFront(listening, f"http://{self.triton_http_url}", lambda: self.failure).start()
         self._wait_ready(timeout_s)
+        self._watch()
         return self
 
+    def _watch(self) -> None:
+        """Record the python-backend processes and their shared memory, and start the watchdog on them."""
+        assert self._process is not None
+        self.stubs = python_stubs(self._process.pid)
+        self._regions = self._current_regions(self._process.pid)
+        self._watchdog = StubWatchdog(self.stubs, self._fail).start()
+
+    def _current_regions(self, server_pid: int) -> set[Path]:
+        """The python backend's regions known so far, plus those the server and its stubs map now."""
+        pids = [stub.pid for stub in self.stubs] + [server_pid]
+        return self._regions | shm_regions(pids) | {SHM / stub.region for stub in self.stubs}
+
+    def _fail(self, reason: str) -> None:
+        """The watchdog saw a stub die: remember why (the front's probes now fail) and wake :meth:`wait`."""
+        if self._process is not None and self._process.poll() is not None:
+            reason = f"tritonserver exited (code {self._process.returncode}); {reason}"
+        self.failure = reason
+        LOG.error("%s", reason)
+        self._failed.set()
+
     def is_ready(self) -> bool:
-        """Whether the entry model answers ready on HTTP (what load balancers and probes should ask)."""
-        url = f"http://{self.http_url}/v2/models/{ENTRY_MODEL}/ready"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        """Whether the entry model answers ready through the front (what load balancers and probes ask)."""
+        return url_ready(self.http_url)
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process is None or self._process.poll() is not None:
                 code = None if self._process is None else self._process.returncode
+                self.stop()
                 raise RuntimeError(f"tritonserver exited (code {code}) before it was ready:\n{self.log_tail()}")
-            if self.is_ready():
+            if url_ready(self.triton_http_url):
                 return
             time.sleep(0.25)
         self.stop()
@@ -236,29 +317,51 @@ class TritonServer:
         except OSError:
             return f"(no log at {self.log_path})"
 
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM (graceful: in-flight requests finish), SIGKILL after ``timeout_s``; returns the exit code."""
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM (graceful: in-flight requests finish), SIGKILL of the process group after ``timeout_s`` (after
+        :data:`FAILED_STOP_TIMEOUT_S` once a stub died); then the front stops and leftover shared memory goes.
+
+        Returns:
+            The server's exit code (``None`` if it was not running).
+        """
+        if self._watchdog is not None:
+            self._watchdog.stop()  # first: stubs ending in a graceful stop are no failure
+            self._watchdog = None
         process, self._process = self._process, None
         code = None
         if process is not None:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
-            code = process.returncode
+            self._regions = self._current_regions(process.pid)
+            code = terminate(process, FAILED_STOP_TIMEOUT_S if self.failure else timeout_s)
+        if self._front is not None:
+            self._front.stop()
+            self._front = None
+        for stub in self.stubs:
+            if is_alive(stub):  # orphaned when the server was killed: they hold the regions
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(stub.pid, signal.SIGKILL)
+        self.removed_regions = unlink_regions(self._regions)
+        if self.removed_regions:
+            LOG.warning("removed %d shared-memory region(s) the server left behind", len(self.removed_regions))
+        self._regions = set()
         if self._runtime is not None:
             shutil.rmtree(self._runtime, ignore_errors=True)
             self._runtime = None
         return code
 
     def wait(self) -> int:
-        """Block until the server exits by itself; its exit code."""
-        if self._process is None:
+        """Block until the server exits by itself (its exit code) or a stub dies.
+
+        Raises:
+            ServerFailure: the watchdog saw a python-backend process die; :attr:`failure` says which.
+        """
+        process = self._process
+        if process is None:
             raise RuntimeError("the server is not running")
-        return self._process.wait()
+        while process.poll() is None and not self._failed.wait(WAIT_POLL_S):
+            pass
+        if self.failure is not None:
+            raise ServerFailure(self.failure)
+        return process.wait()
 
     def __enter__(self) -> TritonServer:
         return self.start() if self._process is None else self
@@ -267,3 +370,43 @@ class TritonServer:
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.stop()
+
+
+WAIT_POLL_S = 0.5
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for the HTTP front (listening starts with the front).
+
+    Raises:
+        RuntimeError: the port is taken.
+    """
+    listening = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart must not wait for TIME_WAIT
+    try:
+        listening.bind((host, port))
+    except OSError as error:
+        listening.close()
+        raise RuntimeError(f"cannot listen on {host}:{port} for HTTP ({error.strerror})") from None
+    return listening
+
+
+def url_ready(address: str) -> bool:
+    """Whether ``http://address/v2/models/sat/ready`` answers 200."""
+    try:
+        with urllib.request.urlopen(f"http://{address}/v2/models/{ENTRY_MODEL}/ready", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def terminate(process: subprocess.Popen[bytes], timeout_s: float) -> int:
+    """SIGTERM ``process``; SIGKILL its whole process group (its stubs) if it is still there after ``timeout_s``."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode
