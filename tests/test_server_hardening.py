@@ -1,15 +1,21 @@
 """The served model under hostile and unlucky conditions (issue 16): lying JSON shapes, gzip bombs, malformed
-JSON and a missing PROMPTS tensor.
+JSON, a missing PROMPTS tensor, a killed python-backend process, and the admin key on the console.
 
 The request tests use the session's real server (conftest), whose HTTP port is the front; its own HTTP
-endpoint behind the front shows what the front saves it from.
+endpoint behind the front shows what the front saves it from. Each stub test starts ``sat-serve`` as a real
+subprocess on the same repository and kills one stub with SIGKILL, as the OOM killer does.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -17,9 +23,11 @@ import pytest
 from served import phantom
 
 from clients.sat_client import infer_inputs, request_arrays
+from satseg.cli.serve import FAILED
 from satseg.serving import contract
 from satseg.serving.front import MAX_BODY_BYTES, Refused, check_infer_json, element_count
 from satseg.serving.server import TritonServer
+from satseg.serving.watchdog import SHM, python_stubs
 
 pytest.importorskip("pytriton", reason="the serving tests need the serve extra (nvidia-pytriton)")
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -33,6 +41,9 @@ SMALL_INPUTS = [
     {"name": "MODALITY", "shape": [1], "datatype": "BYTES", "data": ["ct"]},
     {"name": "PROMPTS", "shape": [1], "datatype": "BYTES", "data": ["liver"]},
 ]
+PYTHON_MODELS = ["prompt_encoder", "segmenter", "text_encoder", "vision"]
+"""Every model of the CPU configs is a python model, so each has a stub that can die."""
+DETECTION_S = 3.0
 
 
 def lying_request(shape: list[int]) -> bytes:
@@ -138,6 +149,14 @@ def test_malformed_json_gets_400_with_one_line(triton_server: TritonServer) -> N
     assert status == 400 and "not valid JSON" in answer["error"] and "\n" not in answer["error"]
 
 
+def test_a_tiny_real_inference_passes_the_front_and_check_answers(triton_server: TritonServer) -> None:
+    command = [*sat_serve(), "--check", f"http://{triton_server.http_url}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([*sat_serve(), "--check", "http://127.0.0.1:1"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "check failed" in done.stderr
+
+
 def test_a_request_without_prompts_gets_one_line_invalid_arg(triton_server: TritonServer) -> None:
     volume = phantom(seed=2, shape=(16, 16, 8))
     arrays = request_arrays(volume.array, volume.affine, "ct", ["liver"])
@@ -146,3 +165,71 @@ def test_a_request_without_prompts_gets_one_line_invalid_arg(triton_server: Trit
         grpcclient.InferenceServerClient(triton_server.grpc_url).infer("sat", infer_inputs(grpcclient, arrays))
     assert "INVALID_ARG" in str(caught.value.status())
     assert "input PROMPTS is missing" in caught.value.message() and "deadlock" not in caught.value.message()
+
+
+def sat_serve() -> list[str]:
+    """The installed ``sat-serve`` beside this interpreter (what users run), else the module."""
+    script = Path(sys.executable).with_name("sat-serve")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "satseg.cli.serve"]
+
+
+def ready_banner(process: subprocess.Popen[str]) -> str:
+    """sat-serve's output up to the end of its ready banner."""
+    lines: list[str] = []
+    while not any(line.startswith("Ctrl-C") for line in lines):
+        line = process.stdout.readline() if process.stdout else ""
+        assert line, f"sat-serve ended before it was ready:\n{''.join(lines)}"
+        lines.append(line)
+    return "".join(lines)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in "ZX"
+
+
+@pytest.mark.parametrize("model", PYTHON_MODELS)
+def test_a_killed_stub_fails_the_probes_and_sat_serve_exits(
+    triton_server: TritonServer, model: str, tmp_path: Path
+) -> None:
+    command = [*sat_serve(), str(triton_server.repository), "--log", str(tmp_path / "log")]
+    command += ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"]
+    environment = {key: value for key, value in os.environ.items() if key != "SAT_ADMIN_KEY"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
+    try:
+        banner = ready_banner(process)
+        server_pid = int(re.search(r"ready \(pid (\d+)\)", banner).group(1))  # type: ignore[union-attr]
+        http = re.search(r"HTTP +http://(\S+)", banner).group(1)  # type: ignore[union-attr]
+        # The random admin key is on tritonserver's command line (Triton takes it no other way), never printed.
+        argv = Path(f"/proc/{server_pid}/cmdline").read_bytes().decode()
+        key = re.search(r"sat-admin-key=([0-9a-f]+)", argv).group(1)  # type: ignore[union-attr]
+        assert key not in banner and "not shown" in banner
+        stubs = python_stubs(server_pid)
+        assert sorted(stub.model for stub in stubs) == PYTHON_MODELS
+        regions = [SHM / stub.region for stub in stubs]
+        assert all(region.exists() for region in regions)
+        assert get_status(f"{http}/v2/models/sat/ready")[0] == 200
+        victim = next(stub for stub in stubs if stub.model == model)
+        os.kill(victim.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        statuses = {}
+        while time.monotonic() - killed < DETECTION_S and len(statuses) < 2:
+            for path in ("v2/models/sat/ready", "v2/health/live"):
+                status, body = get_status(f"{http}/{path}")
+                if status == 503:
+                    assert repr(model) in body
+                    statuses[path] = status
+            time.sleep(0.1)
+        assert len(statuses) == 2, f"the probes still pass {DETECTION_S} s after the {model} stub was killed"
+        assert process.wait(30) == FAILED
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = process.stdout.read() if process.stdout else ""
+    assert len(re.findall(rf"error: the python-backend process of model '{model}' .* died", output)) == 1, output
+    assert not alive(server_pid) and not any(alive(stub.pid) for stub in stubs)
+    assert [region for region in regions if region.exists()] == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -10,31 +11,57 @@ from pathlib import Path
 from types import FrameType
 
 from satseg.cli.common import cli_parser, run_cli
+from satseg.errors import one_line
+from satseg.serving import server as server_module
 from satseg.serving.server import (
     ADMIN_HEADER,
     CPU_CONFIG,
     DEFAULT_REPOSITORY,
     ENTRY_MODEL,
+    FAILED_STOP_TIMEOUT_S,
     READY_TIMEOUT_S,
+    ServerFailure,
     ServerPorts,
     TritonServer,
     free_ports,
 )
+from satseg.serving.watchdog import PROBE_TIMEOUT_S, probe
 
 PROG = "sat-serve"
 ADMIN_KEY_VARIABLE = "SAT_ADMIN_KEY"
 DEFAULT_PORTS = ServerPorts(http=8000, grpc=8001, metrics=8002)
+DEFAULT_CHECK_URL = f"http://127.0.0.1:{DEFAULT_PORTS.http}"
+FAILED = 3
+"""Exit status when a python-backend process died while serving (1: the server failed to start or exited)."""
 
 EPILOG = f"""examples:
   sat-export models/demo --if-stale && sat-serve      # build (once) and serve the bundled demo model
   sat-serve path/to/repository --http-port 0            # 0: any free port (printed once ready)
   {ADMIN_KEY_VARIABLE}=secret sat-serve --log triton.log  # a fixed admin key; the log in a file
+  sat-serve --check {DEFAULT_CHECK_URL}          # liveness: one tiny real inference (exit 0 or 1)
 
 The server listens on 127.0.0.1 only (put TLS in front before exposing it; see deploy/README.md),
 with strict readiness, model control "none" (the repository cannot be changed while it runs) and the
 model-repository, model-config, shared-memory, statistics, trace and logging endpoints restricted to
 requests carrying the header "{ADMIN_HEADER}: <key>". Clients infer with tritonclient or sat-client:
   GET http://127.0.0.1:8000/v2/models/{ENTRY_MODEL}/ready   answers 200 once the ensemble can serve.
+
+HTTP goes through a front in this process (tritonserver's own HTTP listens on a private loopback port):
+it refuses with 400 a JSON infer request whose "data" does not hold what its shape declares, an oversized
+JSON part, malformed JSON and a gzip/deflate body that inflates past the body limit (Triton 2.51 would
+allocate by the declared size first; limits in deploy/README.md). Everything else passes unchanged.
+gRPC is tritonserver's own.
+
+A python-backend process that dies (the OOM killer) is never restarted by Triton, which keeps answering
+ready. sat-serve watches them: within a second it prints which model died, the health and ready endpoints
+answer 503, and it stops the server (SIGKILL after {FAILED_STOP_TIMEOUT_S:.0f} s), removes the shared memory left in
+/dev/shm and exits with status {FAILED}. Restarting is the supervisor's job (systemd Restart=on-failure,
+Kubernetes, docker --restart).
+
+The admin key is on tritonserver's command line (Triton 2.51 takes it no other way), which any local user
+can read in /proc unless /proc is mounted with hidepid=2 or the server runs in its own container or user.
+A random key is not printed unless --print-admin-key; set ${ADMIN_KEY_VARIABLE} where clients need it
+(shared memory, statistics).
 Ctrl-C or SIGTERM stops it gracefully (requests in flight finish).
 """
 
@@ -63,6 +90,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--ready-timeout", type=float, default=READY_TIMEOUT_S, help="seconds to wait for readiness (default 120)"
     )
+    parser.add_argument(
+        "--print-admin-key", action="store_true", help="print the admin key once ready (a random one is not shown)"
+    )
+    parser.add_argument(
+        "--check",
+        nargs="?",
+        const=DEFAULT_CHECK_URL,
+        metavar="URL",
+        help=f"serve nothing: send one tiny real inference to URL (default {DEFAULT_CHECK_URL}) and exit 0 if it "
+        "was answered, 1 if not (for Docker HEALTHCHECK and Kubernetes exec probes)",
+    )
+    parser.add_argument(
+        "--check-timeout", type=float, default=PROBE_TIMEOUT_S, help="seconds --check waits (default 30)"
+    )
     return parser.parse_args(argv)
 
 
@@ -77,6 +118,25 @@ def raise_stop(signum: int, frame: FrameType | None) -> None:
     raise StopRequested(signal.Signals(signum).name)
 
 
+def check(url: str, timeout_s: float) -> int:
+    """``--check``: 0 if ``url`` answered a tiny inference, else 1 with the reason on one line."""
+    problem = probe(url, ENTRY_MODEL, timeout_s)
+    if problem is not None:
+        print(f"{PROG}: check failed: {one_line(problem)}", file=sys.stderr)
+        return 1
+    print(f"{PROG}: {url} answered", flush=True)
+    return 0
+
+
+def admin_key_note(from_environment: bool, key: str, show: bool) -> str:
+    """How the ready banner names the admin key: never the key itself unless asked."""
+    if show:
+        return key
+    if from_environment:
+        return f"from ${ADMIN_KEY_VARIABLE}"
+    return f"random, not shown (--print-admin-key shows it; ${ADMIN_KEY_VARIABLE} sets one)"
+
+
 def serve(args: argparse.Namespace) -> int:
     admin_key = os.environ.get(ADMIN_KEY_VARIABLE)
     server = TritonServer(
@@ -89,22 +149,32 @@ def serve(args: argparse.Namespace) -> int:
     )
     for handled in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(handled, raise_stop)
+    # The server module logs a dead stub and removed shared memory for library users; sat-serve says both itself.
+    logging.getLogger(server_module.__name__).addHandler(logging.NullHandler())
     print(f"{PROG}: starting tritonserver on {server.repository} …", flush=True)
     try:
         server.start(args.ready_timeout)
-        key = f"from ${ADMIN_KEY_VARIABLE}" if admin_key else f"{server.admin_key} (random; set ${ADMIN_KEY_VARIABLE})"
+        key = admin_key_note(admin_key is not None, server.admin_key, args.print_admin_key)
+        models = ", ".join(sorted({stub.model for stub in server.stubs})) or "none"
         print(
             f"{PROG}: ready (pid {server.pid})\n"
             f"  gRPC     {server.grpc_url}\n"
             f"  HTTP     http://{server.http_url}  (ready: /v2/models/{ENTRY_MODEL}/ready)\n"
             f"  metrics  {server.metrics_url}\n"
             f"  admin    header {ADMIN_HEADER}: {key}\n"
+            f"  watched  python-backend processes of {models}\n"
             "Ctrl-C stops it.",
             flush=True,
         )
         code = server.wait()
         print(f"{PROG}: tritonserver exited by itself (code {code}):\n{server.log_tail()}", file=sys.stderr)
         return 1
+    except ServerFailure as failure:
+        print(f"{PROG}: error: {failure}; stopping", file=sys.stderr, flush=True)
+        code = server.stop()
+        removed = f", removed {len(server.removed_regions)} shared-memory region(s)" if server.removed_regions else ""
+        print(f"{PROG}: stopped (tritonserver exit code {code}{removed})", file=sys.stderr, flush=True)
+        return FAILED
     except RuntimeError as error:  # died or never became ready; the message ends with the log's tail
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
@@ -119,6 +189,8 @@ def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.check is not None:
+        return check(args.check, args.check_timeout)
     return run_cli(PROG, lambda: serve(args))
 
 
