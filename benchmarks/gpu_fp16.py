@@ -24,6 +24,7 @@ from machine import cpu_model
 from export.parity import absolute_errors, mask_agreement, volume_patches
 from satseg.model import SATVision, get_config
 from satseg.pipeline import vision_logits
+from satseg.spec import DEFAULT_PREPROCESS, ModelSpec, PostprocessSpec, WindowSpec
 from training.data.phantom import centred_affine, make_torso_phantom
 
 PHANTOM_SHAPE = (160, 128, 60)
@@ -32,7 +33,7 @@ PHANTOM_SHAPE = (160, 128, 60)
 def phantom_window(patch_size: tuple[int, int, int]) -> torch.Tensor:
     """The most textured window ``[1, 1, H, W, D]`` of a synthetic torso CT, prepared for the model."""
     volume, _, _ = make_torso_phantom(PHANTOM_SHAPE, centred_affine(PHANTOM_SHAPE, (2.0, 2.0, 5.0), 10.0), seed=0)
-    return volume_patches(volume, "ct", patch_size, 1)
+    return volume_patches(volume, "ct", ModelSpec(DEFAULT_PREPROCESS, WindowSpec(patch_size), PostprocessSpec(), ""), 1)
 
 
 def timed(run: object, device: torch.device, repeats: int) -> tuple[np.ndarray, float, float]:

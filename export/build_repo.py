@@ -41,14 +41,14 @@ from export.parity import (
     volume_patches,
 )
 from satseg import __version__
-from satseg.checkpoint import WEIGHTS_FILE, CheckpointMetadata, load_checkpoint
+from satseg.checkpoint import WEIGHTS_FILE, CheckpointMetadata, load_checkpoint, read_metadata
 from satseg.cli.common import cli_parser, run_cli
 from satseg.errors import ExportError, SatInputError
-from satseg.geometry import MODALITIES, PreprocessConfig, Volume, load_volume
-from satseg.geometry.preprocess import CT_WINDOW_HU
+from satseg.geometry import MODALITIES, Volume, load_volume
 from satseg.model import SAT
 from satseg.serving.contract import OUTPUT_CHOICES, OUTPUT_MASKS
 from satseg.serving.server import DEFAULT_REPOSITORY, ENTRY_MODEL
+from satseg.spec import ModelSpec
 from satseg.text import PromptTokenizer, Vocabulary, resolve_text_encoder
 
 PROG = "sat-export"
@@ -106,7 +106,7 @@ def build_repository(settings: ExportSettings) -> list[ParityReport]:
         }
         for name, graph in list(graphs.items()):
             graphs[f"{name} fp16"] = convert_to_fp16(graph.path, graph.path.with_name("model.fp16.onnx"))
-        reports = check_parity(sat, graphs, settings, vocabulary)
+        reports = check_parity(sat, graphs, settings, vocabulary, metadata.model_spec(vocabulary))
         failed = [report for report in reports if not report.passed]
         if failed:
             raise ExportError("parity gate failed, nothing installed: " + "; ".join(r.summary() for r in failed))
@@ -133,13 +133,14 @@ def repository_is_current(settings: ExportSettings) -> bool:
         contract.get("version") == __version__
         and contract.get("checkpoint", {}).get("weights_sha256") == file_sha256(settings.checkpoint / WEIGHTS_FILE)
         and contract.get("vocabulary", {}).get("sha256") == Vocabulary.load().sha256
+        and contract.get("spec") == read_metadata(settings.checkpoint).model_spec(Vocabulary.load()).to_json()
         and bool(graphs)
         and all(path.is_file() for path in graphs)
     )
 
 
 def check_parity(
-    sat: SAT, graphs: dict[str, ExportedGraph], settings: ExportSettings, vocabulary: Vocabulary
+    sat: SAT, graphs: dict[str, ExportedGraph], settings: ExportSettings, vocabulary: Vocabulary, spec: ModelSpec
 ) -> list[ParityReport]:
     """Every graph onnxruntime can run here, against PyTorch (FP32 gated; FP16 reported, gated at FP16_MIN_DICE)."""
     prompts = vocabulary.resolve_all(list(settings.prompts))
@@ -149,11 +150,11 @@ def check_parity(
     with torch.inference_mode():
         queries = sat.encode_prompts(tokens["input_ids"], tokens["attention_mask"], modality_ids).float()
     generator = torch.Generator().manual_seed(settings.seed)
-    random_patches = torch.randn((settings.random_patches, 1, *sat.config.patch_size), generator=generator)
+    random_patches = torch.randn((settings.random_patches, 1, *spec.window.patch_size), generator=generator)
     volume, source = parity_volume(settings)
     patch_sets = {
         "random patches": random_patches,
-        f"{source} windows": volume_patches(volume, settings.modality, sat.config.patch_size, settings.real_patches),
+        f"{source} windows": volume_patches(volume, settings.modality, spec, settings.real_patches),
     }
     # PyTorch's logits once per patch set, shared by the FP32 and FP16 graphs.
     expected = {label: torch_logits(sat.vision, patches, queries) for label, patches in patch_sets.items()}
@@ -225,9 +226,11 @@ def write_metadata(
     graphs: dict[str, ExportedGraph],
     settings: ExportSettings,
 ) -> None:
-    """The ensemble's machine-readable contract (inputs, outputs, preprocessing, vocabulary, intended use)."""
-    preprocess = PreprocessConfig()
-    trained = metadata.extra.get("trained_terms")
+    """The ensemble's machine-readable contract (inputs, outputs, intended use) and the checkpoint's model spec,
+    copied unchanged (:mod:`satseg.spec`): what the served models read their preprocessing, window and
+    post-processing from."""
+    spec = metadata.model_spec(vocabulary)
+    trained = None if spec.trained_terms is None else sorted(spec.trained_terms)
     contract: dict[str, Any] = {
         "schema": "satseg-metadata/1",
         "name": "SAT text-prompted 3D segmentation",
@@ -258,8 +261,8 @@ def write_metadata(
         "options": {
             "transport": "request parameters",
             "output": {"values": list(OUTPUT_CHOICES), "default": OUTPUT_MASKS},
-            "threshold": {"range": "(0, 1)", "default": 0.5},
-            "overlap": {"range": "[0, 0.9]", "default": 0.5},
+            "threshold": {"range": "(0, 1)", "default": spec.postprocess.threshold},
+            "overlap": {"range": "[0, 0.9]", "default": spec.window.overlap},
         },
         "outputs": {
             "MASKS": {"dtype": "UINT8", "shape": [-1, -1, -1, -1], "description": "one mask per prompt, input grid"},
@@ -267,21 +270,9 @@ def write_metadata(
             "LABELS": {"dtype": "BYTES", "shape": [-1], "description": "the term of each mask / label value"},
             "VOLUMES_ML": {"dtype": "FP32", "shape": [-1], "description": "volume of each mask in mL"},
             "MODEL": {"dtype": "BYTES", "shape": [1], "description": "sha256 of this metadata.json file"},
+            "MODEL_GRID": {"dtype": "INT32", "shape": [3], "description": "the model grid the windows slid on"},
         },
-        "preprocessing": {
-            "orientation": preprocess.orientation,
-            "spacing_mm": list(preprocess.target_spacing),
-            "crop_foreground": preprocess.crop_foreground,
-            "ct_window_hu": list(CT_WINDOW_HU),
-            "mri_pet": "clip to the 0.5/99.5 percentiles, then z-score",
-        },
-        "sliding_window": {"patch_size": list(sat.config.patch_size), "overlap": 0.5, "blend": "gaussian"},
-        "postprocessing": {
-            "threshold": "a voxel is in a mask where its probability exceeds the request's threshold",
-            "largest_component": "a term marked single_component in the vocabulary (one connected body: "
-            "liver, a kidney, a vertebra) keeps only the largest 26-connected piece of its mask",
-            "single_component_terms": sum(term.single_component for term in vocabulary.terms),
-        },
+        "spec": spec.to_json(),
         "vocabulary": {
             "terms": len(vocabulary),
             "sha256": vocabulary.sha256,

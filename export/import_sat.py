@@ -42,6 +42,7 @@ from satseg.errors import CheckpointError
 from satseg.geometry.volume import MODALITIES
 from satseg.model import SAT, SATConfig, SATVision, TextTower, get_config
 from satseg.model.text_tower import load_hf_encoder
+from satseg.spec import ModelSpec, default_spec
 from satseg.text import PromptTokenizer, Vocabulary, resolve_text_encoder
 from satseg.text.tokenize import write_reference_rules
 
@@ -362,7 +363,22 @@ def import_sat(
         "vision": {"file": vision_path.name, "sha256": file_sha256(vision_path)},
         "text_encoder": {"file": text_encoder_path.name, "sha256": file_sha256(text_encoder_path)},
     }
-    return save_checkpoint(model, output, vocabulary_sha256=Vocabulary.load().sha256, extra={"imported": source})
+    vocabulary = Vocabulary.load()
+    spec = reference_spec(model.config.patch_size, vocabulary)
+    return save_checkpoint(model, output, vocabulary_sha256=vocabulary.sha256, spec=spec, extra={"imported": source})
+
+
+def reference_spec(patch_size: tuple[int, int, int], vocabulary: Vocabulary) -> ModelSpec:
+    """The preprocessing of SAT's reference inference code, which the imported weights were trained with,
+    stated where it departs from this project's defaults. Its trained terms (497 classes of 72 datasets) are
+    not in the checkpoint, so none are recorded and no prompt is flagged."""
+    spec = default_spec(patch_size, vocabulary, trained_terms=None, notes=REFERENCE_DEPARTURES)
+    return spec.with_overrides(ct_foreground_hu=0.0)
+
+
+REFERENCE_DEPARTURES = {
+    "ct_foreground_hu": "the reference crops CT to voxels > 0 HU; satseg's default (> -500) also keeps fat and skin",
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -18,6 +18,7 @@ import torch
 
 from export.isolated import run_isolated
 from satseg.geometry import Volume, prepare
+from satseg.spec import ModelSpec
 from satseg.window import pad_to_patch, window_slices
 
 DEFAULT_MIN_DICE = 0.99
@@ -180,12 +181,14 @@ def compare_text(
     return ParityReport(graph, inputs, worst, p99, {}, 0.0, worst <= max_abs_error)
 
 
-def volume_patches(volume: Volume, modality: str, patch_size: tuple[int, int, int], count: int) -> torch.Tensor:
-    """Up to ``count`` windows ``[B, 1, H, W, D]`` of a real volume as inference prepares it, the most textured first.
+def volume_patches(volume: Volume, modality: str, spec: ModelSpec, count: int) -> torch.Tensor:
+    """Up to ``count`` windows ``[B, 1, H, W, D]`` of a real volume as inference prepares it (the model
+    ``spec``'s grid and window), the most textured first.
 
     Windows are ranked by intensity spread, so the comparison sees anatomy rather than air.
     """
-    image, _ = pad_to_patch(prepare(volume, modality).image, patch_size)
+    patch_size = spec.window.patch_size
+    image, _ = pad_to_patch(prepare(volume, modality, spec.preprocess).image, patch_size)
     windows = [image[window] for window in window_slices(tuple(image.shape), patch_size)]
     windows.sort(key=lambda window: -float(window.std()))
     return torch.stack(windows[:count])[:, None].contiguous()

@@ -26,8 +26,10 @@ from satseg.errors import CheckpointError
 from satseg.model.build import build_sat
 from satseg.model.config import SATConfig
 from satseg.model.sat import SAT
+from satseg.spec import LEGACY_NOTE, ModelSpec, default_spec
 from satseg.text.cache import tensor_sha256
 from satseg.text.encoder_source import encoder_in_checkpoint, encoder_relative_to
+from satseg.text.vocabulary import Vocabulary
 
 CHECKPOINT_FORMAT = "satseg-checkpoint"
 FORMAT_VERSION = 1
@@ -50,8 +52,20 @@ class CheckpointMetadata:
     weights_dtype: str = "float32"
     created_by: str = f"satseg {__version__}"
     extra: dict[str, Any] = field(default_factory=dict)
+    spec: ModelSpec | None = None
+    """How the weights are used (:mod:`satseg.spec`); ``None`` in checkpoints written before specs existed."""
+
+    def model_spec(self, vocabulary: Vocabulary) -> ModelSpec:
+        """The stated spec, or for an older checkpoint the defaults of its time made explicit (its patch size,
+        its vocabulary hash, ``vocabulary``'s single-component terms, its recorded trained terms)."""
+        if self.spec is not None:
+            return self.spec
+        trained = self.extra.get("trained_terms")
+        spec = default_spec(self.config.patch_size, vocabulary, trained, notes=LEGACY_NOTE)
+        return replace(spec, vocabulary_sha256=self.vocabulary_sha256)
 
     def to_json(self) -> dict[str, Any]:
+        spec = {} if self.spec is None else {"spec": self.spec.to_json()}
         return {
             "format": CHECKPOINT_FORMAT,
             "format_version": FORMAT_VERSION,
@@ -66,6 +80,7 @@ class CheckpointMetadata:
             "weights_dtype": self.weights_dtype,
             "created_by": self.created_by,
             "extra": self.extra,
+            **spec,
         }
 
     @classmethod
@@ -83,6 +98,7 @@ class CheckpointMetadata:
             weights_dtype=values["weights_dtype"],
             created_by=values.get("created_by", "unknown"),
             extra=values.get("extra", {}),
+            spec=ModelSpec.from_json(values["spec"]) if "spec" in values else None,
         )
 
 
@@ -153,8 +169,11 @@ def save_checkpoint(
     vocabulary_sha256: str,
     dtype: torch.dtype | None = None,
     extra: dict[str, Any] | None = None,
+    spec: ModelSpec | None = None,
 ) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed).
+
+    ``spec`` (:mod:`satseg.spec`) states how the weights are used; every writer of real checkpoints passes one.
 
     ``dtype=torch.float16`` halves the file; floating tensors are cast back on load. Both files
     are written under temporary names and renamed, weights first, so a folder with a config
@@ -176,6 +195,7 @@ def save_checkpoint(
         trained_encoder_prefixes=model.text.trained_encoder_prefixes,
         weights_dtype=weights_dtype,
         extra=dict(extra or {}),
+        spec=spec,
     )
     write_bytes_atomically(target / WEIGHTS_FILE, save(tensors, metadata={"format": CHECKPOINT_FORMAT}))
     write_bytes_atomically(target / CONFIG_FILE, json.dumps(metadata.to_json(), indent=2).encode())

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from satseg.checkpoint import CheckpointMetadata, load_checkpoint
 from satseg.errors import SatInputError
-from satseg.geometry import PreprocessConfig, prepare
+from satseg.geometry import PreparedVolume, prepare
 from satseg.geometry.volume import MODALITIES, Volume, check_modality
 from satseg.model import SAT
 from satseg.outputs.components import keep_largest_component
+from satseg.spec import ModelSpec, WindowSpec, default_spec
 from satseg.text import (
     EmbeddingCache,
     PromptTokenizer,
@@ -30,23 +31,32 @@ from satseg.window import Predictor, sliding_window_probabilities
 
 @dataclass(frozen=True)
 class InferenceOptions:
-    """How windows are run and blended.
+    """How windows are run, and what a caller overrides of the checkpoint's spec (:mod:`satseg.spec`).
 
+    ``overlap``, ``threshold`` and ``orientation`` are ``None`` unless the caller overrides the spec (the CLI's
+    ``--overlap``, ``--threshold`` and ``--orientation``, for a sagittal scan): the spec decides all it states.
     ``prompts_per_pass`` bounds memory: each pass holds ``prompts_per_pass`` fp16 probability maps
     of the model grid (2 bytes per voxel each); more prompts take more passes over the windows.
     ``precision`` is the vision model's arithmetic: ``fp32``, or ``fp16`` (CUDA autocast; logits come back
-    float32). ``keep_largest_component``: a structure the vocabulary marks as one connected body keeps only
+    float32). ``keep_largest_component``: a structure the spec lists as one connected body keeps only
     the largest connected piece of its ``> threshold`` mask (its other pieces get probability 0).
     """
 
-    overlap: float = 0.5
+    overlap: float | None = None
     precision: str = "fp32"
-    threshold: float = 0.5
+    threshold: float | None = None
     keep_largest_component: bool = True
     batch_size: int = 1
     accumulator_dtype: torch.dtype = torch.float16
     prompts_per_pass: int = 32
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    orientation: str | None = None
+
+    def applied_to(self, spec: ModelSpec) -> ModelSpec:
+        """``spec`` with this caller's overrides."""
+        window = spec.window if self.overlap is None else replace(spec.window, overlap=self.overlap)
+        post = spec.postprocess if self.threshold is None else replace(spec.postprocess, threshold=self.threshold)
+        spec = replace(spec, window=window, postprocess=post)
+        return spec if self.orientation is None else spec.with_overrides(orientation=self.orientation)
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,13 @@ class Segmenter:
         self.model = model.to(self.device).eval()
         self.vocabulary = vocabulary or Vocabulary.load()
         self.options = options or InferenceOptions()
+        stated = (
+            metadata.model_spec(self.vocabulary)
+            if metadata is not None
+            else default_spec(model.config.patch_size, self.vocabulary, trained_terms=None)
+        )
+        self.spec = self.options.applied_to(stated)
+        """What this segmenter runs: the checkpoint's spec with the caller's overrides."""
         check_precision(self.options.precision, self.device)
         self.tokenizer = PromptTokenizer(resolve_text_encoder(model.config.text_encoder))
         # The cached value is the final query, so the key covers the whole text tower.
@@ -133,7 +150,7 @@ class Segmenter:
 
     @property
     def patch_size(self) -> tuple[int, int, int]:
-        return self.model.config.patch_size
+        return self.spec.window.patch_size
 
     def resolve_prompts(self, prompts: Sequence[str], *, allow_free_text: bool = False) -> list[str]:
         """Canonical vocabulary terms for ``prompts`` (or normalised free text where allowed)."""
@@ -158,36 +175,49 @@ class Segmenter:
 
     @property
     def trained_terms(self) -> frozenset[str] | None:
-        """The terms the checkpoint was trained on as positives, where its metadata records them."""
-        recorded = self.metadata.extra.get("trained_terms") if self.metadata else None
+        """The terms the checkpoint was trained on as positives, where its spec records them."""
+        recorded = self.spec.trained_terms
         return frozenset(recorded) if recorded is not None else None
 
     def components(self, term: str) -> list[str]:
         """The terms the model is asked for to segment ``term`` (a parent becomes its trained children)."""
         return self.vocabulary.expand(term, self.trained_terms)
 
+    def prepare(self, volume: Volume, modality: str) -> PreparedVolume:
+        """``volume`` on the model grid of this segmenter's spec (``image.shape`` is the grid windows slide on)."""
+        return prepare(volume, check_modality(modality), self.spec.preprocess)
+
     def segment(
-        self, volume: Volume, terms: Sequence[str], modality: str, *, progress: bool = False
+        self,
+        volume: Volume,
+        terms: Sequence[str],
+        modality: str,
+        *,
+        progress: bool = False,
+        prepared: PreparedVolume | None = None,
     ) -> Iterator[PromptProbabilities]:
         """Yield each term's probabilities on ``volume``'s grid, in the order of ``terms``.
 
         ``terms`` must already be resolved (:meth:`resolve_prompts`). A parent term ("kidney") the
         model was not trained on is the union (voxel-wise maximum) of its trained children's maps.
+        ``prepared``: ``volume`` already put on the model grid by :meth:`prepare`.
         """
         if not terms:
             raise ValueError("segment() needs at least one term resolved by resolve_prompts()")
         modality = check_modality(modality)
+        prepared = prepared or self.prepare(volume, modality)
         plan = [self.components(term) for term in terms]
         components = [component for parts in plan for component in parts]
         queries = self.encode(components, modality)
         stream = probabilities_on_input_grid(
-            volume, queries, self.predict_logits, self.patch_size, modality, self.options, self.device, progress
+            prepared, queries, self.predict_logits, self.spec.window, self.options, self.device, progress
         )
+        threshold = self.spec.postprocess.threshold
         if self.options.keep_largest_component:
-            single = [self.vocabulary.is_single_component(component) for component in components]
-            stream = largest_components(stream, single, self.options.threshold)
+            single = self.spec.single_component(components)
+            stream = largest_components(stream, single, threshold)
         for index, union in enumerate(union_per_prompt(stream, [len(components) for components in plan])):
-            yield PromptProbabilities(index, terms[index], union, self.options.threshold)
+            yield PromptProbabilities(index, terms[index], union, threshold)
 
 
 def largest_components(
@@ -215,31 +245,30 @@ def union_per_prompt(stream: Iterator[tuple[int, torch.Tensor]], counts: Sequenc
 
 
 def probabilities_on_input_grid(
-    volume: Volume,
+    prepared: PreparedVolume,
     queries: torch.Tensor,
     predictor: Predictor,
-    patch_size: tuple[int, int, int],
-    modality: str,
+    window: WindowSpec,
     options: InferenceOptions,
     device: torch.device,
     progress: bool = False,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """The geometry and windowing around any predictor (torch, onnxruntime or Triton).
+    """The windowing around any predictor (torch, onnxruntime or Triton), on a volume already on the model grid.
 
-    Prepares ``volume`` on the model grid, slides windows with ``queries [N, C]`` in passes of
-    ``options.prompts_per_pass`` prompts, and yields ``(index, probabilities)`` per prompt:
-    float32 ``[I, J, K]`` in [0, 1] on the input grid. At most one pass of fp16 model-grid maps
-    and one input-grid map exist at a time.
+    Slides ``window`` windows over ``prepared.image`` with ``queries [N, C]`` in passes of
+    ``options.prompts_per_pass`` prompts, and yields ``(index, probabilities)`` per prompt: float32
+    ``[I, J, K]`` in [0, 1] on the input grid. At most one pass of fp16 model-grid maps and one input-grid
+    map exist at a time.
     """
-    prepared = prepare(volume, modality, options.preprocess)
     image = prepared.image.to(device)
     for start in range(0, queries.shape[0], options.prompts_per_pass):
         probabilities = sliding_window_probabilities(
             image,
             queries[start : start + options.prompts_per_pass].to(device),
             predictor,
-            patch_size,
-            overlap=options.overlap,
+            window.patch_size,
+            overlap=window.overlap,
+            sigma_scale=window.sigma_scale,
             batch_size=options.batch_size,
             accumulator_dtype=options.accumulator_dtype,
             device=device,

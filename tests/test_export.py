@@ -28,7 +28,7 @@ from export.tensorrt import (
     vision_profiles,
     write_manifest,
 )
-from satseg.checkpoint import load_checkpoint
+from satseg.checkpoint import load_checkpoint, read_metadata
 from satseg.errors import ExportError
 from satseg.geometry import MODALITIES
 from satseg.pipeline import Segmenter
@@ -46,7 +46,7 @@ def exported(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return repository, reports
 
 
-def test_repository_holds_every_artefact_with_its_hash(exported: tuple[Path, list]) -> None:
+def test_repository_holds_every_artefact_with_its_hash(exported: tuple[Path, list], tiny_checkpoint: Path) -> None:
     repository, _ = exported
     for model in ("text_encoder", "vision"):
         for name in ("model.onnx", "model.fp16.onnx"):
@@ -56,8 +56,10 @@ def test_repository_holds_every_artefact_with_its_hash(exported: tuple[Path, lis
     assert (repository / "prompt_encoder" / "1" / "tokenizer" / "tokenizer.json").is_file()
     metadata = json.loads((repository / "sat" / "metadata.json").read_text())
     assert "not for clinical use" in metadata["intended_use"].lower()
-    flagged = sum(term.single_component for term in Vocabulary.load().terms)
-    assert flagged > 0 and metadata["postprocessing"]["single_component_terms"] == flagged
+    flagged = sorted(term.name for term in Vocabulary.load().terms if term.single_component)
+    spec = metadata["spec"]
+    assert flagged and spec["postprocess"]["single_component_terms"] == flagged
+    assert spec == read_metadata(tiny_checkpoint).model_spec(Vocabulary.load()).to_json(), "copied unchanged"
     assert metadata["inputs"]["AFFINE"] == {
         "dtype": "FP64",
         "shape": [4, 4],

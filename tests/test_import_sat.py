@@ -22,9 +22,10 @@ import torch
 from torch.nn import functional as F
 
 from export import import_sat as importer
-from satseg.checkpoint import load_checkpoint
+from satseg.checkpoint import load_checkpoint, read_metadata
 from satseg.errors import CheckpointError
 from satseg.model import SAT, SATConfig, get_config
+from satseg.spec import DEFAULT_PREPROCESS
 from satseg.text import PromptTokenizer
 from satseg.text.tokenize import REFERENCE_RULES_FILE, wrap_and_pad
 
@@ -513,3 +514,12 @@ def test_wrap_and_pad_cuts_long_prompts_and_masks_id_zero() -> None:
 def test_saved_tokenizer_keeps_the_reference_rules(imported: Path, tmp_path: Path) -> None:
     saved = PromptTokenizer(imported / importer.TEXT_ENCODER_FOLDER).save(tmp_path / "tokenizer")
     assert PromptTokenizer(saved)(PROMPTS)["input_ids"].tolist() == PROMPT_IDS
+
+
+def test_the_imported_checkpoint_states_the_reference_preprocessing(imported: Path) -> None:
+    """The spec travels with the weights: the reference's own crop rule, stated where it departs from ours."""
+    spec = read_metadata(imported).spec
+    assert spec is not None and spec.preprocess.ct_foreground_hu == 0.0
+    assert spec.preprocess.ct_window_hu == DEFAULT_PREPROCESS.ct_window_hu
+    assert "> 0 HU" in spec.notes["ct_foreground_hu"] and spec.trained_terms is None
+    assert spec.window.patch_size == ARCH.patch_size

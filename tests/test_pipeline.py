@@ -13,9 +13,11 @@ from scipy.spatial.transform import Rotation
 from satseg.geometry import PreprocessConfig, Volume, prepare
 from satseg.outputs import keep_largest_component
 from satseg.pipeline import InferenceOptions, Segmenter, probabilities_on_input_grid
+from satseg.spec import WindowSpec
 from training.data.phantom import world_coordinates
 
-TINY_PATCH = (96, 96, 32)
+TINY_WINDOW = WindowSpec(patch_size=(96, 96, 32))
+CPU = torch.device("cpu")
 
 
 def oblique_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float], flip: bool) -> np.ndarray:
@@ -62,9 +64,8 @@ def test_oracle_sphere_comes_back_at_its_world_position(flip: bool) -> None:
         return inside.expand(-1, queries.shape[1], -1, -1, -1)
 
     queries = torch.zeros(2, 8)
-    results = dict(
-        probabilities_on_input_grid(volume, queries, oracle, TINY_PATCH, "ct", InferenceOptions(), torch.device("cpu"))
-    )
+    prepared = prepare(volume, "ct", PreprocessConfig())
+    results = dict(probabilities_on_input_grid(prepared, queries, oracle, TINY_WINDOW, InferenceOptions(), CPU))
     assert sorted(results) == [0, 1]
     mask = (results[0] > 0.5).numpy()
     assert mask.shape == volume.shape
@@ -82,8 +83,9 @@ def test_a_shifted_oracle_fails_the_same_check() -> None:
     def shifted_oracle(patches: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         return (40.0 * (patches - threshold)).roll(shifts=4, dims=2)
 
+    prepared = prepare(volume, "ct", PreprocessConfig())
     ((_, probabilities),) = probabilities_on_input_grid(
-        volume, torch.zeros(1, 8), shifted_oracle, TINY_PATCH, "ct", InferenceOptions(), torch.device("cpu")
+        prepared, torch.zeros(1, 8), shifted_oracle, TINY_WINDOW, InferenceOptions(), CPU
     )
     assert dice((probabilities > 0.5).numpy(), painted) < 0.95
 

@@ -312,11 +312,13 @@ def evaluate_case(
     A voxel is predicted where its probability exceeds the result's threshold, as in served masks.
 
     Returns:
-        One row per prompt: case, geometry, structure, dice, nsd, truth_ml, predicted_ml, truth_voxels.
+        One row per prompt: case, geometry, structure, dice, nsd, truth_ml, predicted_ml, truth_voxels and
+        model_grid (the grid the checkpoint's spec put the windows on).
     """
     volume, labels = regrid(case.volume, case.labels, geometry)
     rows = []
-    results = segmenter.segment(volume, [prompt.term for prompt in prompts], case.modality)
+    prepared = segmenter.prepare(volume, case.modality)
+    results = segmenter.segment(volume, [prompt.term for prompt in prompts], case.modality, prepared=prepared)
     for prompt, result in zip(prompts, results, strict=True):
         prediction = (result.probabilities > result.threshold).numpy()
         truth = truth_mask(labels, case.classes, prompt.truth)
@@ -330,6 +332,7 @@ def evaluate_case(
                 "truth_ml": float(truth.sum()) * volume.voxel_volume_ml,
                 "predicted_ml": float(prediction.sum()) * volume.voxel_volume_ml,
                 "truth_voxels": int(truth.sum()),
+                "model_grid": list(prepared.image.shape),
             }
         )
     return rows
@@ -440,7 +443,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM, help="NSD tolerance in mm (default 2)"
     )
-    parser.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
+    parser.add_argument("--threshold", type=float, help="probability threshold (default: the checkpoint's)")
     parser.add_argument(
         "--keep-all-components",
         action="store_true",
@@ -479,7 +482,7 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint": str(args.checkpoint),
         "trained steps": extra.get("steps", "untrained"),
         "tolerance_mm": args.tolerance_mm,
-        "threshold": args.threshold,
+        "threshold": segmenter.spec.postprocess.threshold,
         "largest piece of single-body structures": options.keep_largest_component,
         "geometries": ", ".join(geometries),
         "cases": len(cases),

@@ -31,6 +31,7 @@ from satseg.checkpoint import load_checkpoint, save_checkpoint, stored_state_dic
 from satseg.cli.common import cli_parser, run_cli
 from satseg.errors import SatInputError
 from satseg.model import SAT, SATConfig, build_sat
+from satseg.spec import default_spec
 from satseg.text import Vocabulary, tensor_sha256
 from training.config import TrainingConfig, load_config, resolve_path
 from training.losses import deep_supervision_loss
@@ -216,14 +217,16 @@ def export_checkpoint(
     """
     if accelerator.is_main_process:
         terms = [term.name for term in vocabulary.terms]
+        trained = sorted(terms[i] for i in progress.seen.nonzero().flatten().tolist())
         save_checkpoint(
             sat,
             output / CHECKPOINT_FOLDER,
             vocabulary_sha256=vocabulary.sha256,
             dtype=torch.float16,
+            spec=default_spec(sat.config.patch_size, vocabulary, trained),
             extra={
                 "trained": True,
-                "trained_terms": sorted(terms[i] for i in progress.seen.nonzero().flatten().tolist()),
+                "trained_terms": trained,
                 "steps": progress.step,
                 "config": config.to_dict(),
             },

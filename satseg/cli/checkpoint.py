@@ -11,6 +11,7 @@ import torch
 from satseg.checkpoint import CONFIG_FILE, read_metadata, save_checkpoint
 from satseg.cli.common import cli_parser, run_cli
 from satseg.model import SAT_CONFIGS, build_sat
+from satseg.spec import default_spec
 from satseg.text import Vocabulary
 
 EPILOG = """examples:
@@ -43,11 +44,13 @@ def init_checkpoint(args: argparse.Namespace) -> int:
         return 0
     torch.manual_seed(args.seed)
     model = build_sat(args.size)
+    vocabulary = Vocabulary.load()
     save_checkpoint(
         model,
         args.output,
-        vocabulary_sha256=Vocabulary.load().sha256,
+        vocabulary_sha256=vocabulary.sha256,
         dtype=torch.float16 if args.fp16 else None,
+        spec=default_spec(model.config.patch_size, vocabulary, trained_terms=()),
         extra={"trained": False, "note": f"random initialisation, seed {args.seed}: masks are meaningless"},
     )
     print(f"wrote an untrained {args.size} checkpoint to {args.output}")
@@ -56,10 +59,11 @@ def init_checkpoint(args: argparse.Namespace) -> int:
 
 def show_info(args: argparse.Namespace) -> int:
     metadata = read_metadata(args.checkpoint)
-    summary = metadata.to_json()
     vocabulary = Vocabulary.load()
+    summary = metadata.to_json()
+    summary["spec"] = metadata.model_spec(vocabulary).to_json()  # stated, or the defaults it loads with
     summary["vocabulary_matches_this_install"] = metadata.vocabulary_sha256 == vocabulary.sha256
-    trained = metadata.extra.get("trained_terms")
+    trained = metadata.model_spec(vocabulary).trained_terms
     if trained is not None:  # what a prompt may name without the untrained-term warning
         summary["known_terms"] = vocabulary.known_terms(trained)
     print(json.dumps(summary, indent=2))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from satseg.cli.common import cli_parser, run_cli
 from satseg.errors import SatInputError
-from satseg.geometry import PreprocessConfig, load_volume
+from satseg.geometry import load_volume
 from satseg.geometry.io import check_intensities
 from satseg.geometry.volume import MODALITIES, choose_modality
 from satseg.outputs.run_folder import MANIFEST_FILE, check_output_folder, run_folder
@@ -69,19 +69,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ml", action="store_true", help="write one merged label map instead of one mask per prompt")
     parser.add_argument("--statistics", action="store_true", help="write statistics.json (volume in mL per structure)")
     parser.add_argument("--preview", action="store_true", help="write preview.png (three slices with overlays)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
+    parser.add_argument("--threshold", type=float, help="probability threshold in (0, 1) (default: the checkpoint's)")
     parser.add_argument(
         "--keep-all-components",
         action="store_true",
         help="keep every piece of each mask; by default a structure that is one connected body (liver, a kidney, "
         "a vertebra: single_component in the vocabulary) keeps only its largest piece",
     )
-    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
+    parser.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 0.9] (default: the checkpoint's)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per model call (default 1)")
     parser.add_argument(
         "--orientation",
-        default="RAS",
-        help="working orientation code (default RAS; ASR for sagittal acquisitions)",
+        help="working orientation code (default: the checkpoint's, RAS for ours; ASR for sagittal acquisitions)",
     )
     parser.add_argument(
         "--allow-free-text",
@@ -104,10 +103,10 @@ def choose_checkpoint(requested: Path | None) -> Path:
 
 
 def check_options(args: argparse.Namespace) -> None:
-    if not 0.0 < args.threshold < 1.0:
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         raise SatInputError(f"--threshold {args.threshold} is outside (0, 1)")
-    if not 0.0 <= args.overlap < 1.0:
-        raise SatInputError(f"--overlap {args.overlap} is outside [0, 1)")
+    if args.overlap is not None and not 0.0 <= args.overlap <= 0.9:
+        raise SatInputError(f"--overlap {args.overlap} is outside [0, 0.9]")
     if args.batch_size < 1:
         raise SatInputError(f"--batch-size {args.batch_size} must be at least 1")
 
@@ -127,7 +126,7 @@ def segment(args: argparse.Namespace) -> int:
         precision=args.precision,
         threshold=args.threshold,
         keep_largest_component=not args.keep_all_components,
-        preprocess=PreprocessConfig(orientation=args.orientation),
+        orientation=args.orientation,
     )
     checkpoint = choose_checkpoint(args.checkpoint)
     segmenter = Segmenter.from_checkpoint(checkpoint, device=device, vocabulary=vocabulary, options=options)
@@ -136,11 +135,18 @@ def segment(args: argparse.Namespace) -> int:
     elif unknown := vocabulary.untrained(terms, segmenter.trained_terms):
         print(f"warning: {untrained_warning(unknown)}", file=sys.stderr)
     started = time.perf_counter()
-    results = segmenter.segment(volume, terms, modality, progress=not args.quiet)
+    prepared = segmenter.prepare(volume, modality)
+    results = segmenter.segment(volume, terms, modality, progress=not args.quiet, prepared=prepared)
     options = OutputOptions(
         merged_labelmap=args.ml, statistics=args.statistics, preview=args.preview, modality=modality
     )
-    record = {"tool": "sat-segment", "terms": terms, "modality": modality, "shape": list(volume.shape)}
+    record = {
+        "tool": "sat-segment",
+        "terms": terms,
+        "modality": modality,
+        "shape": list(volume.shape),
+        "model_grid": list(prepared.image.shape),  # the grid the spec put the windows on
+    }
     with run_folder(args.output, record) as work:
         written = write_segmentation(volume, terms, results, work, options)
     print(

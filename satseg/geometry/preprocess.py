@@ -24,54 +24,10 @@ from nibabel.orientations import axcodes2ornt, inv_ornt_aff, io_orientation, orn
 
 from satseg.errors import SatInputError
 from satseg.geometry.volume import Volume, check_modality
-
-CT_WINDOW_HU: tuple[float, float] = (-500.0, 1000.0)
-"""CT intensities are clipped to this range before the z-score."""
-CT_FOREGROUND_HU = -500.0
-"""CT voxels above this are foreground for cropping. SAT's reference uses ``> 0``, which on HU images
-crops away fat and skin (about -100 HU); -500 drops air only."""
-PERCENTILES: tuple[float, float] = (0.5, 99.5)
-"""MRI, PET and US intensities are clipped to these percentiles before the z-score."""
+from satseg.spec import DEFAULT_PREPROCESS, PreprocessConfig
 
 _CHUNK_VOXELS = 1 << 22  # 16 MB of float32 temporaries per chunk in the 1D passes
 _TORCH_DTYPES = (np.uint8, np.int8, np.int16, np.int32, np.int64, np.float32, np.float64)
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """How a volume is put on the model grid.
-
-    Attributes:
-        target_spacing: voxel size in mm of the model grid along its axes, in ``orientation`` order.
-        orientation: nibabel axis codes of the model grid axes, one of each pair L/R, P/A, I/S
-            (``"RAS"``; ``"ASR"`` puts a sagittal scan's in-plane axes first).
-        crop_foreground: crop the model grid to the bounding box of the foreground.
-        crop_margin_mm: margin kept around the foreground box, so interpolating predictions back to the
-            input grid never blends the border of the foreground with the zeros outside the box.
-    """
-
-    target_spacing: tuple[float, float, float] = (1.0, 1.0, 3.0)
-    orientation: str = "RAS"
-    crop_foreground: bool = True
-    crop_margin_mm: float = 3.0
-
-    def __post_init__(self) -> None:
-        spacing = np.asarray(self.target_spacing, dtype=np.float64)
-        if spacing.shape != (3,) or not (np.isfinite(spacing) & (spacing > 0)).all():
-            raise SatInputError(
-                f"target spacing {self.target_spacing} is not accepted; it must be three positive sizes in mm"
-            )
-        if not math.isfinite(self.crop_margin_mm) or self.crop_margin_mm < 0:
-            raise SatInputError(f"crop margin {self.crop_margin_mm} mm is not accepted; it must be 0 mm or more")
-        try:
-            axes = axcodes2ornt(tuple(self.orientation))[:, 0]
-        except ValueError:
-            axes = np.zeros(0)
-        if sorted(axes.tolist()) != [0.0, 1.0, 2.0]:
-            raise SatInputError(
-                f"orientation {self.orientation!r} is not accepted; it must be three axis codes, "
-                "one of each pair L/R, P/A, I/S (e.g. RAS, LPS, ASR)"
-            )
 
 
 @dataclass(frozen=True)
@@ -156,13 +112,13 @@ class PreparedVolume:
         return np.ascontiguousarray(picked.transpose(np.argsort(output_axis)), dtype=np.uint16)
 
 
-def prepare(volume: Volume, modality: str, config: PreprocessConfig = PreprocessConfig()) -> PreparedVolume:
+def prepare(volume: Volume, modality: str, config: PreprocessConfig = DEFAULT_PREPROCESS) -> PreparedVolume:
     """Put a volume on the model grid: reorient, resample (trilinear), crop the foreground, normalise.
 
     Args:
         volume: a volume checked by :func:`satseg.geometry.validate_volume` (as ``load_volume`` returns).
         modality: one of :data:`MODALITIES`; selects the foreground threshold and the normalisation.
-        config: target grid and cropping.
+        config: target grid, cropping and intensity normalisation (the model spec's).
 
     Returns:
         The :class:`PreparedVolume`; ``to_input_grid`` maps predictions back to ``volume``'s grid.
@@ -173,8 +129,8 @@ def prepare(volume: Volume, modality: str, config: PreprocessConfig = Preprocess
     start, stop = (0, 0, 0), grid_shape
     if config.crop_foreground:
         margin = [math.ceil(config.crop_margin_mm / s) for s in config.target_spacing]
-        start, stop = _foreground_box(grid, modality, margin)
-    image = normalize_intensity(grid[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]], modality)
+        start, stop = _foreground_box(grid, modality, margin, config)
+    image = normalize_intensity(grid[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]], modality, config)
     del grid  # the unnormalised grid is no longer needed; normalize_intensity returned a new tensor
     crop_to_grid = np.eye(4)
     crop_to_grid[:3, 3] = start
@@ -188,15 +144,18 @@ def prepare(volume: Volume, modality: str, config: PreprocessConfig = Preprocess
     )
 
 
-def normalize_intensity(image: torch.Tensor, modality: str) -> torch.Tensor:
+def normalize_intensity(
+    image: torch.Tensor, modality: str, config: PreprocessConfig = DEFAULT_PREPROCESS
+) -> torch.Tensor:
     """SAT's intensity normalisation: clip, then z-score over the whole image.
 
-    CT is clipped to :data:`CT_WINDOW_HU`; MRI, PET and US to the :data:`PERCENTILES` of the image.
+    CT is clipped to ``config.ct_window_hu``; MRI, PET and US to the ``config.percentiles`` of the image.
     A constant image gives zeros (the std of 0 is replaced by 1).
 
     Args:
         image: any shape, any real dtype (HU for CT).
         modality: one of :data:`MODALITIES`.
+        config: the model spec's preprocessing.
 
     Returns:
         A new float32 tensor of the same shape, mean 0 and std 1 (unless constant).
@@ -204,10 +163,10 @@ def normalize_intensity(image: torch.Tensor, modality: str) -> torch.Tensor:
     modality = check_modality(modality)
     image = image.to(torch.float32)
     if modality == "ct":
-        low, high = CT_WINDOW_HU
+        low, high = config.ct_window_hu
     else:
         # MONAI's percentile falls back to numpy above torch.quantile's 16M-element limit.
-        low, high = (float(v) for v in percentile(image, list(PERCENTILES)))
+        low, high = (float(v) for v in percentile(image, list(config.percentiles)))
     clipped = image.clamp(low, high)
     # By hand rather than MONAI's NormalizeIntensity, which returns a MetaTensor under global track_meta.
     std = float(clipped.std(correction=0))
@@ -235,13 +194,14 @@ def _grid_to_input(
 
 
 def _foreground_box(
-    grid: torch.Tensor, modality: str, margin: list[int]
+    grid: torch.Tensor, modality: str, margin: list[int], config: PreprocessConfig
 ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """Start and stop (exclusive) of the foreground box of ``grid`` [H, W, D] plus ``margin`` voxels.
 
-    Foreground is CT > :data:`CT_FOREGROUND_HU`, other modalities > 0; no foreground gives the whole grid.
+    Foreground is CT > ``config.ct_foreground_hu``, other modalities > ``config.foreground_above``; no
+    foreground gives the whole grid.
     """
-    threshold = CT_FOREGROUND_HU if modality == "ct" else 0.0
+    threshold = config.ct_foreground_hu if modality == "ct" else config.foreground_above
     start, stop = generate_spatial_bounding_box(
         grid[None], select_fn=lambda x: x > threshold, margin=margin, allow_smaller=True
     )

@@ -33,6 +33,8 @@ LABELS = "LABELS"
 VOLUMES_ML = "VOLUMES_ML"
 MODEL = "MODEL"
 """sha256 of the repository's ``sat/metadata.json``: which export (weights, graphs, vocabulary) answered."""
+MODEL_GRID = "MODEL_GRID"
+"""``[3]`` int32: the model grid the windows slid on (the spec's spacing and crop applied to this volume)."""
 # Between the ensemble's steps.
 QUERIES = "QUERIES"
 PROMPT_INDEX = "PROMPT_INDEX"
@@ -70,13 +72,14 @@ class RequestOptions:
     Attributes:
         output: ``"masks"`` (``MASKS`` ``[N, I, J, K]``, ``LABELMAP`` empty), ``"labelmap"`` (the reverse) or
             ``"both"``.
-        threshold: a voxel is in a mask where its probability exceeds this, in ``(0, 1)``.
-        overlap: sliding-window overlap in ``[0, 0.9]``.
+        threshold: a voxel is in a mask where its probability exceeds this, in ``(0, 1)``; ``None``: the
+            model spec's.
+        overlap: sliding-window overlap in ``[0, 0.9]``; ``None``: the model spec's.
     """
 
     output: str = OUTPUT_MASKS
-    threshold: float = 0.5
-    overlap: float = 0.5
+    threshold: float | None = None
+    overlap: float | None = None
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, Any]) -> RequestOptions:
@@ -88,17 +91,20 @@ class RequestOptions:
         output = str(parameters.get("output", OUTPUT_MASKS)).lower()
         if output not in OUTPUT_CHOICES:
             raise SatInputError(f'output "{output}" is not accepted; use one of {", ".join(OUTPUT_CHOICES)}')
-        threshold = _number(parameters, "threshold", 0.5)
-        if not 0.0 < threshold < 1.0:
+        threshold = _number(parameters, "threshold")
+        if threshold is not None and not 0.0 < threshold < 1.0:
             raise SatInputError(f"threshold {threshold} is outside (0, 1)")
-        overlap = _number(parameters, "overlap", 0.5)
-        if not 0.0 <= overlap <= 0.9:
+        overlap = _number(parameters, "overlap")
+        if overlap is not None and not 0.0 <= overlap <= 0.9:
             raise SatInputError(f"overlap {overlap} is outside [0, 0.9]")
         return cls(output=output, threshold=threshold, overlap=overlap)
 
 
-def _number(parameters: Mapping[str, Any], key: str, default: float) -> float:
-    value = parameters.get(key, default)
+def _number(parameters: Mapping[str, Any], key: str) -> float | None:
+    """A numeric request parameter, or ``None`` where the request leaves it to the model spec."""
+    if key not in parameters:
+        return None
+    value = parameters[key]
     try:
         number = float(value)
     except (TypeError, ValueError):

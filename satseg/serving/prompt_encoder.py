@@ -30,6 +30,7 @@ from satseg.serving.triton_tensors import (
     to_torch,
     to_triton,
 )
+from satseg.spec import ModelSpec
 from satseg.text import PromptTokenizer, Vocabulary
 
 EMBEDDINGS_FILE = "embeddings.safetensors"
@@ -83,7 +84,8 @@ class PromptEncoderModel:
         metadata = contract_bytes(folder)
         # Clients record this with every result: it names the exact export (weights, graphs, vocabulary).
         self.model_id = np.array([hashlib.sha256(metadata).hexdigest().encode()], dtype=np.object_)
-        trained = json.loads(metadata)["vocabulary"].get("trained_terms")
+        self.spec = ModelSpec.from_json(json.loads(metadata)["spec"])
+        trained = self.spec.trained_terms
         self.trained_terms = frozenset(trained) if trained is not None else None
         self.tokenizer_folder = version / TOKENIZER_FOLDER
         self._tokenizer: PromptTokenizer | None = None
@@ -108,7 +110,7 @@ class PromptEncoderModel:
         plan = [self.vocabulary.expand(term, self.trained_terms) for term in terms]
         components = [component for parts in plan for component in parts]
         queries = await self._queries(components, modality)
-        single = np.array([self.vocabulary.is_single_component(component) for component in components])
+        single = np.array(self.spec.single_component(components), dtype=bool)
         pb_utils = backend()
         return pb_utils.InferenceResponse(
             output_tensors=[

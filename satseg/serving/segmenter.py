@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from satseg.errors import SatInputError
-from satseg.geometry import Volume
+from satseg.geometry import Volume, prepare
 from satseg.outputs import LabelMapAccumulator
 from satseg.pipeline import InferenceOptions, largest_components, probabilities_on_input_grid, union_per_prompt
 from satseg.serving import contract
@@ -36,6 +36,7 @@ from satseg.serving.triton_tensors import (
     to_torch,
     to_triton,
 )
+from satseg.spec import ModelSpec
 
 VISION_MODEL = "vision"
 
@@ -55,30 +56,32 @@ class SegmentationRequest:
 @dataclass(frozen=True)
 class SegmentationArrays:
     """What goes back: ``masks`` ``[N, I, J, K]`` uint8 and/or ``labelmap`` ``[I, J, K]`` uint16 (one not asked
-    for is empty), and ``volumes_ml`` ``[N]`` float32, each mask's volume on the input grid."""
+    for is empty), ``volumes_ml`` ``[N]`` float32, each mask's volume on the input grid, and ``model_grid``
+    ``[3]`` int32, the grid the windows slid on."""
 
     masks: np.ndarray
     labelmap: np.ndarray
     volumes_ml: np.ndarray
+    model_grid: np.ndarray
 
 
 def threshold_prompts(
-    probabilities: Any, shape: tuple[int, int, int], voxel_volume_ml: float, options: contract.RequestOptions
-) -> SegmentationArrays:
+    probabilities: Any, shape: tuple[int, int, int], voxel_volume_ml: float, output: str, threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Masks and/or a label map, and volumes, from each prompt's probabilities ``[I, J, K]`` (an iterable of
-    tensors); the output not asked for is an empty array."""
+    tensors) cut at ``threshold``; the output not asked for is an empty array."""
     masks: list[np.ndarray] = []
     volumes: list[float] = []
-    keep_masks = options.output in (contract.OUTPUT_MASKS, contract.OUTPUT_BOTH)
-    merged = LabelMapAccumulator(shape) if options.output != contract.OUTPUT_MASKS else None
+    keep_masks = output in (contract.OUTPUT_MASKS, contract.OUTPUT_BOTH)
+    merged = LabelMapAccumulator(shape) if output != contract.OUTPUT_MASKS else None
     for value, prompt_probabilities in enumerate(probabilities, start=1):
-        mask = prompt_probabilities > options.threshold
+        mask = prompt_probabilities > threshold
         volumes.append(float(mask.sum()) * voxel_volume_ml)
         if keep_masks:
             masks.append(mask.to(torch.uint8).cpu().numpy())
         if merged is not None:
-            merged.add(value, prompt_probabilities, options.threshold)
-    return SegmentationArrays(
+            merged.add(value, prompt_probabilities, threshold)
+    return (
         np.stack(masks) if masks else np.zeros((0, 0, 0, 0), np.uint8),
         np.array(merged.labelmap) if merged is not None else np.zeros((0, 0, 0), np.uint16),
         np.array(volumes, np.float32),
@@ -89,14 +92,14 @@ class SegmenterModel:
     """Lifecycle: ``initialize`` reads the contract and limits; ``execute`` segments each request on its own."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        """Patch size from ``sat/metadata.json``; device from the instance kind; BLS fan-out from parameters."""
+        """The model spec from ``sat/metadata.json``; device from the instance kind; BLS fan-out from parameters."""
         folder = Path(args["model_repository"])
         parameters = model_parameters(json.loads(args["model_config"]))
         self.limits = contract.ServingLimits.from_parameters(parameters)
         self.windows_per_call = int(parameters.get("windows_per_call", "1"))
         self.concurrent_calls = int(parameters.get("concurrent_calls", "2"))
         self.prompts_per_pass = int(parameters.get("prompts_per_pass", "32"))
-        self.patch_size = tuple(read_contract(folder)["sliding_window"]["patch_size"])
+        self.spec = ModelSpec.from_json(read_contract(folder)["spec"])
         on_gpu = args.get("model_instance_kind") == "GPU" and torch.cuda.is_available()
         self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu")
 
@@ -137,19 +140,22 @@ class SegmenterModel:
 
         options = InferenceOptions(
             overlap=request.options.overlap,
+            threshold=request.options.threshold,
             batch_size=self.windows_per_call * self.concurrent_calls,
             prompts_per_pass=self.prompts_per_pass,
         )
-        stream = probabilities_on_input_grid(
-            request.volume, request.queries, predictor, self.patch_size, request.modality, options, self.device
-        )
-        stream = largest_components(stream, request.single_component, request.options.threshold)
-        return threshold_prompts(
+        spec = options.applied_to(self.spec)
+        prepared = prepare(request.volume, request.modality, spec.preprocess)
+        stream = probabilities_on_input_grid(prepared, request.queries, predictor, spec.window, options, self.device)
+        stream = largest_components(stream, request.single_component, spec.postprocess.threshold)
+        arrays = threshold_prompts(
             union_per_prompt(stream, request.counts),
             request.volume.shape,
             request.volume.voxel_volume_ml,
-            request.options,
+            request.options.output,
+            spec.postprocess.threshold,
         )
+        return SegmentationArrays(*arrays, model_grid=np.array(prepared.image.shape, np.int32))
 
     async def _vision(self, patches: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """``[B, 1, h, w, d]`` windows and ``[B, N, C]`` queries -> ``[B, N, h, w, d]`` logits, in concurrent calls."""
@@ -180,6 +186,7 @@ class SegmenterModel:
                 to_triton(contract.MASKS, arrays.masks),
                 to_triton(contract.LABELMAP, arrays.labelmap),
                 to_triton(contract.VOLUMES_ML, arrays.volumes_ml),
+                to_triton(contract.MODEL_GRID, arrays.model_grid),
             ]
         )
 

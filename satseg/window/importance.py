@@ -5,12 +5,16 @@ from __future__ import annotations
 import torch
 from monai.data.utils import compute_importance_map
 
+from satseg.spec import DEFAULT_SIGMA_SCALE
+
 IMPORTANCE_PEAK = 10.0
 """Largest weight, as in nnU-Net; also bounds every weighted probability added to an accumulator."""
 
 
-def gaussian_importance_map(patch_size: tuple[int, int, int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """nnU-Net's blending weights: a Gaussian with ``sigma = patch / 8`` per axis, peak 10.
+def gaussian_importance_map(
+    patch_size: tuple[int, int, int], device: torch.device | str = "cpu", sigma_scale: float = DEFAULT_SIGMA_SCALE
+) -> torch.Tensor:
+    """nnU-Net's blending weights: a Gaussian with ``sigma = sigma_scale * patch`` per axis (patch / 8), peak 10.
 
     MONAI centres the Gaussian exactly (nnU-Net puts the peak on voxel ``patch // 2``)
     and raises every weight to at least 1e-3 of the peak where nnU-Net only replaces
@@ -24,5 +28,7 @@ def gaussian_importance_map(patch_size: tuple[int, int, int], device: torch.devi
     Returns:
         ``[h, w, d]`` float32, values in ``(0, 10]``, maximum exactly 10.
     """
-    weights = compute_importance_map(patch_size, mode="gaussian", sigma_scale=0.125, device=device, dtype=torch.float32)
+    weights = compute_importance_map(
+        patch_size, mode="gaussian", sigma_scale=sigma_scale, device=device, dtype=torch.float32
+    )
     return weights.mul_(IMPORTANCE_PEAK / weights.max())

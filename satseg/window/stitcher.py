@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from satseg.errors import SatInputError
+from satseg.spec import DEFAULT_SIGMA_SCALE
 from satseg.window.importance import gaussian_importance_map
 from satseg.window.steps import window_slices
 
@@ -28,6 +29,7 @@ def sliding_window_probabilities(
     patch_size: tuple[int, int, int],
     *,
     overlap: float = 0.5,
+    sigma_scale: float = DEFAULT_SIGMA_SCALE,
     batch_size: int = 1,
     accumulator_dtype: torch.dtype = torch.float16,
     device: torch.device | str | None = None,
@@ -58,6 +60,7 @@ def sliding_window_probabilities(
         predictor: see :data:`Predictor`; called with tensors on ``device``.
         patch_size: ``(h, w, d)`` window size in voxels.
         overlap: fraction shared by neighbouring windows, in ``[0, 1)``.
+        sigma_scale: the importance map's Gaussian sigma as a fraction of the patch size.
         batch_size: windows per predictor call.
         accumulator_dtype: float dtype of the accumulator and of the result.
         device: where patches, queries and accumulators go; default the image's device.
@@ -85,7 +88,7 @@ def sliding_window_probabilities(
             probabilities, weights = _allocate_accumulators(
                 num_prompts, padded.shape, accumulator_dtype, torch.device("cpu")
             )
-        importance = gaussian_importance_map(patch_size, device=weights.device)
+        importance = gaussian_importance_map(patch_size, device=weights.device, sigma_scale=sigma_scale)
         for window in windows:
             weights[window] += importance
 
