@@ -25,7 +25,7 @@ from served import phantom
 from clients.sat_client import infer_inputs, request_arrays
 from satseg.cli.serve import FAILED
 from satseg.serving import contract
-from satseg.serving.front import MAX_BODY_BYTES, Refused, check_infer_json, element_count
+from satseg.serving.front import MAX_BODY_BYTES, MAX_JSON_BYTES, Refused, check_infer_json, element_count
 from satseg.serving.server import TritonServer
 from satseg.serving.watchdog import SHM, python_stubs
 
@@ -141,6 +141,16 @@ def test_a_gzip_bomb_is_refused_before_the_server_inflates_it(triton_server: Tri
     status, error, growth = post_measured(triton_server.pid or 0, triton_server.http_url, body, headers)
     assert status == 400 and f"limited to {MAX_BODY_BYTES >> 20} MiB" in error
     assert growth < ALLOWED_GROWTH, f"peak RSS grew {growth / MiB:.0f} MiB"
+
+
+def test_a_json_part_over_the_limit_is_refused(triton_server: TritonServer) -> None:
+    values = MAX_JSON_BYTES // 2 + 1  # "0," per value
+    image = {"name": "IMAGE", "shape": [values], "datatype": "FP32", "data": [0] * values}
+    status, answer = post(triton_server.http_url, json.dumps({"inputs": [image]}, separators=(",", ":")).encode())
+    assert status == 400 and f"limited to {MAX_JSON_BYTES >> 20} MiB" in answer["error"]
+    headers = {"Inference-Header-Content-Length": str(MAX_JSON_BYTES + 1)}
+    status, answer = post(triton_server.http_url, b"{}", headers)
+    assert status == 400 and f"limited to {MAX_JSON_BYTES >> 20} MiB" in answer["error"]
 
 
 def test_malformed_json_gets_400_with_one_line(triton_server: TritonServer) -> None:

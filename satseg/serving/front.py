@@ -290,7 +290,10 @@ class HttpFront:
         infer = request.method == "POST" and INFER_PATH.match(request.path) is not None
         length = header_length(request.headers) if infer else None
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
-        if request.body_exists and encoding in COMPRESSED:
+        compressed = request.body_exists and encoding in COMPRESSED
+        if infer and length is None and not compressed and (request.content_length or 0) > MAX_JSON_BYTES:
+            raise Refused(json_too_large(request.content_length or 0))  # known from the headers: read nothing
+        if compressed:
             prefix, head = await read_compressed(request.content, encoding, wanted_bytes(length) if infer else 0)
         elif infer:
             prefix = head = await read_plain(request.content, wanted_bytes(length))
