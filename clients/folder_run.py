@@ -22,11 +22,12 @@ from typing import Any
 from tqdm import tqdm
 
 from clients.cases import Case, discover_cases, opened_case, source_identity
-from clients.sat_client import SATClient, ServerUnavailable
+from clients.sat_client import SATClient, Segmentation, ServerUnavailable
 from satseg.errors import SatInputError, one_line
 from satseg.geometry.volume import choose_modality
 from satseg.outputs import write_json
 from satseg.outputs.run_folder import refuse_existing_file, swap_into_place
+from satseg.outputs.writer import WARNINGS_KEY
 from satseg.serving import contract
 
 CASE_FILE = "case.json"
@@ -72,6 +73,7 @@ class CaseReport:
     megabytes_sent: float | None = None
     transport: str | None = None
     model: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def read_record(folder: Path) -> dict[str, Any] | None:
@@ -83,12 +85,16 @@ def read_record(folder: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def case_record(request: RunRequest, files: list[Path], model: str, case: Case, identity: str) -> dict[str, Any]:
-    """What ``case.json`` holds: the request, the files, the model, and the input as hashes (never its name)."""
+def case_record(
+    request: RunRequest, files: list[Path], segmentation: Segmentation, case: Case, identity: str
+) -> dict[str, Any]:
+    """What ``case.json`` holds: the request, the files, the model and its warnings, and the input as hashes
+    (never its name)."""
     return {
         "request": request.as_json(),
         "files": sorted(path.name for path in files),
-        "model": model,
+        "model": segmentation.model,
+        WARNINGS_KEY: list(segmentation.warnings),
         "source": {"name_sha256": case.name_hash, "identity": identity},
     }
 
@@ -184,7 +190,8 @@ def run_case(
                 output_type=request.output_type,
                 source_series=series,
             )
-            write_json(case_record(request, files, segmentation.model, case, identity), partial / CASE_FILE)
+            write_json(case_record(request, files, segmentation, case, identity), partial / CASE_FILE)
+            report.warnings = list(segmentation.warnings)
             report.seconds["write"] = round(time.perf_counter() - written, 3)
         # One atomic exchange: the case folder is never missing; the earlier one (another request, input or
         # model) ends up at ``partial``, removed below.

@@ -52,7 +52,14 @@ MAX_BACKOFF_S = 4.0
 MAX_REASON_CHARS = 400
 """A server's message is quoted up to this length (one line): enough for any reason, never a whole payload."""
 INT16_RANGE = (np.iinfo(np.int16).min, np.iinfo(np.int16).max)
-RESULT_TENSORS = (contract.MASKS, contract.LABELMAP, contract.LABELS, contract.VOLUMES_ML, contract.MODEL)
+RESULT_TENSORS = (
+    contract.MASKS,
+    contract.LABELMAP,
+    contract.LABELS,
+    contract.VOLUMES_ML,
+    contract.MODEL,
+    contract.WARNINGS,
+)
 SHARED_OUTPUTS = (contract.MASKS, contract.LABELMAP)
 SHARED_MEMORY_MODES = ("auto", "on", "off")
 MAX_MESSAGE_BYTES = 2**31 - 1
@@ -77,6 +84,8 @@ class Segmentation:
         labelmap: ``[I, J, K]`` uint16 in ``0..N`` (overlaps go to the most probable), or ``None``.
         volumes_ml: ``[N]`` float32, each mask's volume in mL.
         model: sha256 of the served repository's ``sat/metadata.json`` (which export answered).
+        warnings: one line each that the result must be read with (prompts outside the trained terms); they are
+            logged when the answer arrives and written into ``statistics.json``.
         source_series: the DICOM series folder the volume was read from, if it was (for DICOM SEG output).
         sent_bytes: the size of the image as sent (INT16 or FP32).
     """
@@ -87,6 +96,7 @@ class Segmentation:
     labelmap: np.ndarray | None
     volumes_ml: np.ndarray
     model: str
+    warnings: tuple[str, ...] = ()
     source_series: Path | None = None
     sent_bytes: int = 0
 
@@ -129,6 +139,7 @@ class Segmentation:
             statistics=statistics,
             preview=preview,
             modality=self.volume.modality,
+            warnings=self.warnings,
         )
         if output_type == "nifti":
             masks = None if ml is True else self.masks
@@ -263,8 +274,8 @@ class SATClient:
         modality: str | None = None,
         *,
         output: str = contract.OUTPUT_MASKS,
-        threshold: float = 0.5,
-        overlap: float = 0.5,
+        threshold: float | None = None,
+        overlap: float | None = None,
     ) -> Segmentation:
         """Segment ``prompts`` in one volume.
 
@@ -274,8 +285,8 @@ class SATClient:
             modality: one of :data:`~satseg.geometry.volume.MODALITIES`; default: the volume's own (from DICOM),
                 else refused (:func:`~satseg.geometry.volume.choose_modality`, the rule of every entry point).
             output: ``"masks"``, ``"labelmap"`` or ``"both"``.
-            threshold: probability threshold in ``(0, 1)``.
-            overlap: sliding-window overlap in ``[0, 0.9]``.
+            threshold: probability threshold in ``(0, 1)``; default: the served model spec's.
+            overlap: sliding-window overlap in ``[0, 0.9]``; default: the served model spec's.
 
         Raises:
             SatInputError: the volume, a prompt or an option was refused (by this client or the server); the
@@ -288,9 +299,13 @@ class SATClient:
         prompts = check_prompts(prompts)
         check_intensities(volume.array, modality)
         image = wire_image(volume.array, modality)
-        parameters = {"output": output, "threshold": threshold, "overlap": overlap}
+        optional = {"threshold": threshold, "overlap": overlap}
+        parameters = {"output": output, **{key: value for key, value in optional.items() if value is not None}}
         arrays = self._with_retries(lambda: self._request(image, volume.affine, modality, prompts, parameters))
         masks, labelmap = arrays[contract.MASKS], arrays[contract.LABELMAP]
+        warnings = tuple(warning.decode() for warning in arrays[contract.WARNINGS])
+        for warning in warnings:
+            logger.warning("%s", warning)
         return Segmentation(
             volume=Volume(volume.array, volume.affine, modality),
             labels=tuple(label.decode() for label in arrays[contract.LABELS]),
@@ -298,6 +313,7 @@ class SATClient:
             labelmap=labelmap if labelmap.size else None,
             volumes_ml=arrays[contract.VOLUMES_ML],
             model=arrays[contract.MODEL][0].decode(),
+            warnings=warnings,
             source_series=None
             if isinstance(volume_or_path, Volume) or not Path(volume_or_path).is_dir()
             else Path(volume_or_path),

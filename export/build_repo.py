@@ -271,6 +271,7 @@ def write_metadata(
             "VOLUMES_ML": {"dtype": "FP32", "shape": [-1], "description": "volume of each mask in mL"},
             "MODEL": {"dtype": "BYTES", "shape": [1], "description": "sha256 of this metadata.json file"},
             "MODEL_GRID": {"dtype": "INT32", "shape": [3], "description": "the model grid the windows slid on"},
+            "WARNINGS": {"dtype": "BYTES", "shape": [-1], "description": "one line per caveat, e.g. untrained terms"},
         },
         "spec": spec.to_json(),
         "vocabulary": {

@@ -447,7 +447,12 @@ def test_a_prompt_the_demo_was_not_trained_on_runs_with_a_one_line_warning(
     phantom_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The bundled demo knows 13 terms and the parents they make up ("kidney"); "pancreas" is not one."""
-    code, _, stderr = run_cli(capsys, phantom_path, tmp_path / "out", DEMO_CHECKPOINT, "--prompts", "pancreas,kidney")
+    out = tmp_path / "out"
+    options = ("--prompts", "pancreas,kidney", "--statistics")
+    code, _, stderr = run_cli(capsys, phantom_path, out, DEMO_CHECKPOINT, *options)
+    warning = untrained_warning(["pancreas"])
     assert code == 0
-    assert stderr.strip().splitlines() == [f"warning: {untrained_warning(['pancreas'])}"]
-    assert (tmp_path / "out" / "pancreas.nii.gz").is_file()
+    assert stderr.strip().splitlines() == [f"warning: {warning}"]
+    assert (out / "pancreas.nii.gz").is_file()
+    assert json.loads((out / "statistics.json").read_text())["warnings"] == [warning]
+    assert json.loads((out / MANIFEST_FILE).read_text())["warnings"] == [warning]

@@ -22,9 +22,10 @@ from clients import SATClient, ServerUnavailable
 from clients.sat_client import check_response_size, default_compression, wire_image
 from satseg.errors import SatInputError
 from satseg.geometry import Volume
-from satseg.outputs.writer import LABELMAP_FILE, STATISTICS_FILE, mask_file_name
+from satseg.outputs.writer import LABELMAP_FILE, STATISTICS_FILE, WARNINGS_KEY, mask_file_name
 from satseg.pipeline import Segmenter
 from satseg.serving.server import ServerPorts, TritonServer, free_ports
+from satseg.text import untrained_warning
 
 pytest.importorskip("tritonclient.grpc")
 ORGANS = ["liver", "spleen", "left kidney"]
@@ -174,3 +175,21 @@ def test_the_client_retries_until_a_restarted_server_answers(triton_server: Trit
     finally:
         starter.join()
         later.stop()
+
+
+def test_the_served_answer_says_which_prompts_the_model_was_not_trained_on(
+    triton_server: TritonServer, tmp_path: Path
+) -> None:
+    """The demo knows 13 terms and the parents they make up; "pancreas" is outside them. The warning comes
+    back with the answer, in the words sat-segment prints, and into statistics.json and the run's records."""
+    client = SATClient(triton_server.grpc_url, shared_memory="off")
+    volume = phantom(seed=8, shape=(32, 28, 16))
+    known = client.segment(volume, ["liver", "kidney"])
+    flagged = client.segment(volume, ["pancreas", "liver"])
+    assert known.warnings == ()
+    assert flagged.warnings == (untrained_warning(["pancreas"]),)
+    flagged.save(tmp_path / "case")
+    statistics = json.loads((tmp_path / "case" / STATISTICS_FILE).read_text())
+    assert statistics[WARNINGS_KEY] == list(flagged.warnings) and set(statistics) == {"pancreas", "liver", "warnings"}
+    known.save(tmp_path / "known")
+    assert WARNINGS_KEY not in json.loads((tmp_path / "known" / STATISTICS_FILE).read_text())

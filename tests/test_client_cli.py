@@ -24,7 +24,9 @@ from satseg.geometry import Volume, load_volume
 from satseg.geometry.io import sorted_series_headers
 from satseg.outputs import write_nifti
 from satseg.outputs.nifti import save_nifti_exact
+from satseg.outputs.writer import WARNINGS_KEY
 from satseg.serving.server import TritonServer, free_ports
+from satseg.text import untrained_warning
 
 pytest.importorskip("tritonclient.grpc")
 PROMPTS = "liver,spleen"
@@ -157,3 +159,15 @@ def test_an_absent_server_is_waited_for_within_the_retry_budget(
     assert code == 1 and 1.5 <= waited < 10.0
     printed = capsys.readouterr().err
     assert "waiting up to 1.5 s" in printed and "no ready SAT server" in printed and "within 1.5 s" in printed
+
+
+def test_a_folder_run_records_the_untrained_term_warning(triton_server: TritonServer, tmp_path: Path) -> None:
+    volume = phantom(seed=9, shape=(32, 28, 16))
+    (tmp_path / "cases").mkdir()
+    nib.save(nib.Nifti1Image(volume.array, volume.affine), tmp_path / "cases" / "a.nii.gz")
+    output = tmp_path / "out"
+    command = ["-i", str(tmp_path / "cases"), "-o", str(output), "--prompts", "pancreas,liver", "--modality", "ct"]
+    assert sat_client([*command, "--url", triton_server.grpc_url, "--quiet"]) == 0
+    warning = untrained_warning(["pancreas"])
+    assert json.loads((output / "a" / CASE_FILE).read_text())[WARNINGS_KEY] == [warning]
+    assert json.loads((output / REPORT_FILE).read_text())["cases"][0][WARNINGS_KEY] == [warning]

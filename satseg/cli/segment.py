@@ -14,7 +14,7 @@ from satseg.geometry import load_volume
 from satseg.geometry.io import check_intensities
 from satseg.geometry.volume import MODALITIES, choose_modality
 from satseg.outputs.run_folder import MANIFEST_FILE, check_output_folder, run_folder
-from satseg.outputs.writer import OutputOptions, write_segmentation
+from satseg.outputs.writer import WARNINGS_KEY, OutputOptions, write_segmentation
 from satseg.pipeline import PRECISIONS, InferenceOptions, Segmenter, resolve_device
 from satseg.text import Vocabulary, parse_prompt_list, untrained_warning
 
@@ -130,15 +130,18 @@ def segment(args: argparse.Namespace) -> int:
     )
     checkpoint = choose_checkpoint(args.checkpoint)
     segmenter = Segmenter.from_checkpoint(checkpoint, device=device, vocabulary=vocabulary, options=options)
-    if segmenter.metadata.extra.get("trained") is False:
+    random_weights = segmenter.metadata.extra.get("trained") is False
+    if random_weights:
         print(f"warning: {checkpoint} holds untrained weights; the masks are meaningless", file=sys.stderr)
-    elif unknown := vocabulary.untrained(terms, segmenter.trained_terms):
-        print(f"warning: {untrained_warning(unknown)}", file=sys.stderr)
+    unknown = [] if random_weights else vocabulary.untrained(terms, segmenter.trained_terms)
+    warnings = (untrained_warning(unknown),) if unknown else ()
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     started = time.perf_counter()
     prepared = segmenter.prepare(volume, modality)
     results = segmenter.segment(volume, terms, modality, progress=not args.quiet, prepared=prepared)
     options = OutputOptions(
-        merged_labelmap=args.ml, statistics=args.statistics, preview=args.preview, modality=modality
+        merged_labelmap=args.ml, statistics=args.statistics, preview=args.preview, modality=modality, warnings=warnings
     )
     record = {
         "tool": "sat-segment",
@@ -146,6 +149,7 @@ def segment(args: argparse.Namespace) -> int:
         "modality": modality,
         "shape": list(volume.shape),
         "model_grid": list(prepared.image.shape),  # the grid the spec put the windows on
+        WARNINGS_KEY: list(warnings),
     }
     with run_folder(args.output, record) as work:
         written = write_segmentation(volume, terms, results, work, options)

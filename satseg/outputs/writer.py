@@ -21,6 +21,8 @@ LABELMAP_FILE = "labelmap.nii.gz"
 LABELS_FILE = "labels.json"
 STATISTICS_FILE = "statistics.json"
 PREVIEW_FILE = "preview.png"
+WARNINGS_KEY = "warnings"
+"""The key of the warnings in ``statistics.json``, ``case.json`` and ``run_report.json`` (no term is named so)."""
 
 
 class PromptResult(Protocol):
@@ -38,6 +40,8 @@ class PromptResult(Protocol):
 @dataclass(frozen=True)
 class OutputOptions:
     """Which files to write. ``modality`` picks the preview's grey window (a soft-tissue window for CT).
+    ``warnings``: one line each that the results must be read with (prompts outside the trained terms); they go
+    into ``statistics.json`` under :data:`WARNINGS_KEY`, beside the structures, when there are any.
 
     There is no threshold here: each result brings the one it was segmented with (:class:`PromptResult`).
     """
@@ -46,6 +50,7 @@ class OutputOptions:
     statistics: bool = False
     preview: bool = False
     modality: str | None = None
+    warnings: tuple[str, ...] = ()
 
 
 def mask_file_name(term: str) -> str:
@@ -139,7 +144,8 @@ def write_summary(
         written.append(write_nifti(labelmap, volume.affine, output_dir / LABELMAP_FILE, labels=labels))
     written.append(write_json({str(value): term for value, term in labels.items()}, output_dir / LABELS_FILE))
     if options.statistics:
-        written.append(write_json(statistics, output_dir / STATISTICS_FILE))
+        notes = {WARNINGS_KEY: list(options.warnings)} if options.warnings else {}
+        written.append(write_json({**statistics, **notes}, output_dir / STATISTICS_FILE))
     if labelmap is not None and options.preview:
         window = CT_SOFT_TISSUE_WINDOW if options.modality == "ct" else None
         written.append(

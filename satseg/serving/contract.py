@@ -33,6 +33,8 @@ LABELS = "LABELS"
 VOLUMES_ML = "VOLUMES_ML"
 MODEL = "MODEL"
 """sha256 of the repository's ``sat/metadata.json``: which export (weights, graphs, vocabulary) answered."""
+WARNINGS = "WARNINGS"
+"""``[W]`` BYTES, one line each: what the answer should be read with (prompts outside the trained terms)."""
 MODEL_GRID = "MODEL_GRID"
 """``[3]`` int32: the model grid the windows slid on (the spec's spacing and crop applied to this volume)."""
 # Between the ensemble's steps.

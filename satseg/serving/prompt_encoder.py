@@ -31,7 +31,7 @@ from satseg.serving.triton_tensors import (
     to_triton,
 )
 from satseg.spec import ModelSpec
-from satseg.text import PromptTokenizer, Vocabulary
+from satseg.text import PromptTokenizer, Vocabulary, untrained_warning
 
 EMBEDDINGS_FILE = "embeddings.safetensors"
 TOKENIZER_FOLDER = "tokenizer"
@@ -119,8 +119,14 @@ class PromptEncoderModel:
                 to_triton(contract.SINGLE_COMPONENT, single),
                 pb_utils.Tensor(contract.LABELS, np.array([term.encode() for term in terms], dtype=np.object_)),
                 pb_utils.Tensor(contract.MODEL, self.model_id),
+                pb_utils.Tensor(contract.WARNINGS, np.array(self._warnings(terms), dtype=np.object_)),
             ]
         )
+
+    def _warnings(self, terms: list[str]) -> list[bytes]:
+        """The untrained-term warning (the words every entry point uses), or none."""
+        unknown = self.vocabulary.untrained(terms, self.trained_terms)
+        return [untrained_warning(unknown).encode()] if unknown else []
 
     async def _queries(self, components: list[str], modality: str) -> torch.Tensor:
         """``[M, d]`` float32: table rows for known terms, the text encoder for the rest."""
