@@ -246,14 +246,28 @@ class TritonServer:
             RuntimeError: the HTTP port is busy, the process died (a busy port, a model that failed to load)
                 or was not ready in ``timeout_s``; the message ends with the log's last lines.
         """
-        from satseg.serving.front import HttpFront  # aiohttp: only where a server runs
-
+        try:
+            from satseg.serving.front import HttpFront  # aiohttp: only where a server runs
+        except ImportError:
+            raise SatInputError(NO_TRITON) from None
         listening = bind_listener(self.host, self.ports.http)  # first: a busy port fails before any loading
         self._triton_http_port = free_ports(1)[0]
         self._failed.clear()
-        self.failure = None
+        self.failure, self.stubs = None, []
+        try:
+            self._launch()
+            self._front = HttpFront(listening, f"http://{self.triton_http_url}", lambda: self.failure).start()
+        except BaseException:
+            listening.close()
+            self.stop()
+            raise
+        self._wait_ready(timeout_s)
+        self._watch()
+        return self
+
+    def _launch(self) -> None:
+        """Start tritonserver with its own HTTP on a private loopback port (the front takes the public one)."""
         self._runtime = build_runtime(Path(tempfile.mkdtemp(prefix="sat-triton-")))
-        # The server's own HTTP listens on a private loopback port; the front takes the public one.
         private = replace(self.ports, http=self._triton_http_port)
         command = server_arguments(
             self._runtime, self.repository, private, self.host, self.config_name, self.admin_key, "127.0.0.1"
@@ -266,10 +280,6 @@ class TritonServer:
         finally:
             if log:
                 log.close()
-        self._front = HttpFront(listening, f"http://{self.triton_http_url}", lambda: self.failure).start()
-        self._wait_ready(timeout_s)
-        self._watch()
-        return self
 
     def _watch(self) -> None:
         """Record the python-backend processes and their shared memory, and start the watchdog on them."""
