@@ -33,13 +33,13 @@ RUN export PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_P
     && python3 -m pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
     && python3 -m pip install --no-cache-dir "/tmp/satseg-src[cpu]" \
     && rm -rf /tmp/satseg-src \
-    && python3 -c "import numpy, onnxruntime, satseg.serving.segmenter, satseg.serving.prompt_encoder; \
+    && python3 -c "import numpy, onnxruntime, satseg.triton_models.segmenter, satseg.triton_models.prompt_encoder; \
 assert numpy.__version__.startswith('1.'), numpy.__version__" \
     && mkdir -p /models
 
 # The entrypoint: refuses to start without an admin key, then execs tritonserver with strict readiness, no
 # model control, no auto-completed configs and the admin endpoints behind the sat-admin-key header (the same
-# flags as satseg/serving/server.py). Arguments given to `docker run IMAGE ...` are appended (TLS, logging).
+# flags as satseg/server/triton.py). Arguments given to `docker run IMAGE ...` are appended (TLS, logging).
 COPY --chmod=0755 <<'EOF' /usr/local/bin/sat-triton
 #!/bin/sh
 set -eu

@@ -32,12 +32,13 @@ from machine import cpu_model
 from clients import SATClient
 from clients.demo import ABDOMEN_PROMPTS, BRAIN_PROMPTS, SHARED_CT, load_mni152_volume
 from export.build_repo import ExportSettings, build_repository
+from satseg import contract
 from satseg.cli.segment import BUNDLED_CHECKPOINT
 from satseg.geometry import Volume, load_volume
 from satseg.pipeline import Segmenter
-from satseg.serving.server import TritonServer
+from satseg.server.triton import TritonServer
 
-MODELS = ("sat", "prompt_encoder", "segmenter", "vision", "text_encoder")
+MODELS = contract.MODELS
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def in_process(segmenter: Segmenter, case: Case, predictor: Any) -> tuple[float,
     segmenter.predict_logits = timed  # type: ignore[method-assign] - the benchmark's probe
     started = time.perf_counter()
     terms = segmenter.resolve_prompts(case.prompts)
-    masks = np.stack([(r.probabilities > 0.5).numpy() for r in segmenter.segment(case.volume, terms, case.modality)])
+    masks = segmenter.segment(case.volume, terms, case.modality).masks
     seconds = time.perf_counter() - started
     del segmenter.predict_logits  # back to the class's own method
     return seconds, timed.seconds, masks

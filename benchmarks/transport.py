@@ -23,7 +23,7 @@ from clients import SATClient
 from export.build_repo import ExportSettings, build_repository
 from satseg.cli.segment import BUNDLED_CHECKPOINT
 from satseg.geometry import Volume
-from satseg.serving.server import TritonServer
+from satseg.server.triton import TritonServer
 from training.data.phantom import centred_affine, make_torso_phantom
 
 SHAPE = (512, 512, 300)

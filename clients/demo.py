@@ -18,11 +18,11 @@ from pathlib import Path
 from clients.sat_client import SATClient
 from clients.tasks import task
 from export.build_repo import ExportSettings, build_repository, repository_is_current
+from satseg import contract
 from satseg.cli.common import cli_parser, run_cli
 from satseg.cli.segment import BUNDLED_CHECKPOINT
 from satseg.geometry import Volume, load_volume
-from satseg.serving import contract
-from satseg.serving.server import DEFAULT_REPOSITORY, TritonServer
+from satseg.server.triton import DEFAULT_REPOSITORY, TritonServer
 
 PROG = "sat-demo"
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]

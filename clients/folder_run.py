@@ -23,12 +23,11 @@ from tqdm import tqdm
 
 from clients.cases import Case, discover_cases, opened_case, source_identity
 from clients.sat_client import SATClient, Segmentation, ServerUnavailable
+from satseg import contract
 from satseg.errors import SatInputError, one_line
 from satseg.geometry.volume import choose_modality
-from satseg.outputs import write_json
+from satseg.outputs import WARNINGS_KEY, write_json
 from satseg.outputs.run_folder import refuse_existing_file, swap_into_place
-from satseg.outputs.writer import WARNINGS_KEY
-from satseg.serving import contract
 
 CASE_FILE = "case.json"
 REPORT_FILE = "run_report.json"
@@ -88,12 +87,13 @@ def read_record(folder: Path) -> dict[str, Any] | None:
 def case_record(
     request: RunRequest, files: list[Path], segmentation: Segmentation, case: Case, identity: str
 ) -> dict[str, Any]:
-    """What ``case.json`` holds: the request, the files, the model and its warnings, and the input as hashes
-    (never its name)."""
+    """What ``case.json`` holds: the request, the files, the model, the model grid and the warnings, and the
+    input as hashes (never its name)."""
     return {
         "request": request.as_json(),
         "files": sorted(path.name for path in files),
         "model": segmentation.model,
+        "model_grid": list(segmentation.result.model_grid),  # the grid the served spec put the windows on
         WARNINGS_KEY: list(segmentation.warnings),
         "source": {"name_sha256": case.name_hash, "identity": identity},
     }
@@ -246,6 +246,8 @@ def run_folder(
     report: dict[str, Any] = {
         "server_version": first.server_version(),
         "model": model,
+        # How the served model was run: spacing, crop, normalisation, window, threshold, trained terms.
+        "model_spec": first.model_spec(request.prompts[0], request.modality).to_json(),
         "request": request.as_json(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cases": [asdict(CaseReport(case.index, case.name)) for case in cases],

@@ -7,6 +7,7 @@ affine and attaches it to the result: nothing about geometry travels back over t
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import time
@@ -20,29 +21,18 @@ import numpy as np
 
 from clients.dicom_seg import SEG_FILE, write_dicom_seg
 from clients.shared_memory import Placement, placements, read_output, request_region
+from satseg import contract
 from satseg.errors import SatInputError, one_line
 from satseg.geometry import Volume, load_volume
 from satseg.geometry.io import check_intensities
 from satseg.geometry.volume import MODALITIES, check_modality, choose_modality
-from satseg.outputs import OutputOptions, write_thresholded
-from satseg.outputs.writer import thresholded_statistics, write_summary
-from satseg.serving import contract
-from satseg.serving.server import ADMIN_HEADER, GRPC_ADMIN_HEADER
+from satseg.outputs import OutputOptions, SegmentationResult, write_result
+from satseg.spec import ModelSpec
 from satseg.text import check_prompts
 
 PROTOCOLS = ("grpc", "http")
 OUTPUT_TYPES = ("nifti", "dicom_seg")
-DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
-ENTRY_MODEL = "sat"
-PROMPT_ENCODER_MODEL = "prompt_encoder"
-"""The ensemble's first step (prompts in, queries and ``MODEL`` out): asked alone for the model's hash."""
-RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "503", "timed out", "Connection refused", "reset by peer")
-"""Failures worth a retry: the server is starting, restarting or overloaded."""
-REFUSED = ("INVALID_ARG", "400")
-"""Statuses of a request the server refused: the same request would be refused again, so never retried."""
-OVER_LIMIT = ("RESOURCE_EXHAUSTED", "413")
-"""Statuses of a message over a size limit (gRPC's message or metadata caps, a proxy's body cap): not an outage,
-and never retried."""
+DEFAULT_PORTS = {"grpc": contract.DEFAULT_GRPC_PORT, "http": contract.DEFAULT_HTTP_PORT}
 DEFAULT_RETRY_BUDGET_S = 60.0
 """How long a request keeps being retried after its first failure: longer than a server restart (about 18 s on
 CPU, several times that on a loaded host)."""
@@ -57,14 +47,15 @@ RESULT_TENSORS = (
     contract.LABELMAP,
     contract.LABELS,
     contract.VOLUMES_ML,
+    contract.STATISTICS,
     contract.MODEL,
+    contract.MODEL_GRID,
     contract.WARNINGS,
 )
 SHARED_OUTPUTS = (contract.MASKS, contract.LABELMAP)
 SHARED_MEMORY_MODES = ("auto", "on", "off")
 MAX_MESSAGE_BYTES = 2**31 - 1
 """gRPC and Triton's HTTP front end carry at most 2 GiB per message."""
-ADMIN_KEY_VARIABLE = "SAT_ADMIN_KEY"
 Result = TypeVar("Result")
 logger = logging.getLogger(__name__)
 
@@ -79,30 +70,47 @@ class Segmentation:
 
     Attributes:
         volume: the input volume (array, voxel -> RAS+ mm affine, modality).
-        labels: the term of each mask, in prompt order (label value ``i + 1`` is ``labels[i]``).
-        masks: ``[N, I, J, K]`` uint8 in ``{0, 1}``, or ``None`` when only a label map was asked for.
-        labelmap: ``[I, J, K]`` uint16 in ``0..N`` (overlaps go to the most probable), or ``None``.
-        volumes_ml: ``[N]`` float32, each mask's volume in mL.
+        result: the engine's result as the server computed it (terms, masks and/or label map, statistics, the
+            model grid, warnings); nothing in it is recomputed here.
         model: sha256 of the served repository's ``sat/metadata.json`` (which export answered).
-        warnings: one line each that the result must be read with (prompts outside the trained terms); they are
-            logged when the answer arrives and written into ``statistics.json``.
         source_series: the DICOM series folder the volume was read from, if it was (for DICOM SEG output).
         sent_bytes: the size of the image as sent (INT16 or FP32).
     """
 
     volume: Volume
-    labels: tuple[str, ...]
-    masks: np.ndarray | None
-    labelmap: np.ndarray | None
-    volumes_ml: np.ndarray
+    result: SegmentationResult
     model: str
-    warnings: tuple[str, ...] = ()
     source_series: Path | None = None
     sent_bytes: int = 0
 
     @property
     def affine(self) -> np.ndarray:
         return self.volume.affine
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The term of each mask, in prompt order (label value ``i + 1`` is ``labels[i]``)."""
+        return self.result.terms
+
+    @property
+    def masks(self) -> np.ndarray | None:
+        """``[N, I, J, K]`` uint8 in ``{0, 1}``, or ``None`` when only a label map was asked for."""
+        return self.result.masks
+
+    @property
+    def labelmap(self) -> np.ndarray | None:
+        """``[I, J, K]`` uint16 in ``0..N`` (overlaps go to the most probable), or ``None``."""
+        return self.result.labelmap
+
+    @property
+    def volumes_ml(self) -> np.ndarray:
+        """``[N]`` float32, each mask's volume in mL (the one definition: :class:`SegmentationResult`)."""
+        return self.result.volumes_ml
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """One line each that the result must be read with (prompts outside the trained terms)."""
+        return self.result.warnings
 
     def save(
         self,
@@ -119,7 +127,7 @@ class Segmentation:
         Args:
             ml: NIfTI only. ``True``: the merged ``labelmap.nii.gz``; ``False``: one ``<term>.nii.gz`` per mask;
                 ``None``: whatever this result holds.
-            statistics: also ``statistics.json`` (mL and voxels per structure).
+            statistics: also ``statistics.json`` (the server's statistics per structure, and the warnings).
             preview: also ``preview.png`` (needs the label map).
             output_type: ``"nifti"`` or ``"dicom_seg"`` (``segmentation.dcm``, one segment per mask, referencing
                 the source series).
@@ -134,24 +142,23 @@ class Segmentation:
         if preview and self.labelmap is None:
             raise SatInputError('a preview needs the label map: segment with output="labelmap" or "both"')
         folder = Path(output_dir)
+        nifti = output_type == "nifti"
         options = OutputOptions(
-            merged_labelmap=ml is not False and self.labelmap is not None and output_type == "nifti",
+            masks=nifti and ml is not True and self.masks is not None,
+            merged_labelmap=nifti and ml is not False and self.labelmap is not None,
             statistics=statistics,
             preview=preview,
             modality=self.volume.modality,
-            warnings=self.warnings,
         )
-        if output_type == "nifti":
-            masks = None if ml is True else self.masks
-            return write_thresholded(self.volume, self.labels, masks, self.labelmap, folder, options)
+        if nifti:
+            return write_result(self.volume, self.result, folder, options)
         series = source_series or self.source_series
         if series is None:
             raise SatInputError("DICOM SEG output needs the source DICOM series; this volume did not come from one")
         folder.mkdir(parents=True, exist_ok=True)
         assert self.masks is not None  # checked above
         segmentation = write_dicom_seg(self.masks, self.labels, series, folder / SEG_FILE)
-        summary = thresholded_statistics(self.volume, self.labels, self.masks, self.labelmap)
-        return [segmentation, *write_summary(self.volume, self.labels, summary, self.labelmap, folder, options)]
+        return [segmentation, *write_result(self.volume, self.result, folder, options)]
 
 
 class SATClient:
@@ -185,7 +192,7 @@ class SATClient:
             raise SatInputError(f"protocol {protocol!r} is not supported; use grpc or http")
         if shared_memory not in SHARED_MEMORY_MODES:
             raise SatInputError(f"shared_memory {shared_memory!r} is not one of {', '.join(SHARED_MEMORY_MODES)}")
-        self.admin_key = admin_key or os.environ.get(ADMIN_KEY_VARIABLE)
+        self.admin_key = admin_key or os.environ.get(contract.ADMIN_KEY_VARIABLE)
         self.shared_memory = shared_memory
         self._shared_memory_note: str | None = None
         self.protocol = protocol
@@ -193,7 +200,7 @@ class SATClient:
         self.timeout_s = timeout_s
         self.retry_budget_s = retry_budget_s
         self.backoff_s = backoff_s
-        self._model_hash: str | None = None
+        self._model: tuple[str, ModelSpec] | None = None
         self.compression = default_compression(self.url) if compression == "auto" else compression
         self._module = _client_module(protocol)
         if protocol == "grpc":
@@ -206,7 +213,7 @@ class SATClient:
     def is_ready(self) -> bool:
         """Whether ``sat`` answers ready (``False`` when the server cannot be reached)."""
         try:
-            return bool(self._connection.is_model_ready(ENTRY_MODEL))
+            return bool(self._connection.is_model_ready(contract.ENTRY_MODEL))
         except Exception:  # any transport failure means "not ready" to a caller asking this
             return False
 
@@ -214,8 +221,8 @@ class SATClient:
         """Whether ``sat`` turns ready within the retry budget (polled with the same backoff as requests)."""
 
         def ready() -> None:
-            if not self._connection.is_model_ready(ENTRY_MODEL):
-                raise ConnectionError(f"{ENTRY_MODEL} is not ready")
+            if not self._connection.is_model_ready(contract.ENTRY_MODEL):
+                raise ConnectionError(f"{contract.ENTRY_MODEL} is not ready")
 
         try:
             self._with_retries(ready)
@@ -226,22 +233,31 @@ class SATClient:
     def model_hash(self, prompt: str, modality: str | None = None) -> str:
         """The served model's hash (``MODEL``: sha256 of ``sat/metadata.json``), without sending an image.
 
-        Asks :data:`PROMPT_ENCODER_MODEL` alone with ``prompt`` (a term of the run, so a refusal is the one the
-        run would get) and answers from a cache after the first call: one small request per client.
+        Asks :data:`~satseg.contract.PROMPT_ENCODER_MODEL` alone with ``prompt`` (a term of the run, so a
+        refusal is the one the run would get) and answers from a cache after the first call: one small
+        request per client, which also brings the model's spec (:meth:`model_spec`).
 
         Raises:
             SatInputError: the prompt or modality was refused.
             ServerUnavailable: the server stayed unreachable through the retry budget.
         """
-        if self._model_hash is None:
-            # MODEL is the same for every modality; the encoder only needs a valid one.
+        return self._served_model(prompt, modality)[0]
+
+    def model_spec(self, prompt: str, modality: str | None = None) -> ModelSpec:
+        """The served model spec (spacing, crop, normalisation, window, threshold, trained terms), as
+        :meth:`model_hash` fetches it."""
+        return self._served_model(prompt, modality)[1]
+
+    def _served_model(self, prompt: str, modality: str | None) -> tuple[str, ModelSpec]:
+        if self._model is None:
+            # MODEL and SPEC are the same for every modality; the encoder only needs a valid one.
             names = {contract.MODALITY: check_modality(modality or MODALITIES[0]), contract.PROMPTS: prompt}
-            arrays = {name: np.array([value.encode()], dtype=np.object_) for name, value in names.items()}
-            inputs = infer_inputs(self._module, arrays)
-            outputs = [self._module.InferRequestedOutput(contract.MODEL)]
-            result = self._with_retries(lambda: self._infer(PROMPT_ENCODER_MODEL, inputs, {}, outputs))
-            self._model_hash = str(result.as_numpy(contract.MODEL)[0].decode())
-        return self._model_hash
+            inputs = infer_inputs(self._module, {name: contract.strings([value]) for name, value in names.items()})
+            outputs = [self._module.InferRequestedOutput(name) for name in (contract.MODEL, contract.SPEC)]
+            result = self._with_retries(lambda: self._infer(contract.PROMPT_ENCODER_MODEL, inputs, {}, outputs))
+            spec = ModelSpec.from_json(json.loads(result.as_numpy(contract.SPEC)[0]))
+            self._model = (str(result.as_numpy(contract.MODEL)[0].decode()), spec)
+        return self._model
 
     def server_version(self) -> str:
         """The Triton version the server reports."""
@@ -302,18 +318,13 @@ class SATClient:
         optional = {"threshold": threshold, "overlap": overlap}
         parameters = {"output": output, **{key: value for key, value in optional.items() if value is not None}}
         arrays = self._with_retries(lambda: self._request(image, volume.affine, modality, prompts, parameters))
-        masks, labelmap = arrays[contract.MASKS], arrays[contract.LABELMAP]
-        warnings = tuple(warning.decode() for warning in arrays[contract.WARNINGS])
-        for warning in warnings:
+        result = SegmentationResult.from_outputs(arrays)
+        for warning in result.warnings:
             logger.warning("%s", warning)
         return Segmentation(
             volume=Volume(volume.array, volume.affine, modality),
-            labels=tuple(label.decode() for label in arrays[contract.LABELS]),
-            masks=masks if masks.size else None,
-            labelmap=labelmap if labelmap.size else None,
-            volumes_ml=arrays[contract.VOLUMES_ML],
+            result=result,
             model=arrays[contract.MODEL][0].decode(),
-            warnings=warnings,
             source_series=None
             if isinstance(volume_or_path, Volume) or not Path(volume_or_path).is_dir()
             else Path(volume_or_path),
@@ -327,7 +338,7 @@ class SATClient:
         arrays = request_arrays(image, affine, modality, prompts)
         if not self._shared_memory_usable():
             check_response_size(image.shape, len(prompts), parameters["output"])
-            result = self._infer(ENTRY_MODEL, infer_inputs(self._module, arrays), parameters)
+            result = self._infer(contract.ENTRY_MODEL, infer_inputs(self._module, arrays), parameters)
             return {name: result.as_numpy(name) for name in RESULT_TENSORS}
         image_name = image_tensor_name(image)
         inputs = infer_inputs(self._module, {name: array for name, array in arrays.items() if name != image_name})
@@ -341,7 +352,7 @@ class SATClient:
                 if name in layout:
                     requested.set_shared_memory(region, layout[name].byte_size, offset=layout[name].offset)
                 outputs.append(requested)
-            result = self._infer(ENTRY_MODEL, [tensor, *inputs], parameters, outputs)
+            result = self._infer(contract.ENTRY_MODEL, [tensor, *inputs], parameters, outputs)
             arrays = {name: result.as_numpy(name) for name in RESULT_TENSORS if name not in layout}
             arrays.update({name: read_output(handle, layout[name]) for name in SHARED_OUTPUTS if name in layout})
         for name in SHARED_OUTPUTS:
@@ -379,7 +390,8 @@ class SATClient:
 
     def _admin_headers(self, admin_key: str | None = None) -> dict[str, str]:
         """The admin key under the header name the protocol uses (gRPC prefixes it)."""
-        return {GRPC_ADMIN_HEADER if self.protocol == "grpc" else ADMIN_HEADER: admin_key or self.admin_key or ""}
+        header = contract.GRPC_ADMIN_HEADER if self.protocol == "grpc" else contract.ADMIN_HEADER
+        return {header: admin_key or self.admin_key or ""}
 
     def _infer(
         self, model: str, inputs: list[Any], parameters: dict[str, Any], outputs: list[Any] | None = None
@@ -422,16 +434,16 @@ class SATClient:
             status = str(error.status())
             reason = short_reason(str(error.message()))
             failure = f"{status} {reason}"
-            if any(marker in status for marker in REFUSED):
+            if any(marker in status for marker in contract.REFUSED_STATUSES):
                 raise SatInputError(f"the server refused the request: {reason}") from None
-            if any(marker in status for marker in OVER_LIMIT):
+            if any(marker in status for marker in contract.OVER_LIMIT_STATUSES):
                 raise SatInputError(
                     f"the request or its answer is over a size limit (not an outage; retrying would not help): "
                     f"{failure}"
                 ) from None
             if "restricted" in failure or status == "403":
                 raise PermissionError(f"{self.url} refused an admin call (wrong or missing admin key): {failure}")
-            if any(marker in failure for marker in RETRYABLE):
+            if any(marker in failure for marker in contract.UNAVAILABLE_FAILURES):
                 return failure
             raise ServerUnavailable(f"{self.url} ({self.protocol}): {failure}") from None
         if isinstance(error, (ConnectionError, TimeoutError, OSError)):

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from satseg.serving import contract
+from satseg import contract
 
 OUTPUT_DTYPES = {contract.MASKS: np.uint8, contract.LABELMAP: np.uint16}
 

@@ -43,11 +43,11 @@ from export.parity import (
 from satseg import __version__
 from satseg.checkpoint import WEIGHTS_FILE, CheckpointMetadata, load_checkpoint, read_metadata
 from satseg.cli.common import cli_parser, run_cli
+from satseg.contract import ENTRY_MODEL, OUTPUT_CHOICES, OUTPUT_MASKS
 from satseg.errors import ExportError, SatInputError
 from satseg.geometry import MODALITIES, Volume, load_volume
 from satseg.model import SAT
-from satseg.serving.contract import OUTPUT_CHOICES, OUTPUT_MASKS
-from satseg.serving.server import DEFAULT_REPOSITORY, ENTRY_MODEL
+from satseg.server.triton import DEFAULT_REPOSITORY
 from satseg.spec import ModelSpec
 from satseg.text import PromptTokenizer, Vocabulary, resolve_text_encoder
 
@@ -269,6 +269,11 @@ def write_metadata(
             "LABELMAP": {"dtype": "UINT16", "shape": [-1, -1, -1], "description": "merged labels, input grid"},
             "LABELS": {"dtype": "BYTES", "shape": [-1], "description": "the term of each mask / label value"},
             "VOLUMES_ML": {"dtype": "FP32", "shape": [-1], "description": "volume of each mask in mL"},
+            "STATISTICS": {
+                "dtype": "BYTES",
+                "shape": [-1],
+                "description": "per term, one JSON object: voxels, mL, intensities, world bounding box, FOV edge",
+            },
             "MODEL": {"dtype": "BYTES", "shape": [1], "description": "sha256 of this metadata.json file"},
             "MODEL_GRID": {"dtype": "INT32", "shape": [3], "description": "the model grid the windows slid on"},
             "WARNINGS": {"dtype": "BYTES", "shape": [-1], "description": "one line per caveat, e.g. untrained terms"},

@@ -22,7 +22,7 @@ from locust.env import Environment
 
 from clients.sat_client import infer_inputs, request_arrays, wire_image
 from loadtest.scenarios import MALFORMED_SHARE, SCENARIOS, RequestKind, mix_weights
-from satseg.serving import contract
+from satseg import contract
 
 PROTOCOLS = ("http", "grpc")
 
@@ -131,7 +131,7 @@ class SATUser(User):
         started = time.perf_counter()
         length, exception = 0, None
         try:
-            result = self.client.infer("sat", request.inputs)
+            result = self.client.infer(contract.ENTRY_MODEL, request.inputs)
             length = sum(result.as_numpy(name).nbytes for name in (contract.MASKS, contract.LABELMAP))
             if request.kind.malformed:
                 exception = AssertionError("a malformed request was accepted")

@@ -11,6 +11,8 @@ import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass
 
+from satseg.contract import ENTRY_MODEL, PROMPT_ENCODER_MODEL
+
 LINE = re.compile(r"^(?P<name>nv_inference_[a-z_]+)\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)$")
 MODEL_LABEL = re.compile(r'model="(?P<model>[^"]+)"')
 Counters = dict[str, dict[str, float]]
@@ -81,7 +83,9 @@ class EnsembleRequests:
         return self.succeeded + self.refused
 
 
-def ensemble_requests(delta: Counters, ensemble: str = "sat", first_step: str = "prompt_encoder") -> EnsembleRequests:
+def ensemble_requests(
+    delta: Counters, ensemble: str = ENTRY_MODEL, first_step: str = PROMPT_ENCODER_MODEL
+) -> EnsembleRequests:
     """Counted from the ensemble's successes and its first step's requests, not its failure counter.
 
     Triton 2.51 counts each failed ensemble request twice in ``nv_inference_request_failure`` (measured: one

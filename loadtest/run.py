@@ -22,15 +22,15 @@ from pathlib import Path
 from export.build_repo import ExportSettings, build_repository, repository_is_current
 from loadtest.metrics import EnsembleRequests, ModelWindow, difference, ensemble_requests, model_window, scrape
 from loadtest.scenarios import MALFORMED_SHARE, SCENARIOS
+from satseg import contract
 from satseg.cli.common import cli_parser, run_cli
 from satseg.cli.segment import BUNDLED_CHECKPOINT
-from satseg.serving.server import DEFAULT_REPOSITORY, TritonServer
+from satseg.server.triton import DEFAULT_REPOSITORY, TritonServer
 
 PROG = "sat-loadtest"
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 RESULTS = Path("loadtest") / "results"
-MODELS = ("sat", "prompt_encoder", "segmenter", "vision", "text_encoder")
-STEPS = MODELS[1:]
+STEPS = contract.MODELS[1:]
 """The ensemble's composing models: their queue and compute times are their own (the ensemble's are sums)."""
 TOTALS_FILE = "locust_totals.json"
 AGREEMENT = 0.05
@@ -157,7 +157,7 @@ def summary(
     run: LocustRun, locust: LocustTotals, models: dict[str, ModelWindow], served: EnsembleRequests, seconds: float
 ) -> str:
     """The Markdown report: Locust's view, Triton's view of the same window, and whether they reconcile."""
-    sat = models["sat"]
+    sat = models[contract.ENTRY_MODEL]
     minutes = seconds / 60.0
     counted = agrees(locust.valid_requests, served.succeeded) and agrees(locust.rejected_as_expected, served.refused)
     timed = agrees(locust.valid_mean_ms, sat.mean_request_ms) if sat.success else False
@@ -238,7 +238,7 @@ def load_test(args: argparse.Namespace) -> int:
         code = run_locust(run, folder)
         seconds, after = time.monotonic() - started, scrape(metrics_url)
     delta = difference(after, before)
-    models = {model: model_window(delta, model) for model in MODELS}
+    models = {model: model_window(delta, model) for model in contract.MODELS}
     report = summary(run, locust_totals(folder), models, ensemble_requests(delta), seconds)
     (folder / "summary.md").write_text(report)
     plot_history(folder)

@@ -17,9 +17,10 @@ from typing import Any
 from export.build_repo import ExportSettings, build_repository, repository_is_current
 from loadtest.metrics import difference, ensemble_requests, scrape
 from loadtest.run import RESULTS, LocustRun, locust_totals, run_locust
+from satseg import contract
 from satseg.cli.common import cli_parser, run_cli
 from satseg.cli.segment import BUNDLED_CHECKPOINT
-from satseg.serving.server import CPU_CONFIG, DEFAULT_REPOSITORY, TritonServer
+from satseg.server.triton import CPU_CONFIG, DEFAULT_REPOSITORY, TritonServer
 
 try:
     import tomllib
@@ -28,7 +29,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 PROG = "sat-loadtest-sweep"
 SWEEP_CONFIG = Path(__file__).with_name("sweep.toml")
-SCALED_MODELS = ("segmenter", "vision")
+SCALED_MODELS = (contract.SEGMENTER_MODEL, contract.VISION_MODEL)
 
 
 @dataclass(frozen=True)

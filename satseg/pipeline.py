@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 
 from satseg.checkpoint import CheckpointMetadata, load_checkpoint
+from satseg.engine import MaskSink, Outputs, PromptPlan, WindowRun, plan_prompts, prompt_probabilities, segment_prepared
 from satseg.errors import SatInputError
 from satseg.geometry import PreparedVolume, prepare
 from satseg.geometry.volume import MODALITIES, Volume, check_modality
 from satseg.model import SAT
-from satseg.outputs.components import keep_largest_component
-from satseg.spec import ModelSpec, WindowSpec, default_spec
+from satseg.outputs.result import SegmentationResult
+from satseg.spec import ModelSpec, default_spec
 from satseg.text import (
     EmbeddingCache,
     PromptTokenizer,
@@ -26,7 +27,6 @@ from satseg.text import (
     resolve_text_encoder,
     tensor_sha256,
 )
-from satseg.window import Predictor, sliding_window_probabilities
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,10 @@ class InferenceOptions:
         post = spec.postprocess if self.threshold is None else replace(spec.postprocess, threshold=self.threshold)
         spec = replace(spec, window=window, postprocess=post)
         return spec if self.orientation is None else spec.with_overrides(orientation=self.orientation)
+
+    def window_run(self, device: torch.device, progress: bool = False) -> WindowRun:
+        """How the engine runs windows for these options on ``device``."""
+        return WindowRun(self.batch_size, self.prompts_per_pass, self.accumulator_dtype, device, progress)
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,45 @@ class Segmenter:
         """``volume`` on the model grid of this segmenter's spec (``image.shape`` is the grid windows slide on)."""
         return prepare(volume, check_modality(modality), self.spec.preprocess)
 
+    def plan(self, terms: Sequence[str]) -> tuple[PromptPlan, list[str]]:
+        """The engine's prompt plan for resolved ``terms`` and the term of each query row (see
+        :func:`~satseg.engine.plan_prompts`); untrained weights get no untrained-term warning (all is meaningless)."""
+        return plan_prompts(
+            terms,
+            self.vocabulary,
+            self.spec,
+            keep_largest_component=self.options.keep_largest_component,
+            flag_untrained=not self.untrained_weights,
+        )
+
+    @property
+    def untrained_weights(self) -> bool:
+        """The checkpoint says its weights were never trained (``sat-checkpoint init``)."""
+        return self.metadata is not None and self.metadata.extra.get("trained") is False
+
     def segment(
+        self,
+        volume: Volume,
+        terms: Sequence[str],
+        modality: str,
+        *,
+        outputs: Outputs | None = None,
+        on_mask: MaskSink | None = None,
+        progress: bool = False,
+        prepared: PreparedVolume | None = None,
+    ) -> SegmentationResult:
+        """Segment resolved ``terms`` (:meth:`resolve_prompts`) in ``volume``: the engine's result on its grid.
+
+        ``outputs``: the volumes the result keeps (default: the masks). ``prepared``: ``volume`` already put on the
+        model grid by :meth:`prepare`. ``on_mask`` sees each mask as it is cut (``sat-segment`` writes it there and
+        keeps none: ``outputs.masks`` ``False``).
+        """
+        prepared, plan, queries = self._inputs(volume, terms, modality, prepared)
+        run = self.options.window_run(self.device, progress)
+        outputs = outputs or Outputs()
+        return segment_prepared(volume, prepared, plan, queries, self.predict_logits, self.spec, run, outputs, on_mask)
+
+    def probabilities(
         self,
         volume: Volume,
         terms: Sequence[str],
@@ -196,84 +238,24 @@ class Segmenter:
         progress: bool = False,
         prepared: PreparedVolume | None = None,
     ) -> Iterator[PromptProbabilities]:
-        """Yield each term's probabilities on ``volume``'s grid, in the order of ``terms``.
+        """Each term's probabilities on ``volume``'s grid, before the threshold, in the order of ``terms``
+        (for parity checks and calibration; :meth:`segment` is the answer).
 
-        ``terms`` must already be resolved (:meth:`resolve_prompts`). A parent term ("kidney") the
-        model was not trained on is the union (voxel-wise maximum) of its trained children's maps.
-        ``prepared``: ``volume`` already put on the model grid by :meth:`prepare`.
+        A parent term ("kidney") the model was not trained on is the union (voxel-wise maximum) of its trained
+        children's maps, each cut to its largest piece where the spec says so.
         """
+        prepared, plan, queries = self._inputs(volume, terms, modality, prepared)
+        run = self.options.window_run(self.device, progress)
+        threshold = self.spec.postprocess.threshold
+        stream = prompt_probabilities(prepared, queries, plan, self.predict_logits, self.spec, run)
+        for index, union in enumerate(stream):
+            yield PromptProbabilities(index, terms[index], union, threshold)
+
+    def _inputs(
+        self, volume: Volume, terms: Sequence[str], modality: str, prepared: PreparedVolume | None
+    ) -> tuple[PreparedVolume, PromptPlan, torch.Tensor]:
         if not terms:
             raise ValueError("segment() needs at least one term resolved by resolve_prompts()")
         modality = check_modality(modality)
-        prepared = prepared or self.prepare(volume, modality)
-        plan = [self.components(term) for term in terms]
-        components = [component for parts in plan for component in parts]
-        queries = self.encode(components, modality)
-        stream = probabilities_on_input_grid(
-            prepared, queries, self.predict_logits, self.spec.window, self.options, self.device, progress
-        )
-        threshold = self.spec.postprocess.threshold
-        if self.options.keep_largest_component:
-            single = self.spec.single_component(components)
-            stream = largest_components(stream, single, threshold)
-        for index, union in enumerate(union_per_prompt(stream, [len(components) for components in plan])):
-            yield PromptProbabilities(index, terms[index], union, threshold)
-
-
-def largest_components(
-    stream: Iterator[tuple[int, torch.Tensor]], single_component: Sequence[bool], threshold: float
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """``stream`` with each query row flagged in ``single_component`` cut to its largest connected piece.
-
-    Applied per component before :func:`union_per_prompt`, so "kidney" is each kidney's largest piece, joined.
-    """
-    for index, probabilities in stream:
-        yield index, keep_largest_component(probabilities, threshold) if single_component[index] else probabilities
-
-
-def union_per_prompt(stream: Iterator[tuple[int, torch.Tensor]], counts: Sequence[int]) -> Iterator[torch.Tensor]:
-    """Per prompt, the voxel-wise maximum of its ``counts[i]`` consecutive component maps in ``stream``.
-
-    ``stream`` is :func:`probabilities_on_input_grid`'s output for queries laid out prompt by prompt
-    (a parent prompt's trained children in a row).
-    """
-    for count in counts:
-        union = next(stream)[1]
-        for _ in range(count - 1):
-            torch.maximum(union, next(stream)[1], out=union)
-        yield union
-
-
-def probabilities_on_input_grid(
-    prepared: PreparedVolume,
-    queries: torch.Tensor,
-    predictor: Predictor,
-    window: WindowSpec,
-    options: InferenceOptions,
-    device: torch.device,
-    progress: bool = False,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """The windowing around any predictor (torch, onnxruntime or Triton), on a volume already on the model grid.
-
-    Slides ``window`` windows over ``prepared.image`` with ``queries [N, C]`` in passes of
-    ``options.prompts_per_pass`` prompts, and yields ``(index, probabilities)`` per prompt: float32
-    ``[I, J, K]`` in [0, 1] on the input grid. At most one pass of fp16 model-grid maps and one input-grid
-    map exist at a time.
-    """
-    image = prepared.image.to(device)
-    for start in range(0, queries.shape[0], options.prompts_per_pass):
-        probabilities = sliding_window_probabilities(
-            image,
-            queries[start : start + options.prompts_per_pass].to(device),
-            predictor,
-            window.patch_size,
-            overlap=window.overlap,
-            sigma_scale=window.sigma_scale,
-            batch_size=options.batch_size,
-            accumulator_dtype=options.accumulator_dtype,
-            device=device,
-            progress=progress,
-        )
-        for offset in range(probabilities.shape[0]):
-            yield start + offset, prepared.to_input_grid(probabilities[offset].float())
-        del probabilities
+        plan, rows = self.plan(terms)
+        return prepared or self.prepare(volume, modality), plan, self.encode(rows, modality)

@@ -161,8 +161,9 @@ class ModelSpec:
         if values.get("schema") != SPEC_SCHEMA:
             raise SatInputError(f"model spec schema {values.get('schema')!r} is not {SPEC_SCHEMA!r}")
         try:
-            preprocess = _build(PreprocessConfig, values["preprocess"], tuples=("target_spacing", "ct_window_hu",
-                                                                                   "percentiles"))
+            preprocess = _build(
+                PreprocessConfig, values["preprocess"], tuples=("target_spacing", "ct_window_hu", "percentiles")
+            )
             window = _build(WindowSpec, values["window"], tuples=("patch_size",))
             postprocess = _build(PostprocessSpec, values["postprocess"], tuples=("single_component_terms",))
         except KeyError as missing:

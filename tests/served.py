@@ -20,9 +20,9 @@ def phantom(seed: int, shape: tuple[int, int, int] = (48, 40, 24), degrees: floa
 
 
 def reference_masks(reference: Segmenter, volume: Volume, modality: str, prompts: list[str]) -> np.ndarray:
-    """``[N, I, J, K]`` bool: the in-process result for ``prompts``."""
+    """``[N, I, J, K]`` uint8: the in-process result for ``prompts``."""
     terms = reference.resolve_prompts(prompts)
-    return np.stack([(r.probabilities > 0.5).numpy() for r in reference.segment(volume, terms, modality)])
+    return reference.segment(volume, terms, modality).masks
 
 
 def agreement(served: np.ndarray, expected: np.ndarray) -> float:

@@ -344,7 +344,7 @@ def test_a_rerun_with_other_prompts_leaves_no_stale_masks(
 INTERRUPT_POINTS = {
     "during inference": ("satseg.pipeline.Segmenter.predict_logits", 2),
     "after some masks": ("satseg.outputs.writer.write_mask", 3),
-    "writing the summary": ("satseg.outputs.writer.write_summary", 1),
+    "writing the summary": ("satseg.cli.segment.write_result", 1),
     "writing the manifest": ("satseg.outputs.run_folder.write_json", 1),
     "swapping in": ("satseg.outputs.run_folder.swap_into_place", 1),
 }

@@ -22,9 +22,10 @@ from clients import SATClient, ServerUnavailable
 from clients.sat_client import check_response_size, default_compression, wire_image
 from satseg.errors import SatInputError
 from satseg.geometry import Volume
-from satseg.outputs.writer import LABELMAP_FILE, STATISTICS_FILE, WARNINGS_KEY, mask_file_name
+from satseg.outputs import WARNINGS_KEY
+from satseg.outputs.writer import LABELMAP_FILE, STATISTICS_FILE, mask_file_name
 from satseg.pipeline import Segmenter
-from satseg.serving.server import ServerPorts, TritonServer, free_ports
+from satseg.server.triton import ServerPorts, TritonServer, free_ports
 from satseg.text import untrained_warning
 
 pytest.importorskip("tritonclient.grpc")

@@ -22,10 +22,9 @@ from clients.dicom_seg import SEG_FILE, write_dicom_seg
 from clients.folder_run import CASE_FILE, REPORT_FILE, WORK_FOLDER
 from satseg.geometry import Volume, load_volume
 from satseg.geometry.io import sorted_series_headers
-from satseg.outputs import write_nifti
+from satseg.outputs import WARNINGS_KEY, write_nifti
 from satseg.outputs.nifti import save_nifti_exact
-from satseg.outputs.writer import WARNINGS_KEY
-from satseg.serving.server import TritonServer, free_ports
+from satseg.server.triton import TritonServer, free_ports
 from satseg.text import untrained_warning
 
 pytest.importorskip("tritonclient.grpc")

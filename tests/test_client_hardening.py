@@ -20,13 +20,14 @@ from clients import SATClient
 from clients.cases import assign_folders, name_hash, source_identity
 from clients.cli import main as sat_client
 from clients.folder_run import CASE_FILE, REPORT_FILE
-from clients.sat_client import PROMPT_ENCODER_MODEL, backoff_delay
+from clients.sat_client import backoff_delay
+from satseg.contract import PROMPT_ENCODER_MODEL
 from satseg.errors import SatInputError
 from satseg.geometry import Volume
 from satseg.geometry.io import check_intensities
 from satseg.geometry.volume import MODALITIES, choose_modality
 from satseg.outputs.nifti import save_nifti_exact
-from satseg.serving.server import TritonServer, free_ports
+from satseg.server.triton import TritonServer, free_ports
 
 pytest.importorskip("tritonclient.grpc")
 SMALL = (32, 28, 16)

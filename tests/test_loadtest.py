@@ -13,7 +13,7 @@ import pytest
 from loadtest.metrics import difference, ensemble_requests, model_window, parse_metrics
 from loadtest.scenarios import SCENARIOS, mix_weights
 from loadtest.sweep import with_instances
-from satseg.serving.server import DEFAULT_REPOSITORY, TritonServer
+from satseg.server.triton import DEFAULT_REPOSITORY, TritonServer
 
 if importlib.util.find_spec("locust") is None:  # never imported here: it monkey-patches the process for gevent
     pytest.skip("the load test needs the load extra (locust)", allow_module_level=True)

@@ -20,15 +20,14 @@ from conftest import DEMO_CHECKPOINT
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 from served import phantom
 
-from clients.sat_client import infer_inputs, request_arrays
+from clients import SATClient
 from satseg.checkpoint import CONFIG_FILE, read_metadata
 from satseg.cli.segment import main as segment_cli
 from satseg.errors import SatInputError
 from satseg.geometry import Volume
 from satseg.outputs.run_folder import MANIFEST_FILE
 from satseg.pipeline import Segmenter
-from satseg.serving import contract
-from satseg.serving.server import ENTRY_MODEL, TritonServer
+from satseg.server.triton import TritonServer
 from satseg.spec import ModelSpec
 from satseg.text import Vocabulary
 from training.evaluate import EvaluationCase, Prompt, evaluate_case
@@ -91,10 +90,10 @@ def test_in_process_served_and_evaluated_paths_use_the_stated_grid_and_window(
     rows = evaluate_case(segmenter, case, [Prompt(term, (term,)) for term in PROMPTS], "input")
     assert {tuple(row["model_grid"]) for row in rows} == {tuple(grid)}
 
-    in_process = np.stack([(r.probabilities > r.threshold).numpy() for r in segmenter.segment(ct, PROMPTS, "ct")])
+    in_process = segmenter.segment(ct, PROMPTS, "ct").masks
     default_window = stated_spec().with_overrides(ct_window_hu=(-500.0, 1000.0))
     other_window = Segmenter(segmenter.model, metadata=replace(segmenter.metadata, spec=default_window))
-    elsewhere = np.stack([(r.probabilities > r.threshold).numpy() for r in other_window.segment(ct, PROMPTS, "ct")])
+    elsewhere = other_window.segment(ct, PROMPTS, "ct").masks
     assert (in_process != elsewhere).any(), "the CT window must change the masks for this test to mean anything"
 
     repository = tmp_path / "repository"
@@ -102,13 +101,11 @@ def test_in_process_served_and_evaluated_paths_use_the_stated_grid_and_window(
     metadata = json.loads((repository / "sat" / "metadata.json").read_text())
     metadata["spec"] = stated_spec().to_json()
     (repository / "sat" / "metadata.json").write_text(json.dumps(metadata))
-    grpc = pytest.importorskip("tritonclient.grpc")
-    with TritonServer(repository, log_path=tmp_path / "triton.log") as server:
-        connection = grpc.InferenceServerClient(server.grpc_url)
-        inputs = infer_inputs(grpc, request_arrays(ct.array, ct.affine, "ct", PROMPTS))
-        result = connection.infer(ENTRY_MODEL, inputs)
-    assert result.as_numpy(contract.MODEL_GRID).tolist() == grid
-    assert np.array_equal(result.as_numpy(contract.MASKS).astype(bool), in_process)
+    with TritonServer(repository, log_path=tmp_path / "triton.log") as server, SATClient(server.grpc_url) as client:
+        served = client.segment(ct, PROMPTS, "ct")
+        assert client.model_spec(PROMPTS[0]) == stated_spec(), "the client reads the served spec back"
+    assert list(served.result.model_grid) == grid
+    assert np.array_equal(served.masks, in_process)
 
 
 def test_a_spec_the_code_cannot_honour_is_refused_in_one_line() -> None:

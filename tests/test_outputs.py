@@ -6,7 +6,6 @@ import gzip
 import json
 import tracemalloc
 from pathlib import Path
-from types import SimpleNamespace
 
 import matplotlib.image
 import nibabel as nib
@@ -14,20 +13,19 @@ import numpy as np
 import pytest
 import torch
 
+from satseg.engine import LabelMapAccumulator, Outputs, PromptPlan, collect, keep_largest_component
 from satseg.errors import SatInputError
 from satseg.geometry.volume import Volume
 from satseg.outputs import (
-    LabelMapAccumulator,
     OutputOptions,
-    keep_largest_component,
+    SegmentationResult,
     mask_statistics,
     preview_views,
     read_label_extension,
     save_preview,
     write_json,
     write_nifti,
-    write_segmentation,
-    write_thresholded,
+    write_result,
 )
 from training.data.phantom import make_torso_phantom
 
@@ -50,6 +48,15 @@ def oblique_affine(shear: float = 0.0) -> np.ndarray:
     affine[:3, :3] = linear
     affine[:3, 3] = [-123.4567, 45.678, -300.125]
     return affine.astype(np.float32).astype(np.float64)
+
+
+def engine_result(
+    volume: Volume, terms: list[str], maps: list[np.ndarray], threshold: float = 0.5, outputs: Outputs | None = None
+) -> SegmentationResult:
+    """The engine's threshold, merge and measure on hand-made probability maps, one query row per term."""
+    plan = PromptPlan(tuple(terms), (1,) * len(terms), (False,) * len(terms))
+    probabilities = (torch.from_numpy(np.asarray(m, np.float32)) for m in maps)
+    return collect(volume, plan, probabilities, threshold, volume.shape, outputs or Outputs())
 
 
 def raw_header(path: Path) -> nib.Nifti1Header:
@@ -378,27 +385,36 @@ def test_mask_statistics_gathers_only_the_structures_voxels() -> None:
     assert statistics["voxels"] == 1000 and peak < volume.array.nbytes // 8
 
 
-def test_every_path_writes_the_same_statistics(tmp_path: Path) -> None:
-    """In-process results, a server's masks and a server's label map give one statistics.json."""
+def test_every_output_choice_measures_the_same_masks(tmp_path: Path) -> None:
+    """Masks, a label map or both: one statistics.json, counted from each term's own mask, so overlapping terms
+    ("kidney" and "left kidney") each count their shared voxels, whatever the label map gave them."""
     volume, labels, _ = make_torso_phantom((40, 32, 12))
-    terms = ["liver", "spleen", "absent"]
-    masks = np.stack([labels == 1, labels == 2, np.zeros_like(labels, bool)]).astype(np.uint8)
-    labelmap = np.where(masks[0] == 1, 1, np.where(masks[1] == 1, 2, 0)).astype(np.uint16)
-    results = [
-        SimpleNamespace(index=index, term=term, probabilities=torch.from_numpy(mask.astype(np.float32)), threshold=0.5)
-        for index, (term, mask) in enumerate(zip(terms, masks, strict=True))
-    ]
-    options = OutputOptions(statistics=True)
-    write_segmentation(volume, terms, results, tmp_path / "in_process", options)
-    write_thresholded(volume, terms, masks, None, tmp_path / "masks", options)
-    write_thresholded(volume, terms, None, labelmap, tmp_path / "labelmap", options)
-    folders = ("in_process", "masks", "labelmap")
-    written = [json.loads((tmp_path / name / "statistics.json").read_text()) for name in folders]
+    terms = ["liver", "kidney", "left kidney", "absent"]
+    left = labels == 3
+    maps = [labels == 1, (left | (labels == 4)) * 0.7, left * 0.9, np.zeros_like(labels, bool)]
+    written = []
+    for name, outputs in {"masks": Outputs(), "labelmap": Outputs(False, True), "both": Outputs(True, True)}.items():
+        result = engine_result(volume, terms, maps, outputs=outputs)
+        files = OutputOptions(masks=outputs.masks, merged_labelmap=outputs.labelmap, statistics=True)
+        write_result(volume, result, tmp_path / name, files)
+        written.append(json.loads((tmp_path / name / "statistics.json").read_text()))
     assert written[0] == written[1] == written[2]
+    assert written[0]["left kidney"]["voxels"] == int(left.sum()) > 0  # though the label map gives them away
+    assert written[0]["kidney"]["voxels"] == int((left | (labels == 4)).sum())
     liver = volume.array[labels == 1].astype(np.float64)
     assert written[0]["liver"]["voxels"] == liver.size > 0
     assert written[0]["liver"]["intensity_mean"] == pytest.approx(liver.mean(), abs=0.005 + 1e-9)
     assert written[0]["absent"]["intensity_mean"] is None
+
+
+def test_write_result_refuses_files_the_result_cannot_give(tmp_path: Path) -> None:
+    volume, labels, _ = make_torso_phantom((40, 32, 12))
+    only_masks = engine_result(volume, ["liver"], [labels == 1])
+    with pytest.raises(ValueError, match="label map"):
+        write_result(volume, only_masks, tmp_path, OutputOptions(preview=True))
+    only_labelmap = engine_result(volume, ["liver"], [labels == 1], outputs=Outputs(False, True))
+    with pytest.raises(ValueError, match="masks"):
+        write_result(volume, only_labelmap, tmp_path, OutputOptions())
 
 
 def test_write_json_round_trip_and_atomic(tmp_path: Path) -> None:
@@ -504,12 +520,11 @@ def test_save_preview_needs_a_name_for_every_shown_label(tmp_path: Path) -> None
 def test_ct_previews_use_the_soft_tissue_window(tmp_path: Path) -> None:
     """A CT's preview is windowed at W400/L40, so soft tissue is mid-grey, not washed out by air."""
     volume, labels, _ = make_torso_phantom((40, 32, 12))
-    probabilities = torch.from_numpy((labels == 1).astype(np.float32))
-    result = SimpleNamespace(index=0, term="liver", probabilities=probabilities, threshold=0.5)
+    result = engine_result(volume, ["liver"], [labels == 1], outputs=Outputs(False, True))
     pictures = {}
     for modality in ("ct", None):
         out = tmp_path / str(modality)
-        write_segmentation(volume, ["liver"], [result], out, OutputOptions(preview=True, modality=modality))
+        write_result(volume, result, out, OutputOptions(masks=False, preview=True, modality=modality))
         pictures[modality] = (out / "preview.png").read_bytes()
     assert pictures["ct"] != pictures[None]
 
@@ -540,13 +555,14 @@ def test_largest_component_leaves_empty_and_one_piece_masks_alone() -> None:
 
 
 def test_masks_and_label_map_are_cut_at_each_results_own_threshold(tmp_path: Path) -> None:
-    """The writer takes the threshold the segmenter used (its clean-up cut there), not a second setting."""
+    """Masks, label map and statistics are all cut at the one threshold the engine is given."""
     volume, labels, _ = make_torso_phantom((40, 32, 12))
-    probabilities = torch.from_numpy(np.where(labels == 1, 0.45, 0.05).astype(np.float32))
+    probabilities = np.where(labels == 1, 0.45, 0.05)
     for threshold, inside in ((0.5, False), (0.4, True)):
-        result = SimpleNamespace(index=0, term="liver", probabilities=probabilities, threshold=threshold)
+        result = engine_result(volume, ["liver"], [probabilities], threshold, Outputs(True, True))
         out = tmp_path / str(threshold)
-        write_segmentation(volume, ["liver"], [result], out, OutputOptions(merged_labelmap=True, statistics=True))
+        write_result(volume, result, out, OutputOptions(merged_labelmap=True, statistics=True))
+        assert np.array_equal(result.masks[0], (labels == 1) & inside)
         labelmap = np.asarray(nib.load(out / "labelmap.nii.gz").dataobj)
         assert np.array_equal(labelmap == 1, (labels == 1) & inside)
         voxels = json.loads((out / "statistics.json").read_text())["liver"]["voxels"]

@@ -1,6 +1,6 @@
 """Dice and normalised surface Dice (NSD) per structure, measured through the serving path.
 
-Every case runs through :meth:`satseg.pipeline.Segmenter.segment` on the image's own grid, exactly as
+Every case runs through :meth:`satseg.pipeline.Segmenter.segment` (the engine) on the image's own grid, exactly as
 ``sat-segment`` does, and the thresholded masks are compared with the label map on that same grid: what is
 measured is what ships. ``--geometry`` re-evaluates on a second grid of the same world content (reoriented,
 or rotated and resampled), to show that results do not depend on how the input was stored.
@@ -26,6 +26,7 @@ from scipy.spatial.transform import Rotation
 from tqdm.auto import tqdm
 
 from satseg.cli.common import cli_parser, run_cli
+from satseg.engine import Outputs
 from satseg.errors import SatInputError
 from satseg.geometry import PreprocessConfig, Volume, load_volume
 from satseg.geometry.volume import check_modality
@@ -309,32 +310,38 @@ def evaluate_case(
 ) -> list[dict[str, Any]]:
     """Segment ``case`` on ``geometry``'s grid through the serving path and score every prompt.
 
-    A voxel is predicted where its probability exceeds the result's threshold, as in served masks.
+    Each prediction is the engine's mask, exactly as ``sat-segment`` writes it and the server returns it; its
+    ``predicted_ml`` is the engine's volume.
 
     Returns:
         One row per prompt: case, geometry, structure, dice, nsd, truth_ml, predicted_ml, truth_voxels and
         model_grid (the grid the checkpoint's spec put the windows on).
     """
     volume, labels = regrid(case.volume, case.labels, geometry)
-    rows = []
+    rows: list[dict[str, Any]] = []
     prepared = segmenter.prepare(volume, case.modality)
-    results = segmenter.segment(volume, [prompt.term for prompt in prompts], case.modality, prepared=prepared)
-    for prompt, result in zip(prompts, results, strict=True):
-        prediction = (result.probabilities > result.threshold).numpy()
-        truth = truth_mask(labels, case.classes, prompt.truth)
+
+    def score(index: int, term: str, prediction: np.ndarray) -> None:
+        truth = truth_mask(labels, case.classes, prompts[index].truth)
         rows.append(
             {
                 "case": case.name,
                 "geometry": geometry,
-                "structure": prompt.term,
+                "structure": term,
                 "dice": dice_score(prediction, truth),
                 "nsd": surface_dice(prediction, truth, volume.spacing, tolerance_mm),
                 "truth_ml": float(truth.sum()) * volume.voxel_volume_ml,
-                "predicted_ml": float(prediction.sum()) * volume.voxel_volume_ml,
                 "truth_voxels": int(truth.sum()),
                 "model_grid": list(prepared.image.shape),
             }
         )
+
+    terms = [prompt.term for prompt in prompts]
+    result = segmenter.segment(
+        volume, terms, case.modality, outputs=Outputs(masks=False), on_mask=score, prepared=prepared
+    )
+    for row, statistics in zip(rows, result.statistics, strict=True):
+        row["predicted_ml"] = statistics["volume_ml"]
     return rows
 
 

@@ -9,14 +9,16 @@ import time
 from pathlib import Path
 
 from satseg.cli.common import cli_parser, run_cli
+from satseg.engine import Outputs
 from satseg.errors import SatInputError
 from satseg.geometry import load_volume
 from satseg.geometry.io import check_intensities
 from satseg.geometry.volume import MODALITIES, choose_modality
+from satseg.outputs import WARNINGS_KEY, OutputOptions
 from satseg.outputs.run_folder import MANIFEST_FILE, check_output_folder, run_folder
-from satseg.outputs.writer import WARNINGS_KEY, OutputOptions, write_segmentation
+from satseg.outputs.writer import mask_writer, write_result
 from satseg.pipeline import PRECISIONS, InferenceOptions, Segmenter, resolve_device
-from satseg.text import Vocabulary, parse_prompt_list, untrained_warning
+from satseg.text import Vocabulary, parse_prompt_list
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "demo"
 
@@ -130,19 +132,13 @@ def segment(args: argparse.Namespace) -> int:
     )
     checkpoint = choose_checkpoint(args.checkpoint)
     segmenter = Segmenter.from_checkpoint(checkpoint, device=device, vocabulary=vocabulary, options=options)
-    random_weights = segmenter.metadata.extra.get("trained") is False
-    if random_weights:
+    if segmenter.untrained_weights:
         print(f"warning: {checkpoint} holds untrained weights; the masks are meaningless", file=sys.stderr)
-    unknown = [] if random_weights else vocabulary.untrained(terms, segmenter.trained_terms)
-    warnings = (untrained_warning(unknown),) if unknown else ()
+    warnings = segmenter.plan(terms)[0].warnings
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     started = time.perf_counter()
     prepared = segmenter.prepare(volume, modality)
-    results = segmenter.segment(volume, terms, modality, progress=not args.quiet, prepared=prepared)
-    options = OutputOptions(
-        merged_labelmap=args.ml, statistics=args.statistics, preview=args.preview, modality=modality, warnings=warnings
-    )
     record = {
         "tool": "sat-segment",
         "terms": terms,
@@ -152,7 +148,21 @@ def segment(args: argparse.Namespace) -> int:
         WARNINGS_KEY: list(warnings),
     }
     with run_folder(args.output, record) as work:
-        written = write_segmentation(volume, terms, results, work, options)
+        # Masks are written as they are cut and none is kept; the label map is kept where a file needs it.
+        written: list[Path] = []
+        result = segmenter.segment(
+            volume,
+            terms,
+            modality,
+            outputs=Outputs(masks=False, labelmap=args.ml or args.preview),
+            on_mask=None if args.ml else mask_writer(volume, work, written),
+            progress=not args.quiet,
+            prepared=prepared,
+        )
+        files = OutputOptions(
+            masks=False, merged_labelmap=args.ml, statistics=args.statistics, preview=args.preview, modality=modality
+        )
+        written += write_result(volume, result, work, files)
     print(
         f"segmented {len(terms)} structure(s) of a {'x'.join(map(str, volume.shape))} {modality} volume "
         f"in {time.perf_counter() - started:.1f} s on {device}; wrote {len(written) + 1} file(s) to {args.output}"

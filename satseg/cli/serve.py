@@ -11,13 +11,19 @@ from pathlib import Path
 from types import FrameType
 
 from satseg.cli.common import cli_parser, run_cli
-from satseg.errors import one_line
-from satseg.serving import server as server_module
-from satseg.serving.server import (
+from satseg.contract import (
     ADMIN_HEADER,
+    ADMIN_KEY_VARIABLE,
+    DEFAULT_GRPC_PORT,
+    DEFAULT_HTTP_PORT,
+    DEFAULT_METRICS_PORT,
+    ENTRY_MODEL,
+)
+from satseg.errors import one_line
+from satseg.server import triton as server_module
+from satseg.server.triton import (
     CPU_CONFIG,
     DEFAULT_REPOSITORY,
-    ENTRY_MODEL,
     FAILED_STOP_TIMEOUT_S,
     READY_TIMEOUT_S,
     ServerFailure,
@@ -25,11 +31,10 @@ from satseg.serving.server import (
     TritonServer,
     free_ports,
 )
-from satseg.serving.watchdog import PROBE_TIMEOUT_S, probe
+from satseg.server.watchdog import PROBE_TIMEOUT_S, probe
 
 PROG = "sat-serve"
-ADMIN_KEY_VARIABLE = "SAT_ADMIN_KEY"
-DEFAULT_PORTS = ServerPorts(http=8000, grpc=8001, metrics=8002)
+DEFAULT_PORTS = ServerPorts(http=DEFAULT_HTTP_PORT, grpc=DEFAULT_GRPC_PORT, metrics=DEFAULT_METRICS_PORT)
 DEFAULT_CHECK_URL = f"http://127.0.0.1:{DEFAULT_PORTS.http}"
 FAILED = 3
 """Exit status when a python-backend process died while serving (1: the server failed to start or exited)."""

@@ -19,14 +19,14 @@ from nibabel.openers import ImageOpener
 from nibabel.spatialimages import HeaderDataError
 from pydicom.errors import InvalidDicomError
 
+from satseg.contract import DEFAULT_MAX_VOXELS
 from satseg.errors import SatInputError, one_line
 from satseg.geometry.volume import Volume
 
 ACCEPTED_INPUT = "a .nii / .nii.gz file or a folder holding one DICOM series"
 MIN_SPACING_MM = 0.01
 MAX_SPACING_MM = 100.0
-DEFAULT_MAX_VOXELS = 512 * 512 * 1000
-"""The largest image every entry point accepts (CLI, client, server): a 512x512 CT of 1,000 slices."""
+
 MAX_DEFLATE_RATIO = 1032
 """Deflate cannot expand data by more than about 1032:1, so a .gz declaring more than this lies about its size."""
 MAX_IMAGE_EXPANSION = 100

@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from satseg.contract import MAX_PROMPT_CHARS
 from satseg.errors import SatInputError, one_line, quoted
 from satseg.geometry.volume import MODALITIES, check_modality
 
@@ -29,8 +30,6 @@ _SIDES = ("left", "right")
 _EDGE_PUNCTUATION = re.compile(r"^[\W_]+|[\W_]+$")
 _MAX_SUGGESTIONS = 5
 _NO_PROMPTS = 'no prompts given; pass one or more anatomy terms, e.g. --prompts "liver,spleen"'
-MAX_PROMPT_CHARS = 256
-"""The longest prompt accepted: anatomy terms are short, and a refusal must stay a short one-line message."""
 
 
 def normalize_prompt(text: str) -> str:
@@ -75,7 +74,7 @@ def check_prompts(items: Sequence[str], max_prompts: int | None = None) -> list[
         if len(prompt) > MAX_PROMPT_CHARS:
             raise SatInputError(
                 f"prompt {position} ({quoted(prompt)}) is longer than {MAX_PROMPT_CHARS} characters; "
-                "pass an anatomy term such as \"left kidney\""
+                'pass an anatomy term such as "left kidney"'
             )
     if max_prompts is not None and len(prompts) > max_prompts:
         raise SatInputError(f"{len(prompts)} prompts were sent; at most {max_prompts} per request")

@@ -1,5 +1,5 @@
-"""The prompt encoder of the sat ensemble: see satseg/serving/prompt_encoder.py."""
+"""The prompt encoder of the sat ensemble: see satseg/triton_models/prompt_encoder.py."""
 
-from satseg.serving.prompt_encoder import PromptEncoderModel as TritonPythonModel
+from satseg.triton_models.prompt_encoder import PromptEncoderModel as TritonPythonModel
 
 __all__ = ["TritonPythonModel"]

@@ -1,5 +1,5 @@
-"""The segmenter of the sat ensemble (validation, geometry, sliding windows): see satseg/serving/segmenter.py."""
+"""The segmenter of the sat ensemble (validation, geometry, sliding windows): see satseg/triton_models/segmenter.py."""
 
-from satseg.serving.segmenter import SegmenterModel as TritonPythonModel
+from satseg.triton_models.segmenter import SegmenterModel as TritonPythonModel
 
 __all__ = ["TritonPythonModel"]

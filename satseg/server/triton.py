@@ -6,9 +6,9 @@ interpreter's own ``libpython`` first on ``LD_LIBRARY_PATH`` (else the stub load
 breaks), and this environment's ``bin`` first on ``PATH`` (the stub finds its packages through
 ``python3``, not ``PYTHONPATH``). :class:`TritonServer` does all of that.
 
-Two guards Triton 2.51 lacks run beside it: the HTTP front (:mod:`satseg.serving.front`) owns the public
+Two guards Triton 2.51 lacks run beside it: the HTTP front (:mod:`satseg.server.front`) owns the public
 HTTP port, refusing JSON requests that would make the server allocate by a lying shape, and the stub
-watchdog (:mod:`satseg.serving.watchdog`) notices a python-backend process that died, which the server
+watchdog (:mod:`satseg.server.watchdog`) notices a python-backend process that died, which the server
 itself never reports. Stopping removes the shared-memory regions a killed server leaves in ``/dev/shm``.
 """
 
@@ -34,23 +34,20 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from satseg.contract import ADMIN_HEADER, ENTRY_MODEL
 from satseg.errors import SatInputError
-from satseg.serving.watchdog import SHM, Stub, StubWatchdog, is_alive, python_stubs, shm_regions, unlink_regions
+from satseg.server.watchdog import SHM, Stub, StubWatchdog, is_alive, python_stubs, shm_regions, unlink_regions
 
 if TYPE_CHECKING:
-    from satseg.serving.front import HttpFront
+    from satseg.server.front import HttpFront
 
 LOG = logging.getLogger(__name__)
 
-ENTRY_MODEL = "sat"
 DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "triton_repo"
 """The versioned repository of this checkout (``sat-export`` fills its built artefacts)."""
 CPU_CONFIG = "cpu"
 RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
 """Endpoints that need the admin header (BRIEF conventions): clients only infer and read health/metadata."""
-ADMIN_HEADER = "sat-admin-key"
-GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
-"""gRPC clients send the key under this name: Triton prefixes restricted-protocol headers on gRPC."""
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 """Graceful stop: requests in flight may finish for this long."""
@@ -247,7 +244,7 @@ class TritonServer:
                 or was not ready in ``timeout_s``; the message ends with the log's last lines.
         """
         try:
-            from satseg.serving.front import HttpFront  # aiohttp: only where a server runs
+            from satseg.server.front import HttpFront  # aiohttp: only where a server runs
         except ImportError:
             raise SatInputError(NO_TRITON) from None
         listening = bind_listener(self.host, self.ports.http)  # first: a busy port fails before any loading

@@ -1,25 +1,58 @@
-"""What the served ``sat`` ensemble accepts and returns, and the checks every request goes through.
+"""The wire contract of the served ``sat`` ensemble: model and tensor names, request options, limits, error kinds.
 
-Pure functions on numpy arrays, so the Triton models stay thin and everything here is tested without a
-server. Every refusal is a :class:`SatInputError` whose one-line message says what was wrong and what is
-accepted; the models answer it as ``INVALID_ARG`` for that request alone.
+It imports numpy only, so a client installs it without the engine (``satseg[client]``). The checks every
+request goes through on the server live with the models (:mod:`satseg.triton_models.requests`); each refusal
+is a :class:`SatInputError` whose one-line message says what was wrong and what is accepted, answered as
+``INVALID_ARG`` for that request alone.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from satseg.errors import SatInputError
-from satseg.geometry import Volume, validate_volume
-from satseg.geometry.io import DEFAULT_MAX_VOXELS, check_intensities
-from satseg.geometry.volume import check_modality
-from satseg.text.vocabulary import check_prompts
+
+# The models of the repository: clients call ENTRY_MODEL; the others are its steps and their runtimes.
+ENTRY_MODEL = "sat"
+PROMPT_ENCODER_MODEL = "prompt_encoder"
+"""The ensemble's first step (prompts in, queries and ``MODEL`` out): asked alone for the model's hash."""
+SEGMENTER_MODEL = "segmenter"
+VISION_MODEL = "vision"
+TEXT_ENCODER_MODEL = "text_encoder"
+MODELS = (ENTRY_MODEL, PROMPT_ENCODER_MODEL, SEGMENTER_MODEL, VISION_MODEL, TEXT_ENCODER_MODEL)
+
+# Endpoints.
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_GRPC_PORT = 8001
+DEFAULT_METRICS_PORT = 8002
+ADMIN_HEADER = "sat-admin-key"
+"""The header that opens the restricted endpoints (shared memory, statistics, repository control)."""
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
+"""gRPC clients send the key under this name: Triton prefixes restricted-protocol headers on gRPC."""
+ADMIN_KEY_VARIABLE = "SAT_ADMIN_KEY"
+"""The environment variable that holds the admin key, for the server and its clients."""
+
+# Error kinds, as Triton's statuses name them.
+REFUSED_STATUSES = ("INVALID_ARG", "400")
+"""A request the server refused: the same request would be refused again, so never retried."""
+OVER_LIMIT_STATUSES = ("RESOURCE_EXHAUSTED", "413")
+"""A message over a size limit (gRPC's message or metadata caps, a proxy's body cap): not an outage, never
+retried."""
+UNAVAILABLE_FAILURES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "503", "timed out", "Connection refused", "reset by peer")
+"""Failures worth a retry: the server is starting, restarting or overloaded."""
+
+# Limits.
+DEFAULT_MAX_VOXELS = 512 * 512 * 1000
+"""The largest volume accepted anywhere (files, clients, server): a whole-body CT at 512x512x1000."""
+DEFAULT_MAX_PROMPTS = 64
+MAX_PROMPT_CHARS = 256
+"""The longest prompt accepted: longer than any anatomical term, short of a pasted report."""
 
 # Tensor names of the ensemble (clients/ and loadtest/ use these too).
 IMAGE = "IMAGE"
@@ -33,8 +66,12 @@ LABELS = "LABELS"
 VOLUMES_ML = "VOLUMES_ML"
 MODEL = "MODEL"
 """sha256 of the repository's ``sat/metadata.json``: which export (weights, graphs, vocabulary) answered."""
+SPEC = "SPEC"
+"""``[1]`` BYTES from ``prompt_encoder``: the served model spec (:class:`~satseg.spec.ModelSpec` as JSON)."""
 WARNINGS = "WARNINGS"
 """``[W]`` BYTES, one line each: what the answer should be read with (prompts outside the trained terms)."""
+STATISTICS = "STATISTICS"
+"""``[N]`` BYTES, one JSON object per term: its :func:`~satseg.outputs.statistics.mask_statistics`."""
 MODEL_GRID = "MODEL_GRID"
 """``[3]`` int32: the model grid the windows slid on (the spec's spacing and crop applied to this volume)."""
 # Between the ensemble's steps.
@@ -47,7 +84,6 @@ OUTPUT_MASKS = "masks"
 OUTPUT_LABELMAP = "labelmap"
 OUTPUT_BOTH = "both"
 OUTPUT_CHOICES = (OUTPUT_MASKS, OUTPUT_LABELMAP, OUTPUT_BOTH)
-DEFAULT_MAX_PROMPTS = 64
 
 
 @dataclass(frozen=True)
@@ -135,45 +171,6 @@ def decode_strings(array: np.ndarray, name: str) -> list[str]:
         raise SatInputError(f"{name} holds bytes that are not UTF-8 text") from None
 
 
-def request_modality(array: np.ndarray) -> str:
-    """The one modality name of a ``MODALITY`` tensor."""
-    values = decode_strings(array, MODALITY)
-    if len(values) != 1:
-        raise SatInputError(f"{MODALITY} must hold exactly one name, got {len(values)}")
-    return check_modality(values[0])
-
-
-def request_prompts(array: np.ndarray, limits: ServingLimits) -> list[str]:
-    """The prompts of a ``PROMPTS`` tensor, by the rule every entry point applies (:func:`check_prompts`)."""
-    return check_prompts(decode_strings(array, PROMPTS), limits.max_prompts)
-
-
-def pick_image(image: np.ndarray | None, image_int16: np.ndarray | None) -> np.ndarray:
-    """The one image of a request: ``IMAGE`` (FP32) or ``IMAGE_INT16`` (CT in HU), never both or neither."""
-    if (image is None) == (image_int16 is None):
-        raise SatInputError(f"send exactly one of {IMAGE} (FP32) and {IMAGE_INT16} (INT16, e.g. CT in HU)")
-    return image if image is not None else image_int16  # type: ignore[return-value]
-
-
-def request_volume(image: np.ndarray, affine: np.ndarray, modality: str, limits: ServingLimits) -> Volume:
-    """Validate one request's image and affine (shape, finite values, voxel cap, spacing, invertibility, HU).
-
-    Args:
-        image: ``[I, J, K]`` int16 or float32, in the stored voxel order.
-        affine: ``[4, 4]`` float64 voxel -> RAS+ mm.
-        modality: canonical modality name.
-        limits: the voxel cap.
-    """
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4):
-        raise SatInputError(f"{AFFINE} must be [4, 4], got {list(affine.shape)}")
-    if image.ndim != 3:
-        raise SatInputError(f"{IMAGE} must be 3D [I, J, K], got shape {list(image.shape)}")
-    volume = validate_volume(Volume(image, affine, modality), max_voxels=limits.max_voxels)
-    check_intensities(volume.array, modality)
-    return volume
-
-
 def prompt_index(counts: Sequence[int]) -> np.ndarray:
     """``[M]`` int32: the prompt each query row belongs to, for ``counts[i]`` rows of prompt ``i``."""
     return np.repeat(np.arange(len(counts), dtype=np.int32), counts)
@@ -185,3 +182,8 @@ def component_counts(index: np.ndarray) -> list[int]:
     if index.size == 0 or index[0] != 0 or np.any(np.diff(index) < 0) or np.any(np.diff(index) > 1):
         raise SatInputError(f"{PROMPT_INDEX} must run 0, 0, 1, 2, 2, ... with every prompt present")
     return np.bincount(index).tolist()
+
+
+def strings(items: Iterable[str]) -> np.ndarray:
+    """A BYTES tensor ``[N]`` of UTF-8 ``items``."""
+    return np.array([item.encode("utf-8") for item in items], dtype=np.object_)

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from satseg.contract import ENTRY_MODEL
+
 PROC = Path("/proc")
 SHM = Path("/dev/shm")
 STUB_EXECUTABLE = "triton_python_backend_stub"
@@ -204,7 +206,7 @@ def probe_request() -> bytes:
     return json.dumps({"inputs": inputs, "outputs": outputs}).encode()
 
 
-def probe(url: str, model: str = "sat", timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+def probe(url: str, model: str = ENTRY_MODEL, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     """One tiny real inference against ``url`` (``http://host:port``); ``None`` if it answered, else why not.
 
     Readiness endpoints keep answering 200 after a stub died; only a request that reaches the stubs fails.

@@ -3,7 +3,7 @@
 Known terms are looked up in the table ``sat-export`` precomputed (every vocabulary term for every
 modality), so they never run the text encoder; free text, where the config allows it, goes to the
 ``text_encoder`` model by BLS. A parent prompt ("kidney") becomes the trained children whose union it is,
-exactly as the in-process :class:`satseg.pipeline.Segmenter` does, so ``PROMPT_INDEX`` says which query rows
+by the engine's plan (:func:`satseg.engine.plan_prompts`) as in process, so ``PROMPT_INDEX`` says which query rows
 belong to which prompt.
 """
 
@@ -18,10 +18,14 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from satseg import contract
+from satseg.engine.plan import plan_prompts
 from satseg.errors import SatInputError
 from satseg.geometry.volume import MODALITIES
-from satseg.serving import contract
-from satseg.serving.triton_tensors import (
+from satseg.spec import ModelSpec
+from satseg.text import PromptTokenizer, Vocabulary
+from satseg.triton_models import requests
+from satseg.triton_models.tensors import (
     backend,
     error_response,
     model_parameters,
@@ -30,12 +34,10 @@ from satseg.serving.triton_tensors import (
     to_torch,
     to_triton,
 )
-from satseg.spec import ModelSpec
-from satseg.text import PromptTokenizer, Vocabulary, untrained_warning
 
 EMBEDDINGS_FILE = "embeddings.safetensors"
 TOKENIZER_FOLDER = "tokenizer"
-TEXT_ENCODER_MODEL = "text_encoder"
+
 MISSING_PROMPTS = (
     f"input {contract.PROMPTS} is missing; send the anatomical terms to segment as a BYTES tensor [N] "
     '(e.g. ["liver", "spleen"])'
@@ -50,7 +52,7 @@ def read_contract(model_folder: Path) -> dict[str, Any]:
 
 def contract_bytes(model_folder: Path) -> bytes:
     """The bytes of ``sat/metadata.json`` (what the ``MODEL`` hash covers)."""
-    path = model_folder.parent / "sat" / "metadata.json"
+    path = model_folder.parent / contract.ENTRY_MODEL / "metadata.json"
     try:
         return path.read_bytes()
     except OSError as error:
@@ -85,8 +87,7 @@ class PromptEncoderModel:
         # Clients record this with every result: it names the exact export (weights, graphs, vocabulary).
         self.model_id = np.array([hashlib.sha256(metadata).hexdigest().encode()], dtype=np.object_)
         self.spec = ModelSpec.from_json(json.loads(metadata)["spec"])
-        trained = self.spec.trained_terms
-        self.trained_terms = frozenset(trained) if trained is not None else None
+        self.spec_json = contract.strings([json.dumps(self.spec.to_json())])
         self.tokenizer_folder = version / TOKENIZER_FOLDER
         self._tokenizer: PromptTokenizer | None = None
 
@@ -101,32 +102,25 @@ class PromptEncoderModel:
         return responses
 
     async def _answer(self, request: Any) -> Any:
-        modality = contract.request_modality(required_input(request, contract.MODALITY))
+        modality = requests.request_modality(required_input(request, contract.MODALITY))
         prompts_array = optional_input(request, contract.PROMPTS)
         if prompts_array is None:
             raise SatInputError(MISSING_PROMPTS)
-        prompts = contract.request_prompts(prompts_array, self.limits)
+        prompts = requests.request_prompts(prompts_array, self.limits)
         terms = self.vocabulary.resolve_all(prompts, allow_free_text=self.limits.allow_free_text)
-        plan = [self.vocabulary.expand(term, self.trained_terms) for term in terms]
-        components = [component for parts in plan for component in parts]
-        queries = await self._queries(components, modality)
-        single = np.array(self.spec.single_component(components), dtype=bool)
-        pb_utils = backend()
-        return pb_utils.InferenceResponse(
+        plan, rows = plan_prompts(terms, self.vocabulary, self.spec)
+        queries = await self._queries(rows, modality)
+        return backend().InferenceResponse(
             output_tensors=[
                 to_triton(contract.QUERIES, queries),
-                to_triton(contract.PROMPT_INDEX, contract.prompt_index([len(parts) for parts in plan])),
-                to_triton(contract.SINGLE_COMPONENT, single),
-                pb_utils.Tensor(contract.LABELS, np.array([term.encode() for term in terms], dtype=np.object_)),
-                pb_utils.Tensor(contract.MODEL, self.model_id),
-                pb_utils.Tensor(contract.WARNINGS, np.array(self._warnings(terms), dtype=np.object_)),
+                to_triton(contract.PROMPT_INDEX, contract.prompt_index(plan.counts)),
+                to_triton(contract.SINGLE_COMPONENT, np.array(plan.single_component, dtype=bool)),
+                to_triton(contract.LABELS, contract.strings(plan.terms)),
+                to_triton(contract.MODEL, self.model_id),
+                to_triton(contract.SPEC, self.spec_json),
+                to_triton(contract.WARNINGS, contract.strings(plan.warnings)),
             ]
         )
-
-    def _warnings(self, terms: list[str]) -> list[bytes]:
-        """The untrained-term warning (the words every entry point uses), or none."""
-        unknown = self.vocabulary.untrained(terms, self.trained_terms)
-        return [untrained_warning(unknown).encode()] if unknown else []
 
     async def _queries(self, components: list[str], modality: str) -> torch.Tensor:
         """``[M, d]`` float32: table rows for known terms, the text encoder for the rest."""
@@ -148,7 +142,7 @@ class PromptEncoderModel:
         modality_ids = torch.full((len(texts),), MODALITIES.index(modality), dtype=torch.int64)
         pb_utils = backend()
         request = pb_utils.InferenceRequest(
-            model_name=TEXT_ENCODER_MODEL,
+            model_name=contract.TEXT_ENCODER_MODEL,
             requested_output_names=["queries"],
             inputs=[
                 to_triton("input_ids", tokens["input_ids"]),
