@@ -22,7 +22,11 @@ MARKERS = {
 }
 """The slow kinds of test; `pytest -m "not server and not export and not distributed"` runs the fast unit tests."""
 MARKED_BY_FIXTURE = {"triton_server": "server", "exported": "export"}
-MARKED_BY_MODULE = {"test_server_hardening": "server", "test_train_distributed": "distributed"}
+MARKED_BY_MODULE = {
+    "test_server_hardening": "server",
+    "test_light_client": "server",
+    "test_train_distributed": "distributed",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -62,7 +66,7 @@ def triton_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixt
     demo model; one for the whole session. Its log is printed when a test failed while it ran."""
     pytest.importorskip("pytriton", reason="the serving tests need the serve extra (nvidia-pytriton)")
     from export.build_repo import ExportSettings, build_repository
-    from satseg.serving.server import TritonServer
+    from satseg.server.triton import TritonServer
 
     repository = tmp_path_factory.mktemp("served") / "triton_repo"
     build_repository(ExportSettings(checkpoint=DEMO_CHECKPOINT, repository=repository))

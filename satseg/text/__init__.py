@@ -1,8 +1,10 @@
-"""Text prompts: the anatomy vocabulary, the text encoder's files, tokenisation and embedding cache."""
+"""Text prompts: the anatomy vocabulary, the text encoder's files, tokenisation and embedding cache.
 
-from satseg.text.cache import CacheStats, EmbeddingCache, tensor_sha256
+The vocabulary is plain Python; the tokenizer and the cache (torch, transformers) are imported when first used.
+"""
+
+from satseg.lazy import lazy_exports
 from satseg.text.encoder_source import DEFAULT_TEXT_ENCODER, resolve_text_encoder
-from satseg.text.tokenize import PromptTokenizer
 from satseg.text.vocabulary import (
     Term,
     Vocabulary,
@@ -10,6 +12,11 @@ from satseg.text.vocabulary import (
     normalize_prompt,
     parse_prompt_list,
     untrained_warning,
+)
+
+__getattr__ = lazy_exports(
+    __name__,
+    {"CacheStats": "cache", "EmbeddingCache": "cache", "tensor_sha256": "cache", "PromptTokenizer": "tokenize"},
 )
 
 __all__ = [
