@@ -36,8 +36,9 @@ def phantom_window(patch_size: tuple[int, int, int]) -> torch.Tensor:
     return volume_patches(volume, "ct", ModelSpec(DEFAULT_PREPROCESS, WindowSpec(patch_size), PostprocessSpec(), ""), 1)
 
 
-def timed(run: object, device: torch.device, repeats: int) -> tuple[np.ndarray, float, float]:
-    """``run()``'s logits as numpy, its median seconds, and its peak memory in GB (CUDA only, else 0)."""
+def timed(run: object, device: torch.device, repeats: int, warmups: int = 2) -> tuple[np.ndarray, float, float]:
+    """``run()``'s logits as numpy, its median seconds over ``repeats`` (>= 1) calls after ``warmups``, and its
+    peak memory in GB (CUDA only, else 0)."""
 
     def synchronised() -> torch.Tensor:
         result = run()  # type: ignore[operator]
@@ -47,12 +48,12 @@ def timed(run: object, device: torch.device, repeats: int) -> tuple[np.ndarray, 
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(2):
-        logits = synchronised()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+    for _ in range(warmups):
         synchronised()
+    times = []
+    for _ in range(max(1, repeats)):
+        started = time.perf_counter()
+        logits = synchronised()
         times.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
     return logits.cpu().numpy(), statistics.median(times), peak
@@ -63,6 +64,7 @@ def main() -> int:
     parser.add_argument("--size", default="nano", help="model size (default nano)")
     parser.add_argument("--prompts", type=int, default=8, help="queries per window (default 8)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per precision (default 10)")
+    parser.add_argument("--warmups", type=int, default=2, help="untimed calls first (default 2)")
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu to check the script")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -76,12 +78,12 @@ def main() -> int:
     queries = torch.randn(1, args.prompts, config.d_model, generator=generator).to(device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()} (CPU)"
     print(f"{args.size} vision, window {'x'.join(map(str, config.patch_size))}, {args.prompts} prompts, on {where}")
-    print(f"torch {torch.__version__}, median of {args.repeats} calls after 2 warm-up")
+    print(f"torch {torch.__version__}, median of {args.repeats} calls after {args.warmups} warm-up")
     results = {}
     with torch.inference_mode():
         for precision in ("fp32", "fp16"):
             results[precision] = timed(
-                lambda p=precision: vision_logits(vision, window, queries, p), device, args.repeats
+                lambda p=precision: vision_logits(vision, window, queries, p), device, args.repeats, args.warmups
             )
     (fp32, fp32_s, fp32_gb), (fp16, fp16_s, fp16_gb) = results["fp32"], results["fp16"]
     worst, p99 = absolute_errors(fp32, fp16)

@@ -10,6 +10,8 @@
 #   scripts/gpu_check.sh                  # on the GPU host, from the repository root: installs .whl/ (if any)
 #                                         # into a temporary folder and runs the checks; a copy of the output
 #                                         # goes to $OUT/gpu_check.txt when $OUT is set
+#   scripts/gpu_check.sh --dry-run        # the same run on this CPU with the tiny model (the test suite runs
+#                                         # it), so no GPU minute is spent finding a broken script
 # The GPU host needs python3 with CUDA PyTorch, numpy, scipy, safetensors and transformers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,10 +28,15 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
     export PYTHONPATH="$site"
 fi
+CHECK_ARGS=(--size nano --prompts 8 --repeats 10)
+if [ "${1:-}" = "--dry-run" ]; then
+    CHECK_ARGS=(--device cpu --size tiny --prompts 2 --repeats 1 --warmups 0)
+fi
+PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 report=${OUT:-$(mktemp -d)}/gpu_check.txt
 mkdir -p "$(dirname "$report")"
 {
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-    timeout 420 python3 benchmarks/gpu_fp16.py --size nano --prompts 8 --repeats 10
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+    timeout 420 "$PYTHON" benchmarks/gpu_fp16.py "${CHECK_ARGS[@]}"
 } 2>&1 | tee "$report"

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,9 +14,9 @@ import torch
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from satseg.engine import WindowRun, keep_largest_component, probabilities_on_input_grid
 from satseg.geometry import PreprocessConfig, Volume, prepare
-from satseg.outputs import keep_largest_component
-from satseg.pipeline import InferenceOptions, Segmenter, probabilities_on_input_grid
+from satseg.pipeline import InferenceOptions, Segmenter
 from satseg.spec import WindowSpec
 from training.data.phantom import world_coordinates
 
@@ -65,7 +69,7 @@ def test_oracle_sphere_comes_back_at_its_world_position(flip: bool) -> None:
 
     queries = torch.zeros(2, 8)
     prepared = prepare(volume, "ct", PreprocessConfig())
-    results = dict(probabilities_on_input_grid(prepared, queries, oracle, TINY_WINDOW, InferenceOptions(), CPU))
+    results = dict(probabilities_on_input_grid(prepared, queries, oracle, TINY_WINDOW, WindowRun()))
     assert sorted(results) == [0, 1]
     mask = (results[0] > 0.5).numpy()
     assert mask.shape == volume.shape
@@ -85,7 +89,7 @@ def test_a_shifted_oracle_fails_the_same_check() -> None:
 
     prepared = prepare(volume, "ct", PreprocessConfig())
     ((_, probabilities),) = probabilities_on_input_grid(
-        prepared, torch.zeros(1, 8), shifted_oracle, TINY_WINDOW, InferenceOptions(), CPU
+        prepared, torch.zeros(1, 8), shifted_oracle, TINY_WINDOW, WindowRun()
     )
     assert dice((probabilities > 0.5).numpy(), painted) < 0.95
 
@@ -100,7 +104,7 @@ def test_segmenter_streams_prompts_on_the_input_grid(segmenter: Segmenter) -> No
     volume, _, _ = sphere_volume(True)
     terms = segmenter.resolve_prompts(["Liver", "kidney_left", "spleen"])
     assert terms == ["liver", "left kidney", "spleen"]
-    results = list(segmenter.segment(volume, terms, "ct"))
+    results = list(segmenter.probabilities(volume, terms, "ct"))
     assert [(result.index, result.term) for result in results] == [(0, "liver"), (1, "left kidney"), (2, "spleen")]
     for result in results:
         assert result.probabilities.shape == volume.shape
@@ -112,9 +116,9 @@ def test_prompt_passes_do_not_change_results(segmenter: Segmenter, tiny_checkpoi
     """Three prompts in passes of two give what one pass of three gives."""
     volume, _, _ = sphere_volume(False)
     terms = ["liver", "left kidney", "spleen"]
-    in_passes = [result.probabilities for result in segmenter.segment(volume, terms, "ct")]
+    in_passes = [result.probabilities for result in segmenter.probabilities(volume, terms, "ct")]
     one_pass = Segmenter(segmenter.model, options=InferenceOptions(prompts_per_pass=3))
-    together = [result.probabilities for result in one_pass.segment(volume, terms, "ct")]
+    together = [result.probabilities for result in one_pass.probabilities(volume, terms, "ct")]
     for a, b in zip(in_passes, together, strict=True):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=0)
 
@@ -137,9 +141,8 @@ def test_a_parent_prompt_is_the_union_of_its_trained_children(segmenter: Segment
     )
     assert trained.components("kidney") == ["left kidney", "right kidney"]
     assert segmenter.components("kidney") == ["kidney"], "unknown training terms: the parent is asked as is"
-    parent, left, right = (
-        result.probabilities for result in trained.segment(volume, ["kidney", *trained.components("kidney")], "ct")
-    )
+    terms = ["kidney", *trained.components("kidney")]
+    parent, left, right = (result.probabilities for result in trained.probabilities(volume, terms, "ct"))
     torch.testing.assert_close(parent, torch.maximum(left, right))
 
 
@@ -151,12 +154,21 @@ def test_single_body_structures_keep_their_largest_piece(segmenter: Segmenter) -
     options = InferenceOptions(threshold=0.5)
     cleaned = Segmenter(segmenter.model, options=options)
     raw = Segmenter(segmenter.model, options=dataclasses.replace(options, keep_largest_component=False))
-    raw_liver, raw_kidney = (result.probabilities for result in raw.segment(volume, ["liver", "kidney"], "ct"))
-    liver, kidney = (result.probabilities for result in cleaned.segment(volume, ["liver", "kidney"], "ct"))
+    raw_liver, raw_kidney = (result.probabilities for result in raw.probabilities(volume, ["liver", "kidney"], "ct"))
+    liver, kidney = (result.probabilities for result in cleaned.probabilities(volume, ["liver", "kidney"], "ct"))
     pieces = ndimage.label((raw_liver > 0.5).numpy(), structure=np.ones((3, 3, 3)))[1]
     assert pieces > 1, "the random model's raw liver mask must have pieces to remove for this test to mean anything"
     torch.testing.assert_close(liver, keep_largest_component(raw_liver.clone(), 0.5), atol=0, rtol=0)
     assert ndimage.label((liver > 0.5).numpy(), structure=np.ones((3, 3, 3)))[1] == 1
     torch.testing.assert_close(kidney, raw_kidney, atol=0, rtol=0)
     lower = Segmenter(segmenter.model, options=dataclasses.replace(options, threshold=0.3))
-    assert [result.threshold for result in lower.segment(volume, ["liver", "kidney"], "ct")] == [0.3, 0.3]
+    assert [result.threshold for result in lower.probabilities(volume, ["liver", "kidney"], "ct")] == [0.3, 0.3]
+
+
+def test_the_gpu_check_script_runs_on_the_cpu(tmp_path: Path) -> None:
+    """``scripts/gpu_check.sh --dry-run``: the GPU run's script, imports and report, on the tiny model here."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    environment = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    done = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, env=environment)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Traceback" not in (tmp_path / "gpu_check.txt").read_text()
