@@ -19,6 +19,7 @@ from satseg.geometry import PreparedVolume, prepare
 from satseg.geometry.volume import MODALITIES, Volume, check_modality
 from satseg.model import SAT
 from satseg.outputs.result import SegmentationResult
+from satseg.runtimes import GraphSession, check_runtime
 from satseg.spec import ModelSpec, default_spec
 from satseg.text import (
     EmbeddingCache,
@@ -37,12 +38,15 @@ class InferenceOptions:
     ``--overlap``, ``--threshold`` and ``--orientation``, for a sagittal scan): the spec decides all it states.
     ``prompts_per_pass`` bounds memory: each pass holds ``prompts_per_pass`` fp16 probability maps
     of the model grid (2 bytes per voxel each); more prompts take more passes over the windows.
-    ``precision`` is the vision model's arithmetic: ``fp32``, or ``fp16`` (CUDA autocast; logits come back
-    float32). ``keep_largest_component``: a structure the spec lists as one connected body keeps only
-    the largest connected piece of its ``> threshold`` mask (its other pieces get probability 0).
+    ``runtime`` runs the vision model: ``torch`` (the checkpoint), or ``onnxruntime`` or ``openvino`` on its
+    exported graph (CPU; :mod:`satseg.runtimes`). ``precision`` is its arithmetic: ``fp32``; ``fp16`` (torch on
+    CUDA, autocast); ``bf16`` (openvino on a CPU with native BF16). Logits come back float32.
+    ``keep_largest_component``: a structure the spec lists as one connected body keeps only the largest
+    connected piece of its ``> threshold`` mask (its other pieces get probability 0).
     """
 
     overlap: float | None = None
+    runtime: str = "torch"
     precision: str = "fp32"
     threshold: float | None = None
     keep_largest_component: bool = True
@@ -77,15 +81,25 @@ class PromptProbabilities:
     threshold: float
 
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
-def check_precision(precision: str, device: torch.device) -> None:
-    """Refuse a precision ``device`` cannot run: fp16 only on CUDA (CPU convolutions have no fast fp16 kernels)."""
+def check_precision(precision: str, device: torch.device, runtime: str = "torch") -> None:
+    """Refuse what ``runtime`` cannot run on ``device``: fp16 only for torch on CUDA (CPU convolutions have no
+    fast fp16 kernels), bf16 only for openvino on a CPU with native BF16, graph runtimes only on the CPU."""
     if precision not in PRECISIONS:
         raise SatInputError(f"unknown precision {precision!r}; accepted: {', '.join(PRECISIONS)}")
+    if runtime != "torch":
+        if device.type != "cpu":
+            raise SatInputError(f"runtime {runtime} runs on the CPU, not {device}; on a GPU use torch")
+        if precision == "fp16":
+            raise SatInputError(f"precision fp16 is for torch on CUDA; {runtime} runs fp32 (openvino also bf16)")
+        check_runtime(runtime, precision)
+        return
     if precision == "fp16" and device.type != "cuda":
         raise SatInputError(f"precision fp16 needs a CUDA device, not {device}; the CPU runs fp32")
+    if precision == "bf16":
+        raise SatInputError("precision bf16 is for --runtime openvino; torch runs fp32 (fp16 on CUDA)")
 
 
 def vision_logits(
@@ -127,6 +141,7 @@ class Segmenter:
         cache_dir: Path | None = None,
         options: InferenceOptions | None = None,
         metadata: CheckpointMetadata | None = None,
+        graph: Path | None = None,
     ) -> None:
         self.metadata = metadata
         self.device = torch.device(device)
@@ -140,7 +155,9 @@ class Segmenter:
         )
         self.spec = self.options.applied_to(stated)
         """What this segmenter runs: the checkpoint's spec with the caller's overrides."""
-        check_precision(self.options.precision, self.device)
+        check_precision(self.options.precision, self.device, self.options.runtime)
+        self.graph = None if self.options.runtime == "torch" else self._open_graph(graph)
+        """The vision graph's session when a graph runtime runs the windows (``graph``: its ONNX file)."""
         self.tokenizer = PromptTokenizer(resolve_text_encoder(model.config.text_encoder))
         # The cached value is the final query, so the key covers the whole text tower.
         self.embeddings = EmbeddingCache(tensor_sha256(model.text.state_dict()), cache_dir=cache_dir)
@@ -170,9 +187,18 @@ class Segmenter:
         """Queries ``[N, d_model]`` float32 for resolved ``terms`` (the encoder runs only for new ones)."""
         return self.embeddings.get_or_compute(terms, modality, self._encode_uncached)
 
+    def _open_graph(self, graph: Path | None) -> GraphSession:
+        if graph is None:
+            raise SatInputError(f"runtime {self.options.runtime} needs the vision graph (model.onnx); pass it")
+        threads = torch.get_num_threads()  # the same cores torch would use
+        return GraphSession(graph, self.options.runtime, self.options.precision, threads=threads)
+
     @torch.inference_mode()
     def predict_logits(self, patches: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """``patches [B, 1, H, W, D]``, ``queries [B, N, d]`` -> ``logits [B, N, H, W, D]`` (the Predictor)."""
+        if self.graph is not None:
+            feeds = {"image": patches.cpu().numpy(), "queries": queries.cpu().numpy()}
+            return torch.from_numpy(self.graph.run(feeds, ["logits"])[0])
         return vision_logits(
             self.model.vision, patches.to(self.device), queries.to(self.device), self.options.precision
         )

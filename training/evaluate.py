@@ -26,6 +26,7 @@ from scipy.spatial.transform import Rotation
 from tqdm.auto import tqdm
 
 from satseg.cli.common import cli_parser, run_cli
+from satseg.cli.runtime_options import add_runtime_arguments, check_runtime_arguments, segmenter_for
 from satseg.engine import Outputs
 from satseg.errors import SatInputError
 from satseg.geometry import PreprocessConfig, Volume, load_volume
@@ -457,6 +458,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="score raw masks: no largest-piece clean-up of single-body structures (served masks have it)",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    add_runtime_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the images synthesised for label-only cases")
     return parser.parse_args(argv)
 
@@ -465,8 +467,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.case and args.standardised is None and not args.mni152:
         raise SatInputError("nothing to evaluate: pass --case (repeatable), --standardised and/or --mni152")
     geometries = list(dict.fromkeys([INPUT_GEOMETRY, *(check_geometry(name) for name in args.geometry)]))
-    options = InferenceOptions(threshold=args.threshold, keep_largest_component=not args.keep_all_components)
-    segmenter = Segmenter.from_checkpoint(args.checkpoint, device=resolve_device(args.device), options=options)
+    check_runtime_arguments(args)
+    options = InferenceOptions(
+        threshold=args.threshold,
+        keep_largest_component=not args.keep_all_components,
+        runtime=args.runtime,
+        precision=args.precision,
+    )
+    segmenter = segmenter_for(args, args.checkpoint, resolve_device(args.device), options)
     vocabulary = segmenter.vocabulary
     asked = parse_prompts(args.prompts, vocabulary, allow_free_text=args.allow_free_text) if args.prompts else None
     cases = [
@@ -491,6 +499,7 @@ def run(args: argparse.Namespace) -> int:
         "tolerance_mm": args.tolerance_mm,
         "threshold": segmenter.spec.postprocess.threshold,
         "largest piece of single-body structures": options.keep_largest_component,
+        "runtime": f"{options.runtime} {options.precision}",
         "geometries": ", ".join(geometries),
         "cases": len(cases),
     }

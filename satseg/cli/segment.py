@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from satseg.cli.common import cli_parser, run_cli
+from satseg.cli.runtime_options import add_runtime_arguments, check_runtime_arguments, segmenter_for
 from satseg.engine import Outputs
 from satseg.errors import SatInputError
 from satseg.geometry import load_volume
@@ -17,7 +18,7 @@ from satseg.geometry.volume import MODALITIES, choose_modality
 from satseg.outputs import WARNINGS_KEY, OutputOptions
 from satseg.outputs.run_folder import MANIFEST_FILE, check_output_folder, run_folder
 from satseg.outputs.writer import mask_writer, write_result
-from satseg.pipeline import PRECISIONS, InferenceOptions, Segmenter, resolve_device
+from satseg.pipeline import InferenceOptions, resolve_device
 from satseg.text import Vocabulary, parse_prompt_list
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "demo"
@@ -62,12 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="checkpoint folder (config.json + model.safetensors); default $SATSEG_CHECKPOINT or the bundled demo",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
-    parser.add_argument(
-        "--precision",
-        default="fp32",
-        choices=PRECISIONS,
-        help="vision model arithmetic: fp32 (default) or fp16 (CUDA autocast; refused on the CPU)",
-    )
+    add_runtime_arguments(parser)
     parser.add_argument("--ml", action="store_true", help="write one merged label map instead of one mask per prompt")
     parser.add_argument("--statistics", action="store_true", help="write statistics.json (volume in mL per structure)")
     parser.add_argument("--preview", action="store_true", help="write preview.png (three slices with overlays)")
@@ -111,6 +107,7 @@ def check_options(args: argparse.Namespace) -> None:
         raise SatInputError(f"--overlap {args.overlap} is outside [0, 0.9]")
     if args.batch_size < 1:
         raise SatInputError(f"--batch-size {args.batch_size} must be at least 1")
+    check_runtime_arguments(args)
 
 
 def segment(args: argparse.Namespace) -> int:
@@ -125,13 +122,14 @@ def segment(args: argparse.Namespace) -> int:
     options = InferenceOptions(
         overlap=args.overlap,
         batch_size=args.batch_size,
+        runtime=args.runtime,
         precision=args.precision,
         threshold=args.threshold,
         keep_largest_component=not args.keep_all_components,
         orientation=args.orientation,
     )
     checkpoint = choose_checkpoint(args.checkpoint)
-    segmenter = Segmenter.from_checkpoint(checkpoint, device=device, vocabulary=vocabulary, options=options)
+    segmenter = segmenter_for(args, checkpoint, device, options, vocabulary=vocabulary)
     if segmenter.untrained_weights:
         print(f"warning: {checkpoint} holds untrained weights; the masks are meaningless", file=sys.stderr)
     warnings = segmenter.plan(terms)[0].warnings

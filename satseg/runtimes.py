@@ -1,0 +1,106 @@
+"""CPU runtimes for an exported ONNX graph: onnxruntime and OpenVINO, behind one ``run(feeds)`` call.
+
+The in-process ``Segmenter`` (``--runtime``), the Triton python models (``configs/cpu.pbtxt``) and the export
+parity gates all open graphs here, so a graph runs the same way wherever it is checked or served.
+
+OpenVINO is only used through ``Core.read_model``/``compile_model`` (the runtime, which sends no telemetry);
+its model-conversion tools, which can, are never called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from satseg.errors import SatInputError
+
+RUNTIMES = ("torch", "onnxruntime", "openvino")
+"""``torch``: the checkpoint's own PyTorch model; the others run its exported ONNX graph."""
+GRAPH_RUNTIMES = RUNTIMES[1:]
+GRAPH_PRECISIONS = ("fp32", "bf16")
+"""Arithmetic of a graph runtime: FP32, or BF16 (OpenVINO only, on a CPU with native BF16)."""
+OPENVINO_PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+"""Always stated: OpenVINO would otherwise pick BF16 by itself on a CPU that has it."""
+
+
+def check_runtime(runtime: str, precision: str = "fp32") -> None:
+    """Refuse an unknown runtime or precision, and BF16 anywhere but OpenVINO on a CPU with native BF16."""
+    if runtime not in RUNTIMES:
+        raise SatInputError(f"unknown runtime {runtime!r}; accepted: {', '.join(RUNTIMES)}")
+    if precision not in GRAPH_PRECISIONS:
+        raise SatInputError(f"unknown graph precision {precision!r}; accepted: {', '.join(GRAPH_PRECISIONS)}")
+    if precision == "bf16" and runtime != "openvino":
+        raise SatInputError(f"bf16 runs on openvino only, not {runtime}")
+    if precision == "bf16" and not openvino_has_native_bf16():
+        raise SatInputError("bf16 needs a CPU with native BF16 (AVX512-BF16 or AMX); this one has none, use fp32")
+
+
+def openvino_has_native_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin reports native BF16 on this machine."""
+    import openvino
+
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+class GraphSession:
+    """One ONNX graph opened with a graph runtime on the CPU.
+
+    Args:
+        path: the ``.onnx`` file.
+        runtime: ``onnxruntime`` or ``openvino``.
+        precision: ``fp32`` or ``bf16`` (see :func:`check_runtime`).
+        threads: intra-op threads; 0 lets the runtime choose (all cores).
+        low_memory: onnxruntime only: no arena and no memory pattern, so a run holds only its live tensors.
+    """
+
+    def __init__(
+        self, path: Path, runtime: str, precision: str = "fp32", *, threads: int = 0, low_memory: bool = False
+    ) -> None:
+        check_runtime(runtime, precision)
+        if runtime == "torch":
+            raise SatInputError("torch runs the checkpoint, not a graph; pick onnxruntime or openvino")
+        self.runtime = runtime
+        self.precision = precision
+        if runtime == "openvino":
+            self._run = _openvino_runner(path, precision, threads)
+        else:
+            self._run = _onnxruntime_runner(path, threads, low_memory)
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+        """The named ``outputs`` for ``feeds`` (input name -> array), as numpy arrays."""
+        return self._run(feeds, outputs)
+
+
+def _onnxruntime_runner(path: Path, threads: int, low_memory: bool) -> Any:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    if low_memory:
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(feeds: Mapping[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+        return session.run(list(outputs), dict(feeds))
+
+    return run
+
+
+def _openvino_runner(path: Path, precision: str, threads: int) -> Any:
+    import openvino
+
+    config = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISION_HINTS[precision], "INFERENCE_NUM_THREADS": threads}
+    compiled = openvino.Core().compile_model(str(path), "CPU", config)
+    request = compiled.create_infer_request()
+    names = {output.get_any_name(): output for output in compiled.outputs}
+
+    def run(feeds: Mapping[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+        # share_inputs: no copy in; the outputs are copied out, since the request reuses its buffers.
+        request.infer(dict(feeds), share_inputs=True)
+        return [np.array(request.get_tensor(names[name]).data) for name in outputs]
+
+    return run
