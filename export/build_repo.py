@@ -31,12 +31,13 @@ from safetensors.torch import save_file
 from export.fp16 import convert_to_fp16
 from export.onnx import ExportedGraph, export_text_encoder, export_vision, file_sha256
 from export.parity import (
+    BF16_MIN_DICE,
     DEFAULT_MIN_DICE,
     ParityReport,
     compare_text,
     compare_vision,
+    graph_vision_logits,
     onnx_session,
-    onnx_vision_logits,
     torch_logits,
     volume_patches,
 )
@@ -47,6 +48,7 @@ from satseg.contract import ENTRY_MODEL, OUTPUT_CHOICES, OUTPUT_MASKS
 from satseg.errors import ExportError, SatInputError
 from satseg.geometry import MODALITIES, Volume, load_volume
 from satseg.model import SAT
+from satseg.runtimes import openvino_has_native_bf16
 from satseg.server.triton import DEFAULT_REPOSITORY
 from satseg.spec import ModelSpec
 from satseg.text import PromptTokenizer, Vocabulary, resolve_text_encoder
@@ -56,6 +58,7 @@ TEXT_MAX_ABS_ERROR = 1e-3
 """FP32 text-encoder queries may differ from PyTorch's by at most this (they are O(1) values)."""
 FP16_TEXT_MAX_ABS_ERROR = 0.05
 FP16_MIN_DICE = 0.95
+RANDOM_PATCHES_LABEL = "random patches"
 """FP16 graphs are held to these looser gates (half precision carries about 3 significant digits)."""
 PARITY_PROMPTS = ("liver", "spleen", "left kidney", "right kidney", "aorta", "cerebral white matter")
 RANDOM_PATCHES = 2
@@ -107,7 +110,7 @@ def build_repository(settings: ExportSettings) -> list[ParityReport]:
         for name, graph in list(graphs.items()):
             graphs[f"{name} fp16"] = convert_to_fp16(graph.path, graph.path.with_name("model.fp16.onnx"))
         reports = check_parity(sat, graphs, settings, vocabulary, metadata.model_spec(vocabulary))
-        failed = [report for report in reports if not report.passed]
+        failed = [report for report in reports if report.blocking and not report.passed]
         if failed:
             raise ExportError("parity gate failed, nothing installed: " + "; ".join(r.summary() for r in failed))
         write_prompt_assets(sat, vocabulary, staging / "prompt_encoder" / "1")
@@ -142,7 +145,8 @@ def repository_is_current(settings: ExportSettings) -> bool:
 def check_parity(
     sat: SAT, graphs: dict[str, ExportedGraph], settings: ExportSettings, vocabulary: Vocabulary, spec: ModelSpec
 ) -> list[ParityReport]:
-    """Every graph onnxruntime can run here, against PyTorch (FP32 gated; FP16 reported, gated at FP16_MIN_DICE)."""
+    """Every graph, in every runtime that can run it here, against PyTorch: FP32 gated in onnxruntime and
+    OpenVINO; FP16 gated at FP16_MIN_DICE; OpenVINO BF16 (where native) gated at BF16_MIN_DICE, not blocking."""
     prompts = vocabulary.resolve_all(list(settings.prompts))
     tokenizer = PromptTokenizer(resolve_text_encoder(sat.config.text_encoder))
     tokens = tokenizer(prompts)
@@ -153,7 +157,7 @@ def check_parity(
     random_patches = torch.randn((settings.random_patches, 1, *spec.window.patch_size), generator=generator)
     volume, source = parity_volume(settings)
     patch_sets = {
-        "random patches": random_patches,
+        RANDOM_PATCHES_LABEL: random_patches,
         f"{source} windows": volume_patches(volume, settings.modality, spec, settings.real_patches),
     }
     # PyTorch's logits once per patch set, shared by the FP32 and FP16 graphs.
@@ -170,12 +174,32 @@ def check_parity(
             bound = TEXT_MAX_ABS_ERROR if "fp16" not in name else FP16_TEXT_MAX_ABS_ERROR
             reports.append(compare_text(queries.numpy(), got, graph=name, inputs="prompts", max_abs_error=bound))
             continue
-        for label, patches in patch_sets.items():
-            logits = onnx_vision_logits(graph.path, patches.numpy(), queries.numpy())
-            if logits is None:
-                break  # as above: FP16 vision is checked where a runtime has the kernels
-            reports.append(compare_vision(expected[label], logits, prompts, graph=name, inputs=label, min_dice=gate))
+        for runtime, precision in vision_runtimes(name):
+            for label, patches in patch_sets.items():
+                logits = graph_vision_logits(graph.path, patches.numpy(), queries.numpy(), runtime, precision)
+                if logits is None:
+                    break  # as above: FP16 vision is checked where a runtime has the kernels
+                checked = f"{name} · {runtime} {precision}"
+                if precision == "bf16":  # an optional precision: gated on the real windows, never blocking
+                    gate_here = BF16_MIN_DICE if label != RANDOM_PATCHES_LABEL else 0.0
+                    reports.append(
+                        compare_vision(expected[label], logits, prompts, graph=checked, inputs=label,
+                                       min_dice=gate_here, blocking=False)
+                    )  # fmt: skip
+                    continue
+                reports.append(
+                    compare_vision(expected[label], logits, prompts, graph=checked, inputs=label, min_dice=gate)
+                )
     return reports
+
+
+def vision_runtimes(graph: str) -> list[tuple[str, str]]:
+    """The (runtime, precision) pairs a vision graph is checked in here: onnxruntime for every graph; for the
+    FP32 graph also OpenVINO FP32, and OpenVINO BF16 on a CPU with native BF16."""
+    if "fp16" in graph:
+        return [("onnxruntime", "fp32")]
+    bf16 = [("openvino", "bf16")] if openvino_has_native_bf16() else []
+    return [("onnxruntime", "fp32"), ("openvino", "fp32"), *bf16]
 
 
 def parity_volume(settings: ExportSettings) -> tuple[Volume, str]:
@@ -311,9 +335,16 @@ def write_report(folder: Path, reports: Sequence[ParityReport], settings: Export
         gate = f"Dice >= {report.min_dice}{report.ungated_note}" if report.dice else "max error"
         lines.append(
             f"| {report.graph} | {report.inputs} | {report.max_abs_error:.2e} | {report.p99_abs_error:.2e} "
-            f"| {worst} | {gate} | {'pass' if report.passed else 'FAIL'} |"
+            f"| {worst} | {gate} | {verdict(report)} |"
         )
     (folder / "export_report.md").write_text("\n".join(lines) + "\n")
+
+
+def verdict(report: ParityReport) -> str:
+    """``pass``, ``FAIL``, or for an optional precision that failed, that it is not offered."""
+    if report.passed:
+        return "pass"
+    return "FAIL" if report.blocking else "below its gate: not offered"
 
 
 def build_plans(graphs: dict[str, ExportedGraph], sat: SAT, settings: ExportSettings) -> None:

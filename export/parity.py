@@ -18,11 +18,14 @@ import torch
 
 from export.isolated import run_isolated
 from satseg.geometry import Volume, prepare
+from satseg.runtimes import GraphSession
 from satseg.spec import ModelSpec
 from satseg.window import pad_to_patch, window_slices
 
 DEFAULT_MIN_DICE = 0.99
-"""FP32 ONNX must agree with PyTorch at least this well on every prompt's thresholded mask."""
+"""FP32 ONNX must agree with PyTorch at least this well on every prompt's thresholded mask, in every runtime."""
+BF16_MIN_DICE = 0.98
+"""OpenVINO BF16 is offered only where it agrees with PyTorch at least this well on the real windows."""
 MIN_GATED_VOXELS = 100
 """A prompt whose masks hold fewer voxels than this in both runs is reported, not gated: one flipped voxel of
 a 10-voxel speck is Dice 0.95, which says nothing about the graph's arithmetic."""
@@ -40,6 +43,8 @@ class ParityReport:
             the text encoder, whose output is not a mask.
         min_dice: the gate; ``passed`` is whether every gated prompt's Dice reaches it.
         ungated: prompts whose masks hold fewer than :data:`MIN_GATED_VOXELS` voxels in both runs.
+        blocking: whether a failure stops the export (``False`` for an optional precision such as BF16, which
+            is then not offered).
     """
 
     graph: str
@@ -50,6 +55,7 @@ class ParityReport:
     min_dice: float
     passed: bool
     ungated: tuple[str, ...] = ()
+    blocking: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,34 +123,47 @@ def onnx_session(path: Path, *, low_memory: bool = False) -> Any | None:
     try:
         return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own NotImplemented/Fail types, not importable portably
-        if "NOT_IMPLEMENTED" in str(error) or "Could not find an implementation" in str(error):
+        if lacks_kernels(error):
             return None
         raise
 
 
-def onnx_vision_logits(graph: Path, patches: np.ndarray, queries: np.ndarray) -> np.ndarray | None:
-    """onnxruntime's logits for ``patches [B, 1, H, W, D]`` and ``queries [N, d]``, computed in a child process.
+def lacks_kernels(error: Exception) -> bool:
+    """Whether opening a graph failed because this onnxruntime build has no kernel for one of its ops."""
+    return "NOT_IMPLEMENTED" in str(error) or "Could not find an implementation" in str(error)
 
-    ``None`` when this onnxruntime cannot run the graph (FP16 on CPU). The child runs one patch at a time with
-    a low-memory session and exits, so the caller's PyTorch model and the session never hold memory together.
+
+def graph_vision_logits(
+    graph: Path, patches: np.ndarray, queries: np.ndarray, runtime: str = "onnxruntime", precision: str = "fp32"
+) -> np.ndarray | None:
+    """``runtime``'s logits for ``patches [B, 1, H, W, D]`` and ``queries [N, d]``, computed in a child process.
+
+    ``None`` when this onnxruntime cannot run the graph (FP16 on CPU). The child runs one patch at a time (a
+    low-memory session for onnxruntime) and exits, so the caller's PyTorch model and the runtime never hold
+    memory together.
     """
     with tempfile.TemporaryDirectory(prefix="sat-parity-") as folder:
         inputs, output = Path(folder) / "inputs.npz", Path(folder) / "logits.npy"
         np.savez(inputs, patches=patches, queries=queries)
-        if not run_isolated(_onnx_vision_logits_child, str(graph), str(inputs), str(output)):
+        if not run_isolated(_graph_vision_logits_child, str(graph), runtime, precision, str(inputs), str(output)):
             return None
         return np.load(output)
 
 
-def _onnx_vision_logits_child(graph: str, inputs: str, output: str, results: Any) -> None:
-    """Child process of :func:`onnx_vision_logits`: puts whether the graph ran; its logits go to ``output``."""
-    session = onnx_session(Path(graph), low_memory=True)
-    if session is None:
+def _graph_vision_logits_child(
+    graph: str, runtime: str, precision: str, inputs: str, output: str, results: Any
+) -> None:
+    """Child process of :func:`graph_vision_logits`: puts whether the graph ran; its logits go to ``output``."""
+    try:
+        session = GraphSession(Path(graph), runtime, precision, low_memory=True)
+    except Exception as error:  # the runtimes raise their own types, not importable portably
+        if not lacks_kernels(error):
+            raise
         results.put(False)
         return
     with np.load(inputs) as arrays:
         patches, queries = arrays["patches"], arrays["queries"][None]
-    logits = [session.run(None, {"image": patch[None], "queries": queries})[0] for patch in patches]
+    logits = [session.run({"image": patch[None], "queries": queries}, ["logits"])[0] for patch in patches]
     np.save(output, np.concatenate(logits).astype(np.float32, copy=False))
     results.put(True)
 
@@ -157,6 +176,7 @@ def compare_vision(
     graph: str,
     inputs: str,
     min_dice: float = DEFAULT_MIN_DICE,
+    blocking: bool = True,
 ) -> ParityReport:
     """Logits ``[B, N, H, W, D]`` from PyTorch (``expected``) and from the graph, compared and gated."""
     worst, p99 = absolute_errors(expected, got)
@@ -167,7 +187,7 @@ def compare_vision(
     }
     ungated = tuple(prompt for prompt in prompts if largest[prompt] < MIN_GATED_VOXELS)
     passed = all(value >= min_dice for prompt, value in dice.items() if prompt not in ungated)
-    return ParityReport(graph, inputs, worst, p99, dice, min_dice, passed, ungated)
+    return ParityReport(graph, inputs, worst, p99, dice, min_dice, passed, ungated, blocking)
 
 
 def compare_text(
