@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from satseg.geometry import Volume
@@ -23,6 +25,17 @@ def reference_masks(reference: Segmenter, volume: Volume, modality: str, prompts
     """``[N, I, J, K]`` uint8: the in-process result for ``prompts``."""
     terms = reference.resolve_prompts(prompts)
     return reference.segment(volume, terms, modality).masks
+
+
+def served_cpu_runtime(repository: Path) -> tuple[str, Path]:
+    """The runtime the CPU config runs ``vision`` with (``configs/cpu.pbtxt``'s ``runtime``) and its graph: what
+    an in-process run needs to give the served masks exactly."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    text = (repository / "vision" / "configs" / "cpu.pbtxt").read_text()
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    return config.parameters["runtime"].string_value, repository / "vision" / "1" / "model.onnx"
 
 
 def agreement(served: np.ndarray, expected: np.ndarray) -> float:

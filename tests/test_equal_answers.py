@@ -16,14 +16,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import DEMO_CHECKPOINT
-from served import phantom
+from served import phantom, served_cpu_runtime
 
 from clients import SATClient
 from satseg import contract
 from satseg.cli.segment import main as segment_cli
 from satseg.geometry import Volume, load_volume
 from satseg.outputs.writer import LABELMAP_FILE, STATISTICS_FILE, mask_file_name
-from satseg.pipeline import Segmenter
+from satseg.pipeline import InferenceOptions, Segmenter
 from satseg.server.triton import TritonServer
 from training.evaluate import EvaluationCase, Prompt, evaluate_case
 
@@ -47,13 +47,18 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> tuple[Volume, Path]:
 
 
 @pytest.fixture(scope="module")
-def in_process(case: tuple[Volume, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """sat-segment's folders: one mask per prompt, and the merged label map."""
+def in_process(
+    case: tuple[Volume, Path], triton_server: TritonServer, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """sat-segment's folders (one mask per prompt, and the merged label map), with the runtime and graph the
+    server's CPU config runs: the same engine on the same arithmetic must give the same answer."""
     _, path = case
+    runtime, graph = served_cpu_runtime(triton_server.repository)
     folders = {}
     for name, extra in (("masks", []), ("labelmap", ["--ml"])):
         folders[name] = tmp_path_factory.mktemp("sat_segment") / name
         args = ["-i", str(path), "-o", str(folders[name]), "--prompts", ",".join(PROMPTS), "--modality", "ct"]
+        extra += ["--runtime", runtime] + (["--graph", str(graph)] if runtime != "torch" else [])
         assert segment_cli([*args, "--statistics", "--quiet", *extra]) == 0
     return folders
 
@@ -108,7 +113,9 @@ def test_sat_segment_served_and_evaluated_paths_give_one_answer(
             assert_same_statistics(read_statistics(saved), expected, f"served {output}")
             assert served.volumes_ml.tolist() == pytest.approx([expected[term]["volume_ml"] for term in PROMPTS])
 
-    segmenter = Segmenter.from_checkpoint(DEMO_CHECKPOINT)  # what the session's server was exported from
+    runtime, graph = served_cpu_runtime(triton_server.repository)
+    options = InferenceOptions(runtime=runtime)
+    segmenter = Segmenter.from_checkpoint(DEMO_CHECKPOINT, options=options, graph=graph)  # the server's source
     evaluation = EvaluationCase("phantom", volume, np.zeros(volume.shape, np.uint8), {}, "ct")
     rows = evaluate_case(segmenter, evaluation, [Prompt(term, (term,)) for term in PROMPTS], "input")
     assert [row["predicted_ml"] for row in rows] == pytest.approx([expected[term]["volume_ml"] for term in PROMPTS])

@@ -1,7 +1,10 @@
-"""A Triton python-backend model that runs its version folder's ``model.onnx`` with onnxruntime on the CPU.
+"""A Triton python-backend model that runs its version folder's ``model.onnx`` on the CPU, with onnxruntime or
+OpenVINO (:mod:`satseg.runtimes`).
 
 It is the CPU stand-in for a TensorRT plan (``configs/cpu.pbtxt`` of ``text_encoder`` and ``vision``): same
-inputs and outputs, read from the model config, so the ensemble above it cannot tell them apart.
+inputs and outputs, read from the model config, so the ensemble above it cannot tell them apart. The config's
+parameters choose ``runtime`` (``onnxruntime`` or ``openvino``), ``precision`` (``fp32``, or ``bf16`` for
+OpenVINO on a CPU with native BF16) and ``intra_op_threads`` (0: the runtime's choice).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from satseg.runtimes import GraphSession
+
 ONNX_FILE = "model.onnx"
 
 
@@ -17,27 +22,29 @@ class OnnxTritonModel:
     """Lifecycle: ``initialize`` once per instance, ``execute`` per batch of requests, ``finalize`` at unload."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        """Open ``<model>/<version>/model.onnx``; the config's ``intra_op_threads`` parameter sets ORT threads."""
-        import onnxruntime
-
+        """Open ``<model>/<version>/model.onnx`` with the runtime, precision and threads the config names."""
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = int(parameters.get("intra_op_threads", "0"))
         path = Path(args["model_repository"]) / args["model_version"] / ONNX_FILE
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session: GraphSession | None = GraphSession(
+            path,
+            parameters.get("runtime", "onnxruntime"),
+            parameters.get("precision", "fp32"),
+            threads=int(parameters.get("intra_op_threads", "0")),
+        )
         self.input_names = [item["name"] for item in config["input"]]
         self.output_names = [item["name"] for item in config["output"]]
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        """One onnxruntime run per request; a failing request gets its own error and the others still succeed."""
+        """One run per request; a failing request gets its own error and the others still succeed."""
         import triton_python_backend_utils as pb_utils
 
+        assert self.session is not None
         responses = []
         for request in requests:
             try:
                 feeds = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names}
-                outputs = self.session.run(self.output_names, feeds)
+                outputs = self.session.run(feeds, self.output_names)
                 tensors = [pb_utils.Tensor(name, value) for name, value in zip(self.output_names, outputs, strict=True)]
                 responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             except Exception as error:  # any failure answers this request only
