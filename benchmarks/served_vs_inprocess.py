@@ -1,10 +1,10 @@
 """Served (Triton ensemble, CPU) against in-process inference, on the same volumes and checkpoint, in one run.
 
-Three ways to get the same masks, interleaved per repeat so they share the machine's state:
+Four ways to get the same masks, interleaved per repeat so they share the machine's state:
 
-- ``torch``: :class:`satseg.pipeline.Segmenter` in this process (what ``sat-segment`` does);
-- ``onnxruntime``: the same Segmenter with its windows run by onnxruntime on the exported ``vision`` graph
-  (the runtime the CPU server uses), which separates the runtime's share from the serving overhead;
+- ``torch``, ``onnxruntime``, ``openvino``: :class:`satseg.pipeline.Segmenter` in this process (what
+  ``sat-segment --runtime`` does), the graph runtimes on the exported ``vision`` graph; the one the CPU
+  server's ``configs/cpu.pbtxt`` names separates the runtime's share from the serving overhead;
 - ``served``: :class:`clients.SATClient` over gRPC to the real ``tritonserver`` on loopback.
 
 Where the served time goes comes from Triton's own statistics (the admin endpoint): the ``segmenter``
@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime
 import torch
 from machine import cpu_model
 
@@ -36,6 +35,7 @@ from satseg import contract
 from satseg.cli.segment import BUNDLED_CHECKPOINT
 from satseg.geometry import Volume, load_volume
 from satseg.pipeline import Segmenter
+from satseg.runtimes import GRAPH_RUNTIMES, GraphSession
 from satseg.server.triton import TritonServer
 
 MODELS = contract.MODELS
@@ -63,12 +63,13 @@ class Timed:
         return logits
 
 
-def onnx_predictor(path: Path) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def graph_predictor(path: Path, runtime: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The windows run by ``runtime`` on the graph at ``path``, with torch's thread count (as in-process)."""
+    session = GraphSession(path, runtime, threads=torch.get_num_threads())
 
     def predict(patches: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         feeds = {"image": patches.numpy(), "queries": queries.numpy()}
-        return torch.from_numpy(session.run(["logits"], feeds)[0])
+        return torch.from_numpy(session.run(feeds, ["logits"])[0])
 
     return predict
 
@@ -125,43 +126,48 @@ def main() -> None:
         repository = Path(folder) / "triton_repo"
         build_repository(ExportSettings(checkpoint=args.checkpoint, repository=repository))
         segmenter = Segmenter.from_checkpoint(args.checkpoint)
-        ort = onnx_predictor(repository / "vision" / "1" / "model.onnx")
+        graph = repository / "vision" / "1" / "model.onnx"
+        predictors = {
+            "torch": segmenter.predict_logits,
+            **{name: graph_predictor(graph, name) for name in GRAPH_RUNTIMES},
+        }
         with TritonServer(repository, log_path=Path(folder) / "tritonserver.log") as server:
             client = SATClient(server.grpc_url)
             for case in cases(args.ct):
-                report(case, segmenter, ort, client, server.admin_key, args.repeats)
+                report(case, segmenter, predictors, client, server.admin_key, args.repeats)
 
 
-def report(case: Case, segmenter: Segmenter, ort: Any, client: SATClient, key: str, repeats: int) -> None:
+def report(
+    case: Case, segmenter: Segmenter, predictors: dict[str, Any], client: SATClient, key: str, repeats: int
+) -> None:
     served(client, case, key)  # warm-up: first-call allocations on both sides
-    rows: dict[str, list[float]] = {name: [] for name in ("torch", "torch vision", "ort", "ort vision", "served")}
+    seconds: dict[str, list[float]] = {name: [] for name in [*predictors, "served"]}
+    vision: dict[str, list[float]] = {name: [] for name in predictors}
     shares: dict[str, list[float]] = {name: [] for name in MODELS}
-    differ: dict[str, list[int]] = {"torch": [], "onnxruntime": []}
+    differ: dict[str, list[int]] = {name: [] for name in predictors}
     for _ in range(repeats):
-        seconds, vision, reference = in_process(segmenter, case, segmenter.predict_logits)
-        rows["torch"].append(seconds)
-        rows["torch vision"].append(vision)
-        seconds, vision, same_runtime = in_process(segmenter, case, ort)
-        rows["ort"].append(seconds)
-        rows["ort vision"].append(vision)
-        seconds, per_model, masks = served(client, case, key)
-        rows["served"].append(seconds)
+        masks = {}
+        for name, predictor in predictors.items():
+            total, inside, masks[name] = in_process(segmenter, case, predictor)
+            seconds[name].append(total)
+            vision[name].append(inside)
+        total, per_model, served_masks = served(client, case, key)
+        seconds["served"].append(total)
         for name in MODELS:
             shares[name].append(per_model[name])
-        differ["torch"].append(int((masks != reference).sum()))
-        differ["onnxruntime"].append(int((masks != same_runtime).sum()))
-    median = {name: statistics.median(values) for name, values in rows.items()}
+        for name in predictors:
+            differ[name].append(int((served_masks != masks[name]).sum()))
+    median = {name: statistics.median(values) for name, values in seconds.items()}
     model = {name: statistics.median(values) for name, values in shares.items()}
+    voxels = served_masks.size
     print(f"\n{case.name}, {len(case.prompts)} prompts, median of {repeats}")
-    print(
-        f"  mask voxels that differ from served (of {reference.size:,}): in-process torch {max(differ['torch'])}, "
-        f"in-process onnxruntime {max(differ['onnxruntime'])}"
-    )
-    print(f"  in-process torch        {median['torch']:7.2f} s  (vision {median['torch vision']:6.2f} s)")
-    print(f"  in-process onnxruntime  {median['ort']:7.2f} s  (vision {median['ort vision']:6.2f} s)")
-    print(f"  served (gRPC, loopback) {median['served']:7.2f} s")
-    print(f"  served / torch          {median['served'] / median['torch']:7.2f}")
-    print(f"  served / onnxruntime    {median['served'] / median['ort']:7.2f}")
+    for name in predictors:
+        print(
+            f"  in-process {name:<12} {median[name]:7.2f} s  (vision {statistics.median(vision[name]):6.2f} s); "
+            f"served / it {median['served'] / median[name]:5.2f}; mask voxels differing from served "
+            f"{max(differ[name])} of {voxels:,}"
+        )
+    print(f"  served (gRPC, loopback)   {median['served']:7.2f} s")
     stitching = model["segmenter"] - model["vision"]
     print(
         f"  inside the server: segmenter {model['segmenter']:.2f} s = vision {model['vision']:.2f} s "
