@@ -54,6 +54,10 @@ def test_the_client_venv_has_no_engine(client_venv: Path) -> None:
     probe = "import sys, clients, clients.cli, satseg.geometry, satseg.contract; print(sorted(sys.modules))"
     loaded = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert not [name for name in HEAVY if f"'{name}'" in loaded]
+    refused = subprocess.run([str(client_venv / "bin" / "sat-segment"), "--help"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().startswith("sat-segment: error: this command needs the engine")
+    assert len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_sat_client_from_the_light_venv_segments_a_real_ct(
