@@ -24,6 +24,7 @@ from tqdm import tqdm
 from clients.cases import Case, discover_cases, opened_case, source_identity
 from clients.sat_client import SATClient, Segmentation, ServerUnavailable
 from satseg import contract
+from satseg.atomic import remove_stale_parts
 from satseg.errors import SatInputError, one_line
 from satseg.geometry.volume import choose_modality
 from satseg.outputs import WARNINGS_KEY, write_json
@@ -232,6 +233,7 @@ def run_folder(
     Progress and per-case lines go to stderr and name cases by index (and by input path with ``verbose``).
     """
     output.mkdir(parents=True, exist_ok=True)
+    remove_stale_parts(output / REPORT_FILE)  # a run killed while writing its report left one behind
     local = threading.local()
 
     first = make_client()

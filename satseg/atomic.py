@@ -33,6 +33,14 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
         raise
 
 
+def remove_stale_parts(path: Path) -> None:
+    """Remove the temporary files a killed :func:`atomic_file` left for ``path`` (SIGKILL runs no clean-up)."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.part"):
+        with suppress(FileNotFoundError):
+            stale.unlink()
+
+
 def write_bytes_atomically(path: Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through :func:`atomic_file`; returns ``path``."""
     with atomic_file(path) as file:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from satseg.atomic import remove_stale_parts
 from satseg.engine import LabelMapAccumulator, Outputs, PromptPlan, collect, keep_largest_component
 from satseg.errors import SatInputError
 from satseg.geometry.volume import Volume
@@ -581,3 +582,12 @@ def test_label_map_membership_is_the_masks_threshold_on_the_same_values() -> Non
     inside = [(p > 0.5).numpy() for p in (probabilities, overlapping)]
     assert np.array_equal(merged.labelmap > 0, inside[0] | inside[1])
     assert merged.labelmap.reshape(-1).tolist() == [2, 2, 0, 1, 1]
+
+
+def test_stale_parts_of_a_killed_write_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    """SIGKILL during an atomic write leaves ``.<name>.<hex>.part``; the next run removes it, and only it."""
+    (tmp_path / ".run_report.json.0123abcd.part").write_text("{")
+    (tmp_path / ".other.json.0123abcd.part").write_text("{")
+    (tmp_path / "run_report.json").write_text("{}")
+    remove_stale_parts(tmp_path / "run_report.json")
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".other.json.0123abcd.part", "run_report.json"]
