@@ -51,8 +51,9 @@ UNAVAILABLE_FAILURES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "503", "timed out", 
 DEFAULT_MAX_VOXELS = 512 * 512 * 1000
 """The largest volume accepted anywhere (files, clients, server): a whole-body CT at 512x512x1000."""
 DEFAULT_MAX_PROMPTS = 64
-MAX_PROMPT_CHARS = 256
-"""The longest prompt accepted: longer than any anatomical term, short of a pasted report."""
+MAX_PROMPT_CHARS = 1024
+"""The longest prompt accepted: far longer than any anatomical term or description, short of a pasted report.
+Mask file names stay bounded whatever the length (``satseg.outputs.writer.mask_file_name``)."""
 
 # Tensor names of the ensemble (clients/ and loadtest/ use these too).
 IMAGE = "IMAGE"

@@ -456,3 +456,20 @@ def test_a_prompt_the_demo_was_not_trained_on_runs_with_a_one_line_warning(
     assert (out / "pancreas.nii.gz").is_file()
     assert json.loads((out / "statistics.json").read_text())["warnings"] == [warning]
     assert json.loads((out / MANIFEST_FILE).read_text())["warnings"] == [warning]
+
+
+def test_a_300_character_prompt_completes_with_its_full_text_kept(
+    phantom_path: Path, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A long free-text prompt once failed after inference with ``File name too long``; its file name is bounded
+    and its full text stays in labels.json and the mask's header."""
+    long_prompt = ("the hypodense lesion in segment seven of the liver next to the right kidney " * 4)[:300].strip()
+    out = tmp_path / "out"
+    options = ("--prompts", f"{long_prompt},liver", "--allow-free-text")
+    code, _, stderr = run_cli(capsys, phantom_path, out, tiny_checkpoint, *options)
+    assert code == 0, stderr
+    assert json.loads((out / "labels.json").read_text()) == {"1": long_prompt, "2": "liver"}
+    masks = sorted(out.glob("*.nii.gz"))
+    assert [path.name for path in masks if path.name == "liver.nii.gz"] and len(masks) == 2
+    long_mask = next(path for path in masks if path.name != "liver.nii.gz")
+    assert len(long_mask.name) <= 80 and read_label_extension(long_mask) == {1: long_prompt}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import tracemalloc
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from satseg.outputs import (
     write_nifti,
     write_result,
 )
+from satseg.outputs.writer import mask_file_name
 from training.data.phantom import make_torso_phantom
 
 SHAPE = (12, 10, 8)
@@ -591,3 +593,13 @@ def test_stale_parts_of_a_killed_write_are_removed_and_nothing_else(tmp_path: Pa
     (tmp_path / "run_report.json").write_text("{}")
     remove_stale_parts(tmp_path / "run_report.json")
     assert sorted(path.name for path in tmp_path.iterdir()) == [".other.json.0123abcd.part", "run_report.json"]
+
+
+def test_mask_file_names_are_bounded_unique_and_stable() -> None:
+    assert mask_file_name("left kidney") == "left_kidney.nii.gz"
+    long_terms = ["x" * 973, "x" * 972, "é" * 300, "liver (" + "y" * 200 + ")"]
+    similar = ["left kidney", "Left Kidney", "left-kidney", "left  kidney", "!!!"]
+    names = [mask_file_name(term) for term in long_terms + similar]
+    assert len(set(names)) == len(names)
+    assert all(len(name.encode()) <= 80 and re.fullmatch(r"[a-z0-9_]+\.nii\.gz", name) for name in names)
+    assert names == [mask_file_name(term) for term in long_terms + similar]

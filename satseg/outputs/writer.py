@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ LABELMAP_FILE = "labelmap.nii.gz"
 LABELS_FILE = "labels.json"
 STATISTICS_FILE = "statistics.json"
 PREVIEW_FILE = "preview.png"
+MAX_SLUG_CHARS = 64
+"""Mask file names stay far below every file system's 255-byte limit, whatever the prompt's length."""
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,20 @@ class OutputOptions:
 
 
 def mask_file_name(term: str) -> str:
-    """``"left kidney"`` -> ``"left_kidney.nii.gz"``: safe on every file system."""
-    return re.sub(r"[^a-z0-9]+", "_", term.lower()).strip("_") + ".nii.gz"
+    """A bounded, unique and stable file name for a term's mask, safe on every file system.
+
+    A term of lower-case words, digits and single spaces that fits in :data:`MAX_SLUG_CHARS` is spelt out
+    (``"left kidney"`` -> ``"left_kidney.nii.gz"``), and only such a term maps to a name without a hash. Any
+    other term (longer, with capitals or punctuation) gets a short slug plus the first 10 hex digits of its
+    SHA-256 (``"Left Kidney!"`` -> ``"left_kidney_<hash>.nii.gz"``), so two prompts never share a file. The
+    full term is kept in ``labels.json`` and in the mask's NIfTI header.
+    """
+    slug = re.sub(r"[^a-z0-9]+", "_", term.lower()).strip("_")
+    if slug.replace("_", " ") == term and len(slug) <= MAX_SLUG_CHARS:
+        return slug + ".nii.gz"
+    digest = hashlib.sha256(term.encode("utf-8")).hexdigest()[:10]
+    short = slug[: MAX_SLUG_CHARS - len(digest) - 1].rstrip("_")
+    return f"{short}_{digest}.nii.gz" if short else f"{digest}.nii.gz"
 
 
 def write_result(
