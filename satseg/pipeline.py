@@ -215,7 +215,7 @@ class Segmenter:
 
     def prepare(self, volume: Volume, modality: str) -> PreparedVolume:
         """``volume`` on the model grid of this segmenter's spec (``image.shape`` is the grid windows slide on)."""
-        return prepare(volume, check_modality(modality), self.spec.preprocess)
+        return prepare(volume, check_modality(modality), self.spec.preprocess, self.spec.window)
 
     def plan(self, terms: Sequence[str]) -> tuple[PromptPlan, list[str]]:
         """The engine's prompt plan for resolved ``terms`` and the term of each query row (see

@@ -29,6 +29,11 @@ SPEC_SCHEMA = "satseg-model-spec/1"
 IMPORTANCE_MAPS = ("gaussian",)
 DEFAULT_SIGMA_SCALE = 0.125
 """nnU-Net's and SAT's blending Gaussian: sigma = patch / 8 per axis."""
+DEFAULT_EDGE_ALLOWANCE = 1 / 32
+"""Windows may leave up to 1/32 of a patch (9 voxels of a 288-voxel window, 3 of a 96) uncovered at each end of
+an axis where that saves a window; measured in ``benchmarks/window_economy.py``."""
+MAX_EDGE_ALLOWANCE = 0.125
+"""Beyond an eighth of a patch the replicated edge would be guesswork."""
 
 
 def _check_range(name: str, values: Sequence[float]) -> tuple[float, float]:
@@ -95,12 +100,24 @@ DEFAULT_PREPROCESS = PreprocessConfig()
 @dataclass(frozen=True)
 class WindowSpec:
     """The sliding window: ``patch_size`` voxels of the model grid, the default ``overlap`` in ``[0, 0.9]``, and
-    the importance map that blends windows (a Gaussian with ``sigma = sigma_scale * patch`` per axis)."""
+    the importance map that blends windows (a Gaussian with ``sigma = sigma_scale * patch`` per axis).
+
+    Two rules keep a volume from paying for a window its anatomy does not need (``satseg.window.steps``), and
+    every path (in-process, served, evaluated) applies them:
+
+    - ``trim_margin``: where the foreground crop's margin (``PreprocessConfig.crop_margin_mm``) would cost a
+      whole extra window along an axis, it is trimmed as far as needed, never into the foreground.
+    - ``edge_allowance``: where leaving at most this fraction of the patch uncovered at each end of an axis saves
+      a window, the windows leave it (as little as needed, evenly on both ends) and those voxels take the
+      nearest covered voxel's probabilities. ``0`` covers every voxel, as nnU-Net does.
+    """
 
     patch_size: tuple[int, int, int]
     overlap: float = 0.5
     importance: str = "gaussian"
     sigma_scale: float = DEFAULT_SIGMA_SCALE
+    trim_margin: bool = True
+    edge_allowance: float = DEFAULT_EDGE_ALLOWANCE
 
     def __post_init__(self) -> None:
         if len(self.patch_size) != 3 or any(int(size) != size or size < 1 for size in self.patch_size):
@@ -112,6 +129,10 @@ class WindowSpec:
             raise SatInputError(f"importance map {self.importance!r} is not supported; use {supported}")
         if not 0.0 < self.sigma_scale <= 1.0:
             raise SatInputError(f"sigma scale {self.sigma_scale} is outside (0, 1]")
+        if not 0.0 <= self.edge_allowance <= MAX_EDGE_ALLOWANCE:
+            raise SatInputError(f"edge allowance {self.edge_allowance} is outside [0, {MAX_EDGE_ALLOWANCE}]")
+        if not isinstance(self.trim_margin, bool):
+            raise SatInputError(f"trim_margin {self.trim_margin!r} is not accepted; it must be true or false")
 
 
 @dataclass(frozen=True)

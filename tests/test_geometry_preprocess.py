@@ -22,6 +22,8 @@ from satseg.geometry import (
     normalize_intensity,
     prepare,
 )
+from satseg.spec import WindowSpec
+from satseg.window import economical_span, window_count
 
 
 def _rotation(axis: int, degrees: float) -> np.ndarray:
@@ -181,6 +183,43 @@ def test_crop_uses_the_foreground_box_and_uncrop_puts_values_back() -> None:
     expected = np.zeros(array.shape, np.float32)
     expected[6:28, 5:23, 4:13] = 1.0
     np.testing.assert_array_equal(back, expected)
+
+
+@pytest.mark.parametrize("trim_margin", [True, False])
+def test_a_margin_that_costs_a_window_is_trimmed_never_the_foreground(trim_margin: bool) -> None:
+    """With 16x16x8 windows, a 16 x 12 x 7 voxel foreground plus its margin (3, 3, 1 voxels) needs 2 x 2 x 2
+    windows where the foreground alone needs one: the margin is trimmed, evenly where it can be."""
+    affine = np.diag([1.0, 1.0, 3.0, 1.0])
+    array = np.full((40, 30, 20), -1000, np.int16)
+    array[10:26, 8:20, 5:12] = 40
+    window = WindowSpec(patch_size=(16, 16, 8), trim_margin=trim_margin)
+    prepared = prepare(Volume(array, affine), "ct", PreprocessConfig(crop_margin_mm=3.0), window)
+    spans = [(start, size) for start, size in zip(prepared.crop_start, prepared.image.shape, strict=True)]
+    if trim_margin:
+        assert spans == [(10, 16), (6, 16), (5, 8)]
+    else:
+        assert spans == [(7, 22), (5, 18), (4, 9)]
+    counts = [window_count(size, patch) for size, patch in zip(prepared.image.shape, window.patch_size, strict=True)]
+    assert counts == ([1, 1, 1] if trim_margin else [2, 2, 2])
+    back = _to_input(prepared, np.ones(prepared.image.shape))
+    assert back[10:26, 8:20, 5:12].all(), "the foreground is never trimmed"
+
+
+@pytest.mark.parametrize(
+    ("core", "box", "patch", "expected"),
+    [
+        ((3, 291), (0, 294), 288, (3, 291)),  # the real CT's in-plane axis: one window instead of two
+        ((3, 289), (0, 294), 288, (2, 290)),  # trimmed evenly around the foreground
+        ((0, 290), (0, 293), 288, (0, 293)),  # the foreground alone needs two windows: nothing to save
+        ((5, 30), (2, 33), 96, (2, 33)),  # padded to one window either way
+        ((0, 286), (0, 289), 288, (0, 288)),  # a foreground at the grid's edge: trimmed on the other side only
+    ],
+)
+def test_economical_span(core: tuple[int, int], box: tuple[int, int], patch: int, expected: tuple[int, int]) -> None:
+    span = economical_span(core, box, patch)
+    assert span == expected
+    assert box[0] <= span[0] <= core[0] and core[1] <= span[1] <= box[1]
+    assert window_count(span[1] - span[0], patch) == window_count(core[1] - core[0], patch)
 
 
 def test_no_foreground_means_no_crop() -> None:

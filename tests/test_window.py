@@ -10,6 +10,7 @@ import torch
 from satseg.errors import SatInputError
 from satseg.window import (
     IMPORTANCE_PEAK,
+    covered_spans,
     gaussian_importance_map,
     sliding_window_probabilities,
     stitcher,
@@ -117,6 +118,27 @@ def test_stitched_probability_is_sigmoid_of_global_function(shape: tuple[int, in
     assert probabilities.shape == (2, *shape)
     assert probabilities.dtype == torch.float32
     torch.testing.assert_close(probabilities, expected, atol=1e-5, rtol=0)
+
+
+def test_an_edge_allowance_saves_windows_and_replicates_the_uncovered_edge() -> None:
+    """17 voxels with 8-voxel windows need 4 windows; leaving one edge voxel uncovered needs 3."""
+    shape = (17, 8, 8)
+    image = coordinate_image(shape)
+    queries = queries_with_offsets(0.0, 1.5)
+    counted = {}
+    results = {}
+    for allowance in (0.0, 0.125):
+        predictor = PositionPredictor()
+        results[allowance] = sliding_window_probabilities(
+            image, queries, predictor, PATCH, accumulator_dtype=torch.float32, edge_allowance=allowance
+        )
+        counted[allowance] = sum(predictor.batch_sizes)
+    assert counted == {0.0: 4, 0.125: 3}
+    assert covered_spans(shape, PATCH, 0.5, 0.125) == [(1, 17), (0, 8), (0, 8)]
+    expected = torch.sigmoid(torch.stack([position_logits(image), position_logits(image) + 1.5]))
+    torch.testing.assert_close(results[0.0], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(results[0.125][:, 1:], expected[:, 1:], atol=1e-5, rtol=0)
+    assert torch.equal(results[0.125][:, 0], results[0.125][:, 1]), "the uncovered voxel takes its neighbour's value"
 
 
 @pytest.mark.parametrize("shape", [(20, 20, 20), (21, 18, 15)])

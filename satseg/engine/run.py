@@ -172,6 +172,7 @@ def probabilities_on_input_grid(
             window.patch_size,
             overlap=window.overlap,
             sigma_scale=window.sigma_scale,
+            edge_allowance=window.edge_allowance,
             batch_size=run.batch_size,
             accumulator_dtype=run.accumulator_dtype,
             device=run.device,

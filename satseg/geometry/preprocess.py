@@ -24,7 +24,8 @@ from nibabel.orientations import axcodes2ornt, inv_ornt_aff, io_orientation, orn
 
 from satseg.errors import SatInputError
 from satseg.geometry.volume import Volume, check_modality
-from satseg.spec import DEFAULT_PREPROCESS, PreprocessConfig
+from satseg.spec import DEFAULT_PREPROCESS, PreprocessConfig, WindowSpec
+from satseg.window.steps import economical_span
 
 _CHUNK_VOXELS = 1 << 22  # 16 MB of float32 temporaries per chunk in the 1D passes
 _TORCH_DTYPES = (np.uint8, np.int8, np.int16, np.int32, np.int64, np.float32, np.float64)
@@ -112,13 +113,18 @@ class PreparedVolume:
         return np.ascontiguousarray(picked.transpose(np.argsort(output_axis)), dtype=np.uint16)
 
 
-def prepare(volume: Volume, modality: str, config: PreprocessConfig = DEFAULT_PREPROCESS) -> PreparedVolume:
+def prepare(
+    volume: Volume, modality: str, config: PreprocessConfig = DEFAULT_PREPROCESS, window: WindowSpec | None = None
+) -> PreparedVolume:
     """Put a volume on the model grid: reorient, resample (trilinear), crop the foreground, normalise.
 
     Args:
         volume: a volume checked by :func:`satseg.geometry.validate_volume` (as ``load_volume`` returns).
         modality: one of :data:`MODALITIES`; selects the foreground threshold and the normalisation.
         config: target grid, cropping and intensity normalisation (the model spec's).
+        window: the model spec's sliding window, for inference: with ``trim_margin`` the crop margin is trimmed
+            where it would cost a window (:func:`~satseg.window.steps.economical_span`). ``None`` (training
+            patches) keeps the whole margin.
 
     Returns:
         The :class:`PreparedVolume`; ``to_input_grid`` maps predictions back to ``volume``'s grid.
@@ -128,8 +134,7 @@ def prepare(volume: Volume, modality: str, config: PreprocessConfig = DEFAULT_PR
     grid = _resample(_as_tensor(volume.array), grid_to_input, grid_shape)
     start, stop = (0, 0, 0), grid_shape
     if config.crop_foreground:
-        margin = [math.ceil(config.crop_margin_mm / s) for s in config.target_spacing]
-        start, stop = _foreground_box(grid, modality, margin, config)
+        start, stop = _crop_box(grid, modality, config, window)
     image = normalize_intensity(grid[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]], modality, config)
     del grid  # the unnormalised grid is no longer needed; normalize_intensity returned a new tensor
     crop_to_grid = np.eye(4)
@@ -193,18 +198,29 @@ def _grid_to_input(
     return oriented_to_input @ grid_to_oriented, (int(grid_shape[0]), int(grid_shape[1]), int(grid_shape[2]))
 
 
-def _foreground_box(
-    grid: torch.Tensor, modality: str, margin: list[int], config: PreprocessConfig
-) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """Start and stop (exclusive) of the foreground box of ``grid`` [H, W, D] plus ``margin`` voxels.
+Box = tuple[tuple[int, int, int], tuple[int, int, int]]
+"""Start and stop (exclusive) of a box in a ``[H, W, D]`` grid."""
 
-    Foreground is CT > ``config.ct_foreground_hu``, other modalities > ``config.foreground_above``; no
-    foreground gives the whole grid.
-    """
+
+def _crop_box(grid: torch.Tensor, modality: str, config: PreprocessConfig, window: WindowSpec | None) -> Box:
+    """The foreground box of ``grid`` plus the crop margin (clipped to the grid), trimmed by ``window``'s rule."""
+    (core_start, core_stop) = _foreground_box(grid, modality, config)
+    margin = [math.ceil(config.crop_margin_mm / s) for s in config.target_spacing]
+    spans = []
+    for axis in range(3):
+        core = (core_start[axis], core_stop[axis])
+        box = (max(core[0] - margin[axis], 0), min(core[1] + margin[axis], grid.shape[axis]))
+        if window is not None and window.trim_margin:
+            box = economical_span(core, box, window.patch_size[axis], window.overlap)
+        spans.append(box)
+    return (spans[0][0], spans[1][0], spans[2][0]), (spans[0][1], spans[1][1], spans[2][1])
+
+
+def _foreground_box(grid: torch.Tensor, modality: str, config: PreprocessConfig) -> Box:
+    """The bounding box of the foreground of ``grid`` [H, W, D]: CT > ``config.ct_foreground_hu``, other
+    modalities > ``config.foreground_above``; no foreground gives the whole grid."""
     threshold = config.ct_foreground_hu if modality == "ct" else config.foreground_above
-    start, stop = generate_spatial_bounding_box(
-        grid[None], select_fn=lambda x: x > threshold, margin=margin, allow_smaller=True
-    )
+    start, stop = generate_spatial_bounding_box(grid[None], select_fn=lambda x: x > threshold, allow_smaller=True)
     if not any(stop):
         return (0, 0, 0), (grid.shape[0], grid.shape[1], grid.shape[2])
     return (start[0], start[1], start[2]), (stop[0], stop[1], stop[2])

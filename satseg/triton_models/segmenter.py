@@ -117,7 +117,7 @@ class SegmenterModel:
             prompts_per_pass=self.prompts_per_pass,
         )
         spec = options.applied_to(self.spec)
-        prepared = prepare(request.volume, request.modality, spec.preprocess)
+        prepared = prepare(request.volume, request.modality, spec.preprocess, spec.window)
         output = request.options.output
         outputs = Outputs(masks=output != contract.OUTPUT_LABELMAP, labelmap=output != contract.OUTPUT_MASKS)
         run = options.window_run(self.device)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from satseg.errors import SatInputError
 from satseg.spec import DEFAULT_SIGMA_SCALE
 from satseg.window.importance import gaussian_importance_map
-from satseg.window.steps import window_slices
+from satseg.window.steps import covered_spans, window_slices
 
 Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(patches [B, 1, h, w, d] float32, queries [B, N, C] float32) -> logits [B, N, h, w, d]``.
@@ -30,6 +30,7 @@ def sliding_window_probabilities(
     *,
     overlap: float = 0.5,
     sigma_scale: float = DEFAULT_SIGMA_SCALE,
+    edge_allowance: float = 0.0,
     batch_size: int = 1,
     accumulator_dtype: torch.dtype = torch.float16,
     device: torch.device | str | None = None,
@@ -60,6 +61,9 @@ def sliding_window_probabilities(
         predictor: see :data:`Predictor`; called with tensors on ``device``.
         patch_size: ``(h, w, d)`` window size in voxels.
         overlap: fraction shared by neighbouring windows, in ``[0, 1)``.
+        edge_allowance: up to this fraction of the patch at each end of an axis may be left uncovered where that
+            saves a window (:func:`~satseg.window.steps.covered_spans`); those voxels take the probabilities of
+            the nearest covered voxel along the axis (edge replication). ``0`` covers every voxel.
         sigma_scale: the importance map's Gaussian sigma as a fraction of the patch size.
         batch_size: windows per predictor call.
         accumulator_dtype: float dtype of the accumulator and of the result.
@@ -76,7 +80,8 @@ def sliding_window_probabilities(
     with torch.inference_mode():
         padded, crop = pad_to_patch(image.to(device=device, dtype=torch.float32), patch_size)
         queries = queries.to(device=device, dtype=torch.float32)
-        windows = window_slices(tuple(padded.shape), patch_size, overlap)  # type: ignore[arg-type]
+        spans = covered_spans(padded.shape, patch_size, overlap, edge_allowance)
+        windows = window_slices(tuple(padded.shape), patch_size, overlap, spans)  # type: ignore[arg-type]
         num_prompts = queries.shape[0]
         try:
             probabilities, weights = _allocate_accumulators(num_prompts, padded.shape, accumulator_dtype, device)
@@ -107,8 +112,21 @@ def sliding_window_probabilities(
                     probabilities[(slice(None), *window)] += blended.mul_(importance / weights[window])
                 bar.update(len(batch))
 
+        replicate_edges(probabilities, spans)
         # Rounding of the partial sums can overshoot 1 by an ulp.
         return probabilities[(slice(None), *crop)].clamp_(0.0, 1.0)
+
+
+def replicate_edges(values: torch.Tensor, spans: Sequence[tuple[int, int]]) -> None:
+    """Fill ``values [N, H, W, D]`` outside ``spans`` (one ``(start, stop)`` per spatial axis) in place with the
+    nearest slice inside them, axis by axis."""
+    for axis, (start, stop) in enumerate(spans, start=1):
+        if start > 0:
+            values.narrow(axis, 0, start).copy_(values.narrow(axis, start, 1).expand_as(values.narrow(axis, 0, start)))
+        end = values.shape[axis] - stop
+        if end > 0:
+            last = values.narrow(axis, stop - 1, 1)
+            values.narrow(axis, stop, end).copy_(last.expand_as(values.narrow(axis, stop, end)))
 
 
 def _check_arguments(
