@@ -118,3 +118,13 @@ def covered_spans(
         allowed = min(math.floor(edge_allowance * patch), (size - patch) // 2)
         spans.append(economical_span((allowed, size - allowed), (0, size), patch, overlap))
     return spans
+
+
+def planned_windows(
+    shape: Sequence[int], patch_size: tuple[int, int, int], overlap: float = 0.5, edge_allowance: float = 0.0
+) -> tuple[list[tuple[int, int]], list[WindowSlices]]:
+    """The covered spans and the windows the stitcher runs over a model grid of ``shape`` (a short axis is
+    padded to one patch first, as the stitcher pads it)."""
+    padded = tuple(max(size, patch) for size, patch in zip(shape, patch_size, strict=True))
+    spans = covered_spans(padded, patch_size, overlap, edge_allowance)
+    return spans, window_slices(padded, patch_size, overlap, spans)  # type: ignore[arg-type]

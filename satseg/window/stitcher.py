@@ -12,7 +12,7 @@ from tqdm import tqdm
 from satseg.errors import SatInputError
 from satseg.spec import DEFAULT_SIGMA_SCALE
 from satseg.window.importance import gaussian_importance_map
-from satseg.window.steps import covered_spans, window_slices
+from satseg.window.steps import planned_windows
 
 Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(patches [B, 1, h, w, d] float32, queries [B, N, C] float32) -> logits [B, N, h, w, d]``.
@@ -80,8 +80,7 @@ def sliding_window_probabilities(
     with torch.inference_mode():
         padded, crop = pad_to_patch(image.to(device=device, dtype=torch.float32), patch_size)
         queries = queries.to(device=device, dtype=torch.float32)
-        spans = covered_spans(padded.shape, patch_size, overlap, edge_allowance)
-        windows = window_slices(tuple(padded.shape), patch_size, overlap, spans)  # type: ignore[arg-type]
+        spans, windows = planned_windows(padded.shape, patch_size, overlap, edge_allowance)
         num_prompts = queries.shape[0]
         try:
             probabilities, weights = _allocate_accumulators(num_prompts, padded.shape, accumulator_dtype, device)
