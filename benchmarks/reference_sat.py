@@ -120,7 +120,7 @@ def main() -> None:
     masks, windows = segment(model.vision, image.as_tensor(), queries, segmenter.patch_size)
     args.output.mkdir(parents=True, exist_ok=True)
     affine = np.asarray(image.affine, dtype=np.float64)
-    for index, term in enumerate(terms):
+    for index in range(len(terms)):
         mask = masks[index].numpy().astype(np.uint8)
         nib.save(nib.Nifti1Image(mask, affine), args.output / f"{index:02d}.nii.gz")
     summary = {"terms": terms, "windows": windows, "grid": list(image.shape[1:])}
