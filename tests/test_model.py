@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from satseg.model import SATVision, get_config
 from satseg.model.config import SATConfig
 from satseg.model.text_tower import mean_pool
 from satseg.model.tokens import sinusoidal_position_encoding_3d
+from satseg.model.unet import ConvBlock, InstanceNorm3d, SkipConvBlock
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -123,3 +126,52 @@ def test_mean_pool_ignores_padding() -> None:
     hidden = torch.tensor([[[1.0], [3.0], [100.0]]])
     mask = torch.tensor([[1, 1, 0]])
     assert mean_pool(hidden, mask).item() == pytest.approx(2.0)
+
+
+def test_skip_block_equals_the_block_on_the_concatenation_and_lets_go_of_its_parts() -> None:
+    torch.manual_seed(1)
+    block = SkipConvBlock(6, 4)
+    plain = ConvBlock(6, 4)
+    plain.load_state_dict(block.state_dict())
+    upsampled, skip = torch.randn(1, 2, 8, 8, 4), torch.randn(1, 4, 8, 8, 4)
+    parts = [upsampled, skip]
+    with torch.inference_mode():
+        expected = plain(torch.cat(parts, dim=1))
+        assert torch.allclose(block(parts), expected, atol=1e-5)
+    assert parts == []
+    with pytest.raises(ValueError, match="do not hold the 6 channels"):
+        block([skip])
+
+
+def test_inference_forward_matches_the_autograd_forward_channels_last_or_not() -> None:
+    """Outside autograd the norm runs in place; on channels-last weights every map stays channels-last."""
+    torch.manual_seed(0)
+    tiny_vision = SATVision(get_config("tiny")).eval()  # its own: the fixture was cast in inference mode
+    config = tiny_vision.config
+    generator = torch.Generator().manual_seed(2)
+    image = torch.randn(1, 1, *config.patch_size, generator=generator) * 3 + 1
+    queries = torch.randn(1, 3, config.d_model, generator=generator)
+    with torch.enable_grad():
+        expected = tiny_vision(image, queries).detach()
+    lean = copy.deepcopy(tiny_vision).to(memory_format=torch.channels_last_3d)
+    formats = []
+    lean.backbone.decoder[0].register_forward_hook(
+        lambda _module, _inputs, output: formats.append(output.is_contiguous(memory_format=torch.channels_last_3d))
+    )
+    for model in (tiny_vision, lean):
+        with torch.inference_mode():
+            assert torch.allclose(model(image, queries), expected, atol=1e-4, rtol=1e-4)
+    assert formats == [True]
+
+
+def test_the_in_place_norm_normalises_per_channel_with_its_affine() -> None:
+    norm = InstanceNorm3d(3, eps=1e-5, affine=True)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        norm.bias.copy_(torch.tensor([0.0, -1.0, 3.0]))
+    features = torch.randn(2, 3, 5, 6, 7) * 4 + 2
+    expected = torch.nn.functional.instance_norm(features, weight=norm.weight, bias=norm.bias, eps=1e-5)
+    with torch.inference_mode():
+        normalised = norm(features.clone())
+    assert torch.allclose(normalised, expected, atol=1e-5)
+    assert torch.allclose(normalised.mean(dim=(2, 3, 4)), norm.bias.detach().expand(2, 3), atol=1e-5)

@@ -40,8 +40,10 @@ class SATVision(nn.Module):
         self.deep_supervision_heads = nn.ModuleList(heads[1:])
 
     def forward(self, image: torch.Tensor, queries: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        encoder_maps, decoder_maps = self.backbone(image)
+        encoder_maps = self.backbone.encode(image)
         tokens, positions = self.tokenizer(encoder_maps)
+        # decode() consumes the encoder maps, so each full-resolution map is freed once the decoder has used it.
+        decoder_maps = self.backbone.decode(encoder_maps)
         decoded = self.decoder(queries, tokens, positions)
         logits = self.mask_head(decoded, decoder_maps[0])
         if not (self.training and self.deep_supervision):
