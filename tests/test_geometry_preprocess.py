@@ -205,6 +205,23 @@ def test_a_margin_that_costs_a_window_is_trimmed_never_the_foreground(trim_margi
     assert back[10:26, 8:20, 5:12].all(), "the foreground is never trimmed"
 
 
+def test_trimming_the_margin_moves_no_intensity() -> None:
+    """Normalisation statistics come from the whole margin box (as in training), so the trimmed image is the
+    untrimmed one cut, voxel for voxel."""
+    affine = np.diag([1.0, 1.0, 3.0, 1.0])
+    array = np.random.default_rng(3).normal(-900, 50, (40, 30, 20)).astype(np.float32)
+    array[10:26, 8:20, 5:12] = np.random.default_rng(4).normal(60, 30, (16, 12, 7))
+    config = PreprocessConfig(crop_margin_mm=3.0)
+    whole, trimmed = (
+        prepare(Volume(array, affine), "ct", config, WindowSpec(patch_size=(16, 16, 8), trim_margin=trim))
+        for trim in (False, True)
+    )
+    offset = [b - a for a, b in zip(whole.crop_start, trimmed.crop_start, strict=True)]
+    assert trimmed.image.shape != whole.image.shape
+    cut = whole.image[tuple(slice(o, o + n) for o, n in zip(offset, trimmed.image.shape, strict=True))]
+    assert torch.equal(trimmed.image, cut)
+
+
 @pytest.mark.parametrize(
     ("core", "box", "patch", "expected"),
     [

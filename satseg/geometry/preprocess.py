@@ -132,11 +132,19 @@ def prepare(
     modality = check_modality(modality)
     grid_to_input, grid_shape = _grid_to_input(volume.affine, volume.shape, config)
     grid = _resample(_as_tensor(volume.array), grid_to_input, grid_shape)
-    start, stop = (0, 0, 0), grid_shape
-    if config.crop_foreground:
-        start, stop = _crop_box(grid, modality, config, window)
-    image = normalize_intensity(grid[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]], modality, config)
+    whole: Box = ((0, 0, 0), grid_shape)
+    margin_box, (start, stop) = _crop_boxes(grid, modality, config, window) if config.crop_foreground else (whole,) * 2
+    # The statistics come from the whole margin box, as in training (which never trims): trimming where it
+    # saves a window moves no intensity.
+    image = normalize_intensity(_cut(grid, margin_box), modality, config)
     del grid  # the unnormalised grid is no longer needed; normalize_intensity returned a new tensor
+    if (start, stop) != margin_box:
+        offset = margin_box[0]
+        inner = (
+            tuple(a - o for a, o in zip(start, offset, strict=True)),
+            tuple(b - o for b, o in zip(stop, offset, strict=True)),
+        )
+        image = _cut(image, inner).clone()  # type: ignore[arg-type]
     crop_to_grid = np.eye(4)
     crop_to_grid[:3, 3] = start
     return PreparedVolume(
@@ -202,17 +210,30 @@ Box = tuple[tuple[int, int, int], tuple[int, int, int]]
 """Start and stop (exclusive) of a box in a ``[H, W, D]`` grid."""
 
 
-def _crop_box(grid: torch.Tensor, modality: str, config: PreprocessConfig, window: WindowSpec | None) -> Box:
-    """The foreground box of ``grid`` plus the crop margin (clipped to the grid), trimmed by ``window``'s rule."""
+def _cut(image: torch.Tensor, box: Box) -> torch.Tensor:
+    (start, stop) = box
+    return image[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]]
+
+
+def _crop_boxes(
+    grid: torch.Tensor, modality: str, config: PreprocessConfig, window: WindowSpec | None
+) -> tuple[Box, Box]:
+    """The foreground box of ``grid`` plus the crop margin (clipped to the grid), and that box trimmed by
+    ``window``'s rule (the same box without a window or ``trim_margin``)."""
     (core_start, core_stop) = _foreground_box(grid, modality, config)
     margin = [math.ceil(config.crop_margin_mm / s) for s in config.target_spacing]
-    spans = []
+    spans, trimmed = [], []
     for axis in range(3):
         core = (core_start[axis], core_stop[axis])
         box = (max(core[0] - margin[axis], 0), min(core[1] + margin[axis], grid.shape[axis]))
+        spans.append(box)
         if window is not None and window.trim_margin:
             box = economical_span(core, box, window.patch_size[axis], window.overlap)
-        spans.append(box)
+        trimmed.append(box)
+    return tuple(_as_box(boxes) for boxes in (spans, trimmed))  # type: ignore[return-value]
+
+
+def _as_box(spans: list[tuple[int, int]]) -> Box:
     return (spans[0][0], spans[1][0], spans[2][0]), (spans[0][1], spans[1][1], spans[2][1])
 
 
