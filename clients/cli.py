@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from clients.folder_run import REPORT_FILE, RunRequest, run_cases, run_folder
+from clients.folder_run import RunRequest, Shard, run_cases, run_folder
 from clients.sat_client import (
     DEFAULT_PORTS,
     DEFAULT_RETRY_BUDGET_S,
@@ -71,6 +71,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-type", choices=OUTPUT_TYPES, default="nifti", help="default nifti")
     parser.add_argument("--jobs", type=int, default=1, help="cases in flight at once (default 1)")
     parser.add_argument(
+        "--shard",
+        type=Shard.parse,
+        default=Shard(),
+        metavar="I/N",
+        help="run only shard I of N of the cases (by input name; N runs with I = 1..N together cover each case "
+        "once, into one output folder; each writes run_report.shard-I-of-N.json)",
+    )
+    parser.add_argument(
         "--shared-memory",
         choices=SHARED_MEMORY_MODES,
         default="auto",
@@ -105,7 +113,7 @@ def run_request(args: argparse.Namespace) -> RunRequest:
 
 def run(args: argparse.Namespace) -> int:
     request = run_request(args)
-    cases = run_cases(args.input, args.output)
+    cases = [case for case in run_cases(args.input, args.output) if args.shard.holds(case)]
     url = args.url or f"127.0.0.1:{DEFAULT_PORTS[args.protocol]}"
 
     def make_client() -> SATClient:
@@ -127,12 +135,19 @@ def run(args: argparse.Namespace) -> int:
             )
     print(f"{PROG}: {len(cases)} case(s), {len(request.prompts)} prompt(s), server {url}", file=sys.stderr)
     report = run_folder(
-        cases, make_client, request, args.output, jobs=args.jobs, progress=not args.quiet, verbose=args.verbose
+        cases,
+        make_client,
+        request,
+        args.output,
+        jobs=args.jobs,
+        progress=not args.quiet,
+        verbose=args.verbose,
+        shard=args.shard,
     )
     summary = report["summary"]
     print(
         f"{PROG}: {summary['done']} done, {summary['skipped']} skipped, {summary['failed']} failed; "
-        f"report: {args.output / REPORT_FILE}",
+        f"report: {args.output / args.shard.report_file}",
         file=sys.stderr,
     )
     return 1 if summary["failed"] else 0

@@ -10,6 +10,7 @@ again. ``run_report.json`` is rewritten (atomically) after every case.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -33,6 +34,41 @@ from satseg.outputs.run_folder import refuse_existing_file, swap_into_place
 CASE_FILE = "case.json"
 REPORT_FILE = "run_report.json"
 WORK_FOLDER = ".sat-work"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` (1-based) of a folder run: the cases whose input name hashes to it.
+
+    By the name's hash, not its position, so a shard keeps its cases when others are added to the folder.
+    Shards of one run share the output folder (each case folder is written by one shard alone); each has its
+    own report and work folder, so none removes another's files.
+    """
+
+    index: int = 1
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"I/N"`` with ``1 <= I <= N``."""
+        found = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if found is None or not 1 <= int(found[1]) <= int(found[2]):
+            raise SatInputError(f"--shard {text!r} must be I/N with 1 <= I <= N, e.g. 2/4")
+        return cls(int(found[1]), int(found[2]))
+
+    def holds(self, case: Case) -> bool:
+        return int(case.name_hash, 16) % self.count == self.index - 1
+
+    def _suffix(self) -> str:
+        return "" if self.count == 1 else f".shard-{self.index}-of-{self.count}"
+
+    @property
+    def report_file(self) -> str:
+        return f"{Path(REPORT_FILE).stem}{self._suffix()}.json"
+
+    @property
+    def work_folder(self) -> str:
+        return WORK_FOLDER + self._suffix()
 
 
 @dataclass(frozen=True)
@@ -149,7 +185,13 @@ def run_cases(input_path: Path, output: Path) -> list[Case]:
 
 
 def run_case(
-    case: Case, client: SATClient, request: RunRequest, output: Path, model: str, verbose: bool = False
+    case: Case,
+    client: SATClient,
+    request: RunRequest,
+    output: Path,
+    model: str,
+    verbose: bool = False,
+    work_folder: str = WORK_FOLDER,
 ) -> CaseReport:
     """Segment one case into ``output/<case.name>``, unless a complete folder for ``request``, this input and
     the served ``model`` is there.
@@ -158,7 +200,7 @@ def run_case(
     """
     report = CaseReport(case.index, case.name)
     final = output / case.name
-    work = output / WORK_FOLDER
+    work = output / work_folder
     partial = work / f"{case.name}.partial"
     started = time.perf_counter()
     identity: str | None = None
@@ -227,13 +269,15 @@ def run_folder(
     jobs: int = 1,
     progress: bool = True,
     verbose: bool = False,
+    shard: Shard = Shard(),
 ) -> dict[str, Any]:
-    """Run every case (``jobs`` at a time, one client per worker thread) and return the run report.
+    """Run every case (``jobs`` at a time, one client per worker thread) and return the run report, written to
+    ``shard.report_file`` (the caller passes the shard's cases).
 
     Progress and per-case lines go to stderr and name cases by index (and by input path with ``verbose``).
     """
     output.mkdir(parents=True, exist_ok=True)
-    remove_stale_parts(output / REPORT_FILE)  # a run killed while writing its report left one behind
+    remove_stale_parts(output / shard.report_file)  # a run killed while writing its report left one behind
     local = threading.local()
 
     first = make_client()
@@ -243,7 +287,7 @@ def run_folder(
     def run(case: Case) -> CaseReport:
         if not hasattr(local, "client"):
             local.client = make_client()
-        return run_case(case, local.client, request, output, model, verbose)
+        return run_case(case, local.client, request, output, model, verbose, shard.work_folder)
 
     report: dict[str, Any] = {
         "server_version": first.server_version(),
@@ -251,12 +295,14 @@ def run_folder(
         # How the served model was run: spacing, crop, normalisation, window, threshold, trained terms.
         "model_spec": first.model_spec(request.prompts[0], request.modality).to_json(),
         "request": request.as_json(),
+        "shard": f"{shard.index}/{shard.count}",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cases": [asdict(CaseReport(case.index, case.name)) for case in cases],
     }
     if verbose:
         for entry, case in zip(report["cases"], cases, strict=True):
             entry["input"] = str(case.source)
+    position = {case.index: row for row, case in enumerate(cases)}
     lock = threading.Lock()
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = [pool.submit(run, case) for case in cases]
@@ -264,17 +310,17 @@ def run_folder(
         for future in bar:
             result = future.result()
             with lock:
-                report["cases"][result.index - 1].update(asdict(result))
-                write_report(report, output)
+                report["cases"][position[result.index]].update(asdict(result))
+                write_report(report, output / shard.report_file)
             bar.write(f"case {result.index}: {result.status}" + (f" ({result.error})" if result.error else ""))
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_report(report, output)
-    shutil.rmtree(output / WORK_FOLDER, ignore_errors=True)
+    write_report(report, output / shard.report_file)
+    shutil.rmtree(output / shard.work_folder, ignore_errors=True)
     return report
 
 
-def write_report(report: dict[str, Any], output: Path) -> None:
+def write_report(report: dict[str, Any], path: Path) -> None:
     statuses = [case["status"] for case in report["cases"]]
     report["summary"] = {status: statuses.count(status) for status in ("done", "skipped", "failed", "pending")}
     report["failed_cases"] = [case["index"] for case in report["cases"] if case["status"] == "failed"]
-    write_json(report, output / REPORT_FILE)
+    write_json(report, path)

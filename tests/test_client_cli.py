@@ -170,3 +170,31 @@ def test_a_folder_run_records_the_untrained_term_warning(triton_server: TritonSe
     warning = untrained_warning(["pancreas"])
     assert json.loads((output / "a" / CASE_FILE).read_text())[WARNINGS_KEY] == [warning]
     assert json.loads((output / REPORT_FILE).read_text())["cases"][0][WARNINGS_KEY] == [warning]
+
+
+def test_shards_cover_every_case_once_into_one_folder_and_a_rerun_skips(
+    triton_server: TritonServer, tmp_path: Path
+) -> None:
+    """Two shards of a folder run, as an Indexed Job runs them, at the same time into one output folder."""
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    names = [f"case{seed}" for seed in range(6)]
+    for seed, name in enumerate(names):
+        volume = phantom(seed=40 + seed, shape=(24, 22, 10))
+        save_nifti_exact(volume.array, volume.affine, cases / f"{name}.nii.gz")
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "clients.cli", "-i", str(cases), "-o", str(output), "--prompts", "liver"]
+    command += ["--modality", "ct", "--url", triton_server.grpc_url, "--quiet"]
+    shards = [subprocess.Popen([*command, "--shard", f"{i}/2"], stderr=subprocess.PIPE) for i in (1, 2)]
+    assert [shard.wait(timeout=300) for shard in shards] == [0, 0]
+    reports = [json.loads((output / f"run_report.shard-{i}-of-2.json").read_text()) for i in (1, 2)]
+    done = [[case["output"] for case in report["cases"] if case["status"] == "done"] for report in reports]
+    assert sorted(done[0] + done[1]) == names and not set(done[0]) & set(done[1])
+    assert all(done), "each shard got some of the six cases (3 and 3 by their names' hashes)"
+    assert sorted(path.parent.name for path in output.glob(f"*/{CASE_FILE}")) == names
+    assert not list(output.glob(f"{WORK_FOLDER}*")) and not (output / REPORT_FILE).exists()
+    again = subprocess.run([*command, "--shard", "2/2"], capture_output=True, check=True)
+    rerun = json.loads((output / "run_report.shard-2-of-2.json").read_text())
+    assert rerun["summary"] == {"done": 0, "skipped": len(done[1]), "failed": 0, "pending": 0}, again.stderr
+    with pytest.raises(SystemExit, match="2"):  # refused by the parser, with its reason
+        sat_client([*command[3:], "--shard", "3/2"])

@@ -26,6 +26,8 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="needs t
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("gpu", "cpu", "kserve")
+BATCH = "batch"
+"""The sharded sat-client Indexed Job (deploy/k8s/batch), rendered and validated like the overlays."""
 KUBERNETES_VERSION = "1.32.0"
 """The oldest Kubernetes the manifests support (kubectl here is 1.32)."""
 ADAPTER_RULES = K8S / "monitoring" / "prometheus-adapter-rules.yaml"
@@ -43,15 +45,14 @@ Rendered = dict[str, list[dict[str, Any]]]
 def render(overlay: str) -> list[dict[str, Any]]:
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl is not installed: it renders the kustomize overlays")
-    rendered = subprocess.run(
-        ["kubectl", "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, check=True
-    ).stdout
+    folder = K8S / BATCH if overlay == BATCH else K8S / "overlays" / overlay
+    rendered = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, check=True).stdout
     return [document for document in yaml.safe_load_all(rendered) if document]
 
 
 @pytest.fixture(scope="module")
 def rendered() -> Rendered:
-    return {overlay: render(overlay) for overlay in OVERLAYS}
+    return {overlay: render(overlay) for overlay in (*OVERLAYS, BATCH)}
 
 
 def problems(document: dict[str, Any]) -> list[str]:
@@ -95,7 +96,7 @@ def environment(container: dict[str, Any]) -> dict[str, str]:
     return {item["name"]: item["value"] for item in container.get("env", [])}
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", (*OVERLAYS, BATCH))
 def test_every_object_of_every_overlay_validates_strictly(rendered: Rendered, overlay: str) -> None:
     documents = rendered[overlay]
     assert documents
@@ -214,7 +215,7 @@ def test_the_plan_job_writes_the_repository_the_servers_mount_read_only(
 
 
 def test_containers_run_as_non_root_on_read_only_root_filesystems(rendered: Rendered) -> None:
-    for overlay in ("gpu", "cpu"):
+    for overlay in ("gpu", "cpu", BATCH):
         for pod in pod_templates(rendered[overlay]):
             assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
             for container in pod["containers"]:
@@ -235,3 +236,28 @@ def test_gpus_only_where_asked_and_grace_periods_cover_the_exit_timeout(
         assert shm["emptyDir"]["medium"] == "Memory"
     assert environment(server(rendered["cpu"])["containers"][0])["SAT_MODEL_CONFIG"] == "openvino"
     assert (ROOT / "triton_repo" / "vision" / "configs" / "openvino.pbtxt").is_file()
+
+
+def test_the_batch_job_runs_every_shard_once_against_the_service(rendered: Rendered) -> None:
+    """Completion index i runs ``--shard i+1/N`` with N the completions, writing where the output volume is
+    mounted, against the Service's gRPC port, with a task sat-client knows."""
+    from clients.folder_run import Shard
+    from clients.tasks import task
+
+    (job,) = kinds(rendered[BATCH], "Job")
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    (container,) = spec["template"]["spec"]["containers"]
+    script = container["args"][0]
+    words = script.split()
+    shard = re.search(r'--shard "([^"]+)"', script)[1]  # type: ignore[index]
+    assert shard == f"$((JOB_COMPLETION_INDEX + 1))/{spec['completions']}"
+    for index in range(spec["completions"]):  # what the shell makes of it in each pod
+        Shard.parse(shard.replace("$((JOB_COMPLETION_INDEX + 1))", str(index + 1)))
+    output = words[words.index("-o") + 1]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == output)
+    assert not mount.get("readOnly", False)
+    assert words[words.index("--url") + 1] == "sat-triton:8001"
+    assert task(words[words.index("--task") + 1]).prompts
+    (server_overlay,) = kinds(rendered["gpu"], "Service")
+    assert server_overlay["metadata"]["name"] == "sat-triton"
