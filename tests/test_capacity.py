@@ -38,19 +38,11 @@ def test_more_replicas_never_wait_longer_and_the_script_runs_in_seconds() -> Non
         for r in (1, 2, 4)
     ]
     assert p95[0] > p95[1] >= p95[2] >= 283.0 * 0.5
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "capacity.py"), "--per-day", "100"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert "measured: nano" in done.stdout and "NOT measured" not in done.stdout
-    gpu = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "capacity.py"), "--gpu-service-s", "20"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert "NOT measured here" in gpu.stdout
+    measured, on_a_gpu = (capacity_output("--per-day", "100"), capacity_output("--gpu-service-s", "20"))
+    assert "measured: nano" in measured and "NOT measured" not in measured
+    assert "NOT measured here" in on_a_gpu
+
+
+def capacity_output(*arguments: str) -> str:
+    command = [sys.executable, str(BENCHMARKS / "capacity.py"), *arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
