@@ -56,17 +56,23 @@ class SkipConvBlock(ConvBlock):
     """A :class:`ConvBlock` over the channel concatenation of a list of maps, which it empties.
 
     ``forward(parts [[B, C_1, ...], [B, C_2, ...], ...]) -> [B, Cout, ...]`` equals the block on
-    ``torch.cat(parts, 1)``, but the convolution runs once per part over its slice of the weight and the
-    results are summed; the concatenation is never made. Parts are taken from the last to the first, a
-    callable part is called only then, and each is dropped from the list once used, so its memory can be
-    freed at once. In eager inference each later part is added in place, :data:`OUTPUT_CHANNEL_CHUNK`
-    output channels at a time. At ``nano``'s full resolution, with the decoder's upsampled map made
-    lazily after the skip map is used, a window peaks at about two 2 GB maps here instead of six.
+    ``torch.cat(parts, 1)``. In eager inference the concatenation is never made: the convolution runs once
+    per part over its slice of the weight, parts taken from the last to the first (a callable part called
+    only then), each dropped from the list once used so its memory is freed at once, and each later part
+    added in place, :data:`OUTPUT_CHANNEL_CHUNK` output channels at a time. At ``nano``'s full resolution,
+    with the decoder's upsampled map made after the skip map is used, a window peaks at about two 2 GB maps
+    here instead of six.
     The parameters are those of a plain block, so checkpoints match.
     """
 
     def forward(self, parts: list[Part]) -> torch.Tensor:  # type: ignore[override]
         conv, norm, activation = self
+        if not in_eager_inference():
+            # Autograd and export: one convolution over the concatenation. OpenVINO ran the split graph 14% slower
+            # end to end on nano (benchmarks/RESULTS.md), and autograd keeps the parts alive anyway.
+            maps = [part() if callable(part) else part for part in parts]
+            parts.clear()
+            return activation(norm(conv(torch.cat(maps, dim=1))))
         total: torch.Tensor | None = None
         stop = conv.in_channels
         while parts:
@@ -79,12 +85,10 @@ class SkipConvBlock(ConvBlock):
             weight = conv.weight[:, start:stop]
             if total is None:
                 total = F.conv3d(part, weight, conv.bias, conv.stride, conv.padding)
-            elif in_eager_inference():
+            else:
                 for first in range(0, weight.shape[0], OUTPUT_CHANNEL_CHUNK):
                     rows = slice(first, first + OUTPUT_CHANNEL_CHUNK)
                     total[:, rows].add_(F.conv3d(part, weight[rows], None, conv.stride, conv.padding))
-            else:
-                total = total + F.conv3d(part, weight, None, conv.stride, conv.padding)
             del part
             stop = start
         if total is None or stop != 0:
