@@ -140,7 +140,9 @@ def test_skip_block_equals_the_block_on_the_concatenation_and_lets_go_of_its_par
         assert torch.allclose(block(parts), expected, atol=1e-5)
     assert parts == []
     with pytest.raises(ValueError, match="do not hold the 6 channels"):
-        block([skip])
+        block([skip])  # autograd: the concatenation
+    with torch.inference_mode(), pytest.raises(ValueError, match="do not hold the 6 channels"):
+        block([skip])  # eager inference: the split
 
 
 def test_inference_forward_matches_the_autograd_forward_channels_last_or_not() -> None:

@@ -72,6 +72,8 @@ class SkipConvBlock(ConvBlock):
             # end to end on nano (benchmarks/RESULTS.md), and autograd keeps the parts alive anyway.
             maps = [part() if callable(part) else part for part in parts]
             parts.clear()
+            if sum(map_.shape[1] for map_ in maps) != conv.in_channels:
+                raise self.channel_mismatch()
             return activation(norm(conv(torch.cat(maps, dim=1))))
         total: torch.Tensor | None = None
         stop = conv.in_channels
@@ -92,8 +94,11 @@ class SkipConvBlock(ConvBlock):
             del part
             stop = start
         if total is None or stop != 0:
-            raise ValueError(f"the parts do not hold the {conv.in_channels} channels the convolution takes")
+            raise self.channel_mismatch()
         return activation(norm(total))
+
+    def channel_mismatch(self) -> ValueError:
+        return ValueError(f"the parts do not hold the {self[0].in_channels} channels the convolution takes")
 
 
 def conv_stage(
