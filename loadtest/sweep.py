@@ -73,12 +73,12 @@ def sweep(config: dict[str, Any], repository: Path, folder: Path) -> list[SweepP
                 before, started = scrape(server.metrics_url), time.monotonic()
                 run_locust(run, run_folder)
                 seconds = time.monotonic() - started
-                served = ensemble_requests(difference(scrape(server.metrics_url), before))
+                counted = ensemble_requests(difference(scrape(server.metrics_url), before))
                 totals = locust_totals(run_folder)
                 points.append(
                     SweepPoint(
                         dict(counts), users, (totals.requests - totals.failures) / (seconds / 60.0), totals.p95_ms,
-                        totals.failures, served.total,
+                        totals.failures, counted.total,
                     )
                 )  # fmt: skip
                 rate = points[-1].volumes_per_minute
