@@ -66,7 +66,25 @@ def fill_slice_thickness(sources: Sequence[pydicom.Dataset]) -> None:
             ds.SliceThickness = spacing
 
 
-def write_dicom_seg(masks: np.ndarray, labels: Sequence[str], series_folder: Path, path: Path) -> Path:
+def result_uids(source_series_uid: str, model: str) -> tuple[str, str]:
+    """The SEG's series and SOP instance UIDs for one source series and one model: the same every time, so a
+    result sent twice (a crash between sending and recording it) is one instance to the PACS."""
+    from pydicom.uid import generate_uid
+
+    series, instance = (generate_uid(entropy_srcs=[source_series_uid, model, part]) for part in ("series", "instance"))
+    return series, instance
+
+
+def write_dicom_seg(
+    masks: np.ndarray,
+    labels: Sequence[str],
+    series_folder: Path,
+    path: Path,
+    *,
+    model: str = "",
+    series_uid: str | None = None,
+    instance_uid: str | None = None,
+) -> Path:
     """Write a binary DICOM SEG of ``masks`` (``[N, I, J, K]`` on the series' grid) referencing the series.
 
     Args:
@@ -74,6 +92,9 @@ def write_dicom_seg(masks: np.ndarray, labels: Sequence[str], series_folder: Pat
         labels: the term of each mask (segment labels; codes where DICOM has them).
         series_folder: the source series, whose headers the SEG references.
         path: the ``.dcm`` file to write (atomically).
+        model: the served model's hash, recorded as the algorithm's ``model`` parameter.
+        series_uid, instance_uid: the SEG's own UIDs (default: new ones); a caller that must not make two
+            results of one input passes UIDs derived from it (see :func:`result_uids`).
     """
     from pydicom.sr.codedict import codes
 
@@ -83,7 +104,10 @@ def write_dicom_seg(masks: np.ndarray, labels: Sequence[str], series_folder: Pat
         raise SatInputError(f"masks {list(masks.shape[1:])} do not lie on the source series' grid")
     fill_slice_thickness(sources)
     algorithm = highdicom.AlgorithmIdentificationSequence(
-        name="SAT", version=__version__, family=codes.cid7162.ArtificialIntelligence
+        name="SAT",
+        version=__version__,
+        family=codes.cid7162.ArtificialIntelligence,
+        parameters={"model": model} if model else None,
     )
     descriptions = [
         highdicom.seg.SegmentDescription(
@@ -101,9 +125,9 @@ def write_dicom_seg(masks: np.ndarray, labels: Sequence[str], series_folder: Pat
         pixel_array=frames(masks),
         segmentation_type=highdicom.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=highdicom.UID(),
+        series_instance_uid=series_uid or highdicom.UID(),
         series_number=SERIES_NUMBER,
-        sop_instance_uid=highdicom.UID(),
+        sop_instance_uid=instance_uid or highdicom.UID(),
         instance_number=1,
         manufacturer="satseg",
         manufacturer_model_name="SAT",

@@ -157,7 +157,7 @@ class Segmentation:
             raise SatInputError("DICOM SEG output needs the source DICOM series; this volume did not come from one")
         folder.mkdir(parents=True, exist_ok=True)
         assert self.masks is not None  # checked above
-        segmentation = write_dicom_seg(self.masks, self.labels, series, folder / SEG_FILE)
+        segmentation = write_dicom_seg(self.masks, self.labels, series, folder / SEG_FILE, model=self.model)
         return [segmentation, *write_result(self.volume, self.result, folder, options)]
 
 

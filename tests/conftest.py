@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,3 +85,14 @@ def demo_reference(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from satseg.pipeline import Segmenter
 
     return Segmenter.from_checkpoint(DEMO_CHECKPOINT, cache_dir=tmp_path_factory.mktemp("embeddings"))
+
+
+@pytest.fixture(scope="session")
+def orthanc_ready() -> None:
+    """Orthanc and its DICOMweb plugin are installed: installed here as root (CI), else the test is skipped."""
+    from clients.dicom_node.orthanc import install_orthanc, orthanc_available
+
+    if orthanc_available() and os.geteuid() == 0:
+        install_orthanc()
+    if reason := orthanc_available():
+        pytest.skip(reason)

@@ -1,0 +1,186 @@
+"""How series reach the node: a DIMSE storage SCP (pynetdicom) and a DICOMweb watcher (dicomweb-client).
+
+Both write each instance to ``incoming/<job id>/`` atomically and record it in the job database before
+it counts as received: the SCP answers a C-STORE only after both, so an acknowledged instance is on disk.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+from clients.dicom_node.config import DicomWeb, Receive
+from clients.dicom_node.jobs import RECEIVED, JobStore, job_id, uid_hash
+from satseg.atomic import write_bytes_atomically
+
+logger = logging.getLogger("sat-dicom-node")
+
+STORAGE_SOP_CLASSES = (
+    "CTImageStorage",
+    "MRImageStorage",
+    "PositronEmissionTomographyImageStorage",
+    "EnhancedCTImageStorage",
+    "EnhancedMRImageStorage",
+    "EnhancedPETImageStorage",
+    # Accepted only to be skipped with a logged reason, so a modality that sends everything is not refused.
+    "SecondaryCaptureImageStorage",
+    "BasicTextSRStorage",
+    "EnhancedSRStorage",
+    "ComprehensiveSRStorage",
+    "XRayRadiationDoseSRStorage",
+)
+SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+"""C-STORE statuses (PS3.4 GG.4): success, refused for its size, refused as unusable."""
+UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+NOT_IMAGE_MODALITIES = frozenset({"SEG", "SR", "RTSTRUCT", "RTPLAN", "RTDOSE", "PR", "KO", "DOC", "REG", "OT"})
+"""Modalities a DICOMweb series is skipped for without pulling it (the node's own SEG results among them)."""
+
+
+def instance_path(incoming: Path, identifier: str, instance_uid: str) -> Path:
+    return incoming / identifier / f"{uid_hash(instance_uid)}.dcm"
+
+
+def missing_uid(dataset: pydicom.Dataset) -> str:
+    """The first of the Study, Series and SOP Instance UIDs that is absent or empty, or ""."""
+    return next((name for name in UIDS if not str(dataset.get(name, "")).strip()), "")
+
+
+def keep_instance(
+    store: JobStore, incoming: Path, dataset: pydicom.Dataset, data: bytes, origin: str, expected: int | None = None
+) -> str:
+    """Write one instance (its encoded file) and record it; returns its job id.
+
+    The file goes to disk before the database row, so a row always has its file; an instance of a job that is
+    past receiving is dropped (logged), which is how a resent series is not segmented twice.
+    """
+    series, study, instance = (str(dataset.get(name)) for name in ("SeriesInstanceUID", "StudyInstanceUID", UIDS[2]))
+    identifier = job_id(series)
+    job = store.get(identifier)
+    if job is not None and job.state not in (RECEIVED, "complete"):
+        logger.info("job %s: an instance arrived after the series was taken (%s); not added", identifier, job.state)
+        return identifier
+    path = instance_path(incoming, identifier, instance)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomically(path, data)
+    job, new = store.add_instance(series, study, instance, origin, expected)
+    if new and job.instances == 1:
+        logger.info("job %s: first instance, from %s", identifier, origin)
+    return identifier
+
+
+def storage_scp(config: Receive, store: JobStore, incoming: Path, verbose: bool = False) -> Any:
+    """Start the storage SCP in its own threads; returns the server (``.shutdown()`` stops it)."""
+    from pynetdicom import AE, evt, sop_class
+
+    ae = AE(ae_title=config.ae_title)
+    ae.require_calling_aet = list(config.allowed_calling_ae_titles)
+    for name in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(getattr(sop_class, name))
+    ae.add_supported_context(sop_class.Verification)
+
+    def on_store(event: Any) -> int:
+        return handle_store(event, config, store, incoming, verbose)
+
+    ssl_context = None
+    if config.tls is not None:
+        import ssl
+
+        ssl_context = config.tls.context(ssl.Purpose.CLIENT_AUTH)
+    server = ae.start_server(
+        (config.host, config.port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)], ssl_context=ssl_context
+    )
+    logger.info("storage SCP %s listening on %s:%d", config.ae_title, config.host, config.port)
+    return server
+
+
+def handle_store(event: Any, config: Receive, store: JobStore, incoming: Path, verbose: bool) -> int:
+    """One C-STORE: refuse what cannot be filed (one logged line), else keep it and answer success."""
+    calling = event.assoc.requestor.ae_title
+    size = len(event.request.DataSet.getvalue())
+    if size > config.max_instance_bytes:
+        logger.warning(
+            "refused an instance from %s: %d bytes, more than max_instance_bytes %d",
+            calling,
+            size,
+            config.max_instance_bytes,
+        )
+        return OUT_OF_RESOURCES
+    try:
+        dataset = event.dataset
+        dataset.file_meta = event.file_meta
+    except Exception as error:  # any decoding failure: the peer sent something unreadable
+        logger.warning("refused an instance from %s: it does not decode (%s)", calling, type(error).__name__)
+        return CANNOT_UNDERSTAND
+    missing = missing_uid(dataset)
+    if missing:
+        logger.warning(
+            "refused an instance from %s: its %s is empty; a PACS cannot file it and no SEG could reference it "
+            "(give the series UIDs, e.g. in the anonymiser, and send it again)",
+            calling,
+            missing,
+        )
+        return CANNOT_UNDERSTAND
+    identifier = keep_instance(store, incoming, dataset, event.encoded_dataset(), f"dimse:{calling}")
+    if verbose:
+        logger.debug("job %s: instance %s of series %s", identifier, dataset.SOPInstanceUID, dataset.SeriesInstanceUID)
+    return SUCCESS
+
+
+def dicomweb_client(server: DicomWeb) -> Any:
+    """A ``DICOMwebClient`` for ``server``, with its token header and CA bundle."""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    session = requests.Session()
+    if server.ca_bundle is not None:
+        session.verify = str(server.ca_bundle)
+    return DICOMwebClient(server.url, session=session, headers=server.headers())
+
+
+def pull_new_series(
+    config: Receive, store: JobStore, incoming: Path, client: Any, today: Callable[[], datetime.date]
+) -> int:
+    """One QIDO-RS search for series, then WADO-RS pulls of those not pulled yet; returns how many were pulled.
+
+    A series whose modality is never a volume (a SEG, our own results among them) gets a skipped job at once.
+    """
+    filters = {}
+    if config.lookback_days > 0:
+        filters["StudyDate"] = f"{(today() - datetime.timedelta(days=config.lookback_days)):%Y%m%d}-"
+    found = client.search_for_series(
+        fields=["NumberOfSeriesRelatedInstances", "Modality"], search_filters=filters, get_remaining=True
+    )
+    pulled = 0
+    for item in found:
+        header = pydicom.Dataset.from_json(item)
+        series, study = str(header.get("SeriesInstanceUID", "")), str(header.get("StudyInstanceUID", ""))
+        if not series or not study:
+            continue
+        job = store.get(job_id(series))
+        expected = int(header.get("NumberOfSeriesRelatedInstances", 0)) or None
+        if job is not None and (job.state != RECEIVED or (expected and job.instances >= expected)):
+            continue
+        modality = str(header.get("Modality", "")).upper()
+        if modality in NOT_IMAGE_MODALITIES:
+            store.skip_series(series, study, "dicomweb", f"skipped: a {modality} series, not an image volume")
+            continue
+        for dataset in client.iter_series(study, series):
+            if missing_uid(dataset) or store.has_instance(job_id(series), str(dataset.SOPInstanceUID)):
+                continue
+            keep_instance(store, incoming, dataset, encoded(dataset), "dicomweb", expected)
+        pulled += 1
+    return pulled
+
+
+def encoded(dataset: pydicom.Dataset) -> bytes:
+    """A dataset as a DICOM file's bytes (preamble, file meta, data set)."""
+    from io import BytesIO
+
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

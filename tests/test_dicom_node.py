@@ -1,0 +1,386 @@
+"""sat-dicom-node against a real Orthanc and the real served model: DIMSE in and out, DICOMweb in and out,
+a kill -9 mid-job, Triton stopped mid-run, unsegmentable series, files with empty UIDs, and no PHI in logs."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from dicom_series import write_series
+from served import phantom
+
+from clients.dicom_node.config import NodeConfig, from_document
+from clients.dicom_node.jobs import FAILED, SEGMENTING, SENT, SKIPPED, JobStore, job_id
+from clients.dicom_node.node import Node
+from clients.dicom_node.orthanc import Orthanc
+from clients.dicom_node.receive import CANNOT_UNDERSTAND
+from clients.dicom_node.send import send_result
+from clients.sat_client import SATClient
+from clients.tasks import task
+from satseg.geometry.io import sorted_series_headers
+from satseg.server.triton import ServerPorts, TritonServer, free_ports
+
+pytest.importorskip("pynetdicom", reason="the DICOM node needs the pacs extra (pynetdicom)")
+
+TASK = "abdomen_organs"
+NODE_AET = "SATNODE"
+PATIENT_NAME = "Test^Phantom"  # what tests/dicom_series.py writes; must never reach a log
+WAIT_S = 240.0
+
+
+def ct_series(folder: Path, seed: int, shape: tuple[int, int, int] = (40, 36, 12)) -> Path:
+    """A synthetic torso CT as an oblique DICOM series (tests/dicom_series.py) at 6 mm, 8 mm apart."""
+    hu = np.clip(phantom(seed=seed, shape=shape).array, -1024, None)  # stored as unsigned with intercept -1024
+    write_series(folder, hu, pixel_spacing=(6.0, 6.0), slice_gap=8.0)
+    return folder
+
+
+def series_uid(folder: Path) -> str:
+    return str(sorted_series_headers(folder)[0][1].SeriesInstanceUID)
+
+
+def node_document(data: Path, orthanc: Orthanc, node_port: int, triton_url: str, **sections: Any) -> dict:
+    """A node config: DIMSE in on ``node_port`` from Orthanc, C-STORE back to it, short waits."""
+    document = {
+        "data_dir": str(data),
+        "receive": {"port": node_port, "allowed_calling_ae_titles": ["ORTHANC"], "settle_s": 1.0},
+        "segment": {"triton_urls": [triton_url], "retry_budget_s": 3.0},
+        "send": {"kind": "dimse", "ae_title": "ORTHANC", "port": orthanc.dicom_port},
+        "jobs": {"first_backoff_s": 0.5, "max_backoff_s": 2.0, "max_attempts": 2},
+        "route": [{"modality": "CT", "task": TASK}],
+    }
+    for name, values in sections.items():
+        document[name] = {**document.get(name, {}), **values}
+    return document
+
+
+@pytest.fixture()
+def orthanc_and_port(orthanc_ready: None, tmp_path: Path) -> Iterator[tuple[Orthanc, int]]:
+    """A fresh Orthanc that knows the node (AE SATNODE) on a free port, which the node then listens on."""
+    [node_port] = free_ports(1)
+    with Orthanc(tmp_path / "orthanc", modalities={"sat": (NODE_AET, "127.0.0.1", node_port)}) as orthanc:
+        yield orthanc, node_port
+
+
+class RunningNode:
+    """A node in a thread of this process (its log captured), stopped as SIGTERM would."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.node = Node(config)
+        self.thread = threading.Thread(target=self.node.run, daemon=True)
+        self.thread.start()
+
+    @property
+    def store(self) -> JobStore:
+        return self.node.store
+
+    def stop(self) -> None:
+        self.node.stop.set()
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive()
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout_s: float = WAIT_S) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {what} after {timeout_s:.0f} s")
+        time.sleep(0.1)
+    return value
+
+
+def state_of(store: JobStore, folder: Path) -> str | None:
+    """The state of the series' job (a job parked unexpectedly fails the test at once, with its reason)."""
+    job = store.get(job_id(series_uid(folder)))
+    if job is not None and job.state == FAILED:
+        raise AssertionError(f"job {job.id} parked: {job.reason}")
+    return job.state if job else None
+
+
+def segs_of(orthanc: Orthanc, source: str) -> list[pydicom.Dataset]:
+    """The SEG instances in Orthanc that reference the source series ``source``."""
+    found = []
+    for series in orthanc.series_of_modality("SEG"):
+        for instance in series["Instances"]:
+            seg = pydicom.dcmread(io.BytesIO(orthanc.instance_file(instance)))
+            if seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source:
+                found.append(seg)
+    return found
+
+
+def seg_masks(seg: pydicom.Dataset, folder: Path) -> np.ndarray:
+    """A SEG's frames back on the source series' grid: ``[segments, I, J, K]``."""
+    slice_of = {ds.SOPInstanceUID: k for k, (_, ds) in enumerate(sorted_series_headers(folder))}
+    pixels = seg.pixel_array
+    masks = np.zeros((len(seg.SegmentSequence), pixels.shape[2], pixels.shape[1], len(slice_of)), np.uint8)
+    for frame, groups in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        source = groups.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        segment = groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+        masks[segment - 1, :, :, slice_of[source]] = pixels[frame].T
+    return masks
+
+
+def check_seg(seg: pydicom.Dataset, folder: Path, triton_url: str) -> None:
+    """The SEG references the series, has one segment per prompt, carries the model's hash and equals the masks
+    ``sat-client`` gets for the same series."""
+    prompts = task(TASK).prompts
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid(folder)
+    assert [item.SegmentLabel for item in seg.SegmentSequence] == list(prompts)
+    assert "not for clinical use" in seg.SeriesDescription
+    with SATClient(triton_url) as client:
+        direct = client.segment(folder, prompts, "ct")
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmParameters == f"model={direct.model}"
+    np.testing.assert_array_equal(seg_masks(seg, folder), direct.masks)
+
+
+def test_a_series_c_stored_by_orthanc_comes_back_as_one_seg_of_its_masks(
+    triton_server: TritonServer,
+    orthanc_and_port: tuple[Orthanc, int],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    orthanc, node_port = orthanc_and_port
+    folder = ct_series(tmp_path / "ct", seed=31)
+    config = from_document(node_document(tmp_path / "node", orthanc, node_port, triton_server.grpc_url), tmp_path)
+    caplog.set_level(logging.DEBUG)
+    node = RunningNode(config)
+    try:
+        [series] = orthanc.upload_folder(folder)
+        orthanc.store_to("sat", [series])
+        wait_for(lambda: state_of(node.store, folder) == SENT, "sent job")
+    finally:
+        node.stop()
+    [seg] = segs_of(orthanc, series_uid(folder))
+    check_seg(seg, folder, triton_server.grpc_url)
+    assert not (tmp_path / "node" / "incoming" / job_id(series_uid(folder))).exists()  # retention: sent, deleted
+    logged = caplog.text
+    assert PATIENT_NAME not in logged and "PHANTOM-1" not in logged
+    assert series_uid(folder) not in logged and job_id(series_uid(folder)) in logged
+
+
+def test_a_series_pulled_over_dicomweb_goes_back_by_stow(
+    triton_server: TritonServer, orthanc_and_port: tuple[Orthanc, int], tmp_path: Path, shared_data: Path
+) -> None:
+    """The real CT (the top 30 slices of the TotalSegmentator example, at 3 mm) uploaded into Orthanc."""
+    import nibabel as nib
+
+    orthanc, _ = orthanc_and_port
+    hu = np.asarray(nib.load(shared_data / "totalseg" / "example_ct_sm.nii.gz").dataobj).astype(np.int16)
+    folder = tmp_path / "ct"
+    write_series(folder, hu, pixel_spacing=(3.0, 3.0), slice_gap=3.0, intercept=float(hu.min()))
+    web = {"url": orthanc.dicomweb_url}
+    document = node_document(tmp_path / "node", orthanc, 0, triton_server.grpc_url, send={"kind": "dicomweb"})
+    document["receive"] = {"port": 0, "dicomweb": web, "poll_s": 1.0, "lookback_days": 0}
+    document["send"]["dicomweb"] = web
+    orthanc.upload_folder(folder)
+    node = RunningNode(from_document(document, tmp_path))
+    try:
+        wait_for(lambda: state_of(node.store, folder) == SENT, "sent job")
+        time.sleep(2.5)  # two more polls: the node's own SEG series is seen and skipped, not pulled
+    finally:
+        node.stop()
+    [seg] = segs_of(orthanc, series_uid(folder))
+    check_seg(seg, folder, triton_server.grpc_url)
+    assert node.store.counts()[SKIPPED] == 1  # the SEG series
+    assert node.store.counts()[SENT] == 1
+
+
+def sr_document(folder: Path, study: str) -> Path:
+    """A one-line Basic Text SR in the study: a series no route should ever segment."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, generate_uid(), "SR"
+    ds.PatientName, ds.PatientID, ds.ValueType = PATIENT_NAME, "PHANTOM-1", "CONTAINER"
+    ds.save_as(folder / "sr.dcm", enforce_file_format=True)
+    return folder
+
+
+def test_unsegmentable_series_are_parked_or_skipped_and_the_next_one_completes(
+    triton_server: TritonServer, orthanc_and_port: tuple[Orthanc, int], tmp_path: Path
+) -> None:
+    orthanc, node_port = orthanc_and_port
+    one_slice = tmp_path / "one_slice"
+    write_series(one_slice, phantom(seed=32, shape=(40, 36, 12)).array, slices=[5])
+    good = ct_series(tmp_path / "good", seed=33)
+    report = sr_document(tmp_path / "sr", study=str(sorted_series_headers(good)[0][1].StudyInstanceUID))
+    config = from_document(node_document(tmp_path / "node", orthanc, node_port, triton_server.grpc_url), tmp_path)
+    node = RunningNode(config)
+    try:
+        for folder in (one_slice, report, good):
+            orthanc.store_to("sat", orthanc.upload_folder(folder))
+        wait_for(lambda: state_of(node.store, good) == SENT, "sent job")
+    finally:
+        node.stop()
+    parked = node.store.get(job_id(series_uid(one_slice)))
+    assert parked is not None
+    assert parked.state == FAILED and "1 slice" in parked.reason
+    assert (tmp_path / "node" / "incoming" / parked.id).is_dir()  # kept for a replay
+    skipped = node.store.get(job_id(str(pydicom.dcmread(report / "sr.dcm").SeriesInstanceUID)))
+    assert skipped.state == SKIPPED and "structured report" in skipped.reason
+    assert len(segs_of(orthanc, series_uid(good))) == 1
+    status = subprocess.run(
+        [sys.executable, "-m", "clients.dicom_node.cli", "status", "--config", str(write_toml(config, tmp_path))],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"parked  {parked.id}" in status and "1 slice" in status and "sent 1" in status
+
+
+def test_empty_uids_and_strangers_are_refused_and_the_node_stays_up(
+    triton_server: TritonServer, orthanc_and_port: tuple[Orthanc, int], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, Verification
+
+    orthanc, node_port = orthanc_and_port
+    folder = ct_series(tmp_path / "ct", seed=34, shape=(24, 20, 4))
+    broken = pydicom.dcmread(next(folder.iterdir()))
+    broken.SeriesInstanceUID = ""  # as in the TotalSegmentator example series, which Orthanc refuses too
+    config = from_document(node_document(tmp_path / "node", orthanc, node_port, triton_server.grpc_url), tmp_path)
+    node = RunningNode(config)
+    try:
+        stranger = AE(ae_title="STRANGER")
+        stranger.add_requested_context(Verification)
+        assert not stranger.associate("127.0.0.1", node_port, ae_title=NODE_AET).is_established
+        modality = AE(ae_title="ORTHANC")
+        modality.add_requested_context(CTImageStorage)
+        association = modality.associate("127.0.0.1", node_port, ae_title=NODE_AET)
+        assert association.is_established
+        assert association.send_c_store(broken).Status == CANNOT_UNDERSTAND
+        association.release()
+        orthanc.store_to("sat", orthanc.upload_folder(folder))  # the node still takes good series
+        wait_for(lambda: state_of(node.store, folder) == SENT, "sent job")
+    finally:
+        node.stop()
+    assert "its SeriesInstanceUID is empty" in caplog.text
+    assert node.store.counts()[SENT] == 1 and sum(node.store.counts().values()) == 1
+
+
+def test_a_seg_sent_twice_is_one_instance_in_the_pacs(orthanc_and_port: tuple[Orthanc, int], tmp_path: Path) -> None:
+    """What makes a crash between sending and recording harmless: the result's UIDs depend on its input only."""
+    from clients.dicom_seg import result_uids, write_dicom_seg
+    from satseg.geometry import load_volume
+
+    orthanc, node_port = orthanc_and_port
+    folder = ct_series(tmp_path / "ct", seed=35, shape=(24, 20, 4))
+    masks = (load_volume(folder).array > 0).astype(np.uint8)[None]
+    uids = result_uids(series_uid(folder), "model-x")
+    config = from_document(node_document(tmp_path / "node", orthanc, node_port, "127.0.0.1:1"), tmp_path)
+    for attempt in range(2):
+        path = tmp_path / f"seg{attempt}.dcm"
+        write_dicom_seg(masks, ["liver"], folder, path, model="model-x", series_uid=uids[0], instance_uid=uids[1])
+        send_result(path, config.send, NODE_AET)
+    assert len(orthanc.series_of_modality("SEG")) == 1
+    assert orthanc.get("/statistics")["CountInstances"] == 1
+
+
+def write_toml(config: NodeConfig, folder: Path) -> Path:
+    """``config`` as a TOML file, for a node in its own process (only the keys these tests set)."""
+    receive, segment, send, jobs = config.receive, config.segment, config.send, config.jobs
+    lines = [
+        f"data_dir = {json.dumps(str(config.data_dir))}",
+        "[receive]",
+        f"port = {receive.port}",
+        f"allowed_calling_ae_titles = {json.dumps(list(receive.allowed_calling_ae_titles))}",
+        f"settle_s = {receive.settle_s}",
+        "[segment]",
+        f"triton_urls = {json.dumps(list(segment.triton_urls))}",
+        f"retry_budget_s = {segment.retry_budget_s}",
+        "[send]",
+        f'ae_title = "{send.ae_title}"',
+        f"port = {send.port}",
+        "[jobs]",
+        f"first_backoff_s = {jobs.first_backoff_s}",
+        f"max_backoff_s = {jobs.max_backoff_s}",
+        f"max_attempts = {jobs.max_attempts}",
+        *(f'[[route]]\nmodality = "{rule.modality}"\ntask = "{rule.task}"' for rule in config.routes),
+    ]
+    path = folder / "node.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_node(config_path: Path, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "clients.dicom_node.cli", "run", "--config", str(config_path)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def test_kill_9_mid_job_then_a_restart_gives_exactly_one_seg(
+    triton_server: TritonServer, orthanc_and_port: tuple[Orthanc, int], tmp_path: Path
+) -> None:
+    orthanc, node_port = orthanc_and_port
+    folder = ct_series(tmp_path / "ct", seed=36, shape=(64, 56, 20))
+    config = from_document(node_document(tmp_path / "node", orthanc, node_port, triton_server.grpc_url), tmp_path)
+    config_path, log = write_toml(config, tmp_path), tmp_path / "node.log"
+    process = start_node(config_path, log)
+    store = JobStore(config.data_dir / "jobs.sqlite")
+    try:
+        wait_for(lambda: (tmp_path / "node" / "jobs.sqlite").exists(), "job database", 60)
+        time.sleep(1.0)  # the SCP is listening once the database exists and the loop has started
+        orthanc.store_to("sat", orthanc.upload_folder(folder))
+        wait_for(lambda: state_of(store, folder) == SEGMENTING, "job being segmented")
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        process = start_node(config_path, log)
+        wait_for(lambda: state_of(store, folder) == SENT, "sent job")
+        time.sleep(2.0)  # time for a duplicate to arrive, if one were sent
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    assert len(segs_of(orthanc, series_uid(folder))) == 1
+    text = log.read_text()
+    assert "was being segmented when the node stopped" in text
+    assert PATIENT_NAME not in text and series_uid(folder) not in text
+    assert not any(str(ds.SOPInstanceUID) in text for _, ds in sorted_series_headers(folder))
+
+
+def test_triton_stopped_mid_run_then_restarted_and_the_job_completes(
+    triton_server: TritonServer, orthanc_and_port: tuple[Orthanc, int], tmp_path: Path
+) -> None:
+    orthanc, node_port = orthanc_and_port
+    ports = ServerPorts(*free_ports(3))
+    folder = ct_series(tmp_path / "ct", seed=37, shape=(64, 56, 20))
+    own = TritonServer(triton_server.repository, ports=ports, log_path=tmp_path / "triton.log").start()
+    url = f"127.0.0.1:{ports.grpc}"
+    config = from_document(node_document(tmp_path / "node", orthanc, node_port, url), tmp_path)
+    node = RunningNode(config)
+    try:
+        orthanc.store_to("sat", orthanc.upload_folder(folder))
+        wait_for(lambda: state_of(node.store, folder) == SEGMENTING, "job being segmented")
+        own.stop()
+        wait_for(lambda: node.store.get(job_id(series_uid(folder))).reason, "wait for the server", 60)
+        own = TritonServer(triton_server.repository, ports=ports, log_path=tmp_path / "triton.log").start()
+        wait_for(lambda: state_of(node.store, folder) == SENT, "sent job")
+    finally:
+        node.stop()
+        own.stop()
+    job = node.store.get(job_id(series_uid(folder)))
+    assert job.attempts == 0  # waiting for a server is not a failure
+    assert len(segs_of(orthanc, series_uid(folder))) == 1

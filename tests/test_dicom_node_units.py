@@ -1,0 +1,129 @@
+"""sat-dicom-node's parts without a server: the config's refusals, routing, and the job database's rules."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from clients.dicom_node.config import NodeConfig, Route, from_document
+from clients.dicom_node.jobs import COMPLETE, FAILED, RECEIVED, SEGMENTED, SEGMENTING, SENT, JobStore, job_id
+from clients.dicom_node.routing import route
+from clients.dicom_seg import result_uids
+from satseg.errors import SatInputError
+
+MINIMAL = {
+    "data_dir": "data",
+    "receive": {"allowed_calling_ae_titles": ["ORTHANC"]},
+    "route": [{"modality": "CT", "task": "abdomen_organs"}],
+}
+
+
+def test_the_documented_config_loads_and_anchors_paths_at_its_folder() -> None:
+    config = NodeConfig.load(Path(__file__).parents[1] / "deploy" / "dicom_node.toml")
+    assert config.data_dir == Path(__file__).parents[1] / "deploy" / "dicom_node_data"
+    assert config.receive.host == "127.0.0.1"
+    assert [rule.task or "skip" for rule in config.routes] == ["abdomen_organs", "brain_structures", "skip"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"receive": {"allowed_calling_ae_titles": ["ORTHANC"], "prot": 1}}, "unknown key 'prot'"),
+        ({"receive": {}}, "allowed_calling_ae_titles is empty"),
+        ({"route": []}, "no \\[\\[route\\]\\]"),
+        ({"route": [{"modality": "CT", "task": "livers"}]}, "unknown task 'livers'"),
+        ({"route": [{"modality": "CT"}]}, "either a task or skip"),
+        ({"send": {"kind": "ftp"}}, "kind 'ftp' is not one of dimse, dicomweb"),
+        ({"send": {"kind": "dicomweb"}}, "needs a \\[send.dicomweb\\]"),
+        ({"jobs": {"retention": "forever"}}, "retention 'forever'"),
+    ],
+)
+def test_a_config_that_cannot_work_is_refused_in_one_line(change: dict, message: str, tmp_path: Path) -> None:
+    with pytest.raises(SatInputError, match=message) as refused:
+        from_document({**MINIMAL, **change}, tmp_path)
+    assert "\n" not in str(refused.value)
+
+
+def header(**values: object) -> pydicom.Dataset:
+    dataset = pydicom.Dataset()
+    dataset.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+    dataset.Modality = "CT"
+    for name, value in values.items():
+        setattr(dataset, name, value)
+    return dataset
+
+
+ROUTES = (
+    Route(modality="MR", series_description="t1", task="brain_structures", min_slices=20),
+    Route(modality="CT", skip=True, body_part="head"),
+    Route(modality="CT", min_slices=20, task="abdomen_organs"),
+)
+
+
+@pytest.mark.parametrize(
+    ("values", "instances", "task", "reason"),
+    [
+        ({}, 40, "abdomen_organs", "route 3"),
+        ({}, 2, None, "no route matches"),
+        ({"BodyPartExamined": "HEAD"}, 40, None, "skipped by route 2"),
+        ({"Modality": "MR", "SeriesDescription": "Sag T1 MPRAGE"}, 176, "brain_structures", "route 1"),
+        ({"Modality": "MR", "SeriesDescription": "T2 FLAIR"}, 176, None, "no route matches"),
+        ({"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}, 40, None, "localizer series"),
+        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.88.67"}, 1, None, "structured report"),
+        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}, 40, None, "secondary capture"),
+    ],
+)
+def test_routing_takes_the_first_matching_rule_and_skips_what_is_no_volume(
+    values: dict, instances: int, task: str | None, reason: str
+) -> None:
+    decision = route(header(**values), instances, ROUTES)
+    assert decision.task == task
+    assert reason in decision.reason
+
+
+def test_an_instance_counts_once_and_a_quiet_series_becomes_complete(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite")
+    for instance in ("1.1", "1.2", "1.1"):
+        job, _ = store.add_instance("9.9", "8.8", instance, "dimse:A")
+    assert (job.instances, job.state) == (2, RECEIVED)
+    assert store.complete_settled(settle_s=60) == []
+    assert store.complete_settled(settle_s=0) == [job_id("9.9")]
+    job, new = store.add_instance("9.9", "8.8", "1.3", "dimse:A")  # a late slice reopens a series not yet taken
+    assert (job.state, job.instances, new) == (RECEIVED, 3, True)
+    store.add_instance("7.7", "8.8", "2.1", "dicomweb", expected=1)
+    assert store.complete_settled(settle_s=3600) == [job_id("7.7")]  # its count is known and reached
+
+
+def test_a_crash_while_segmenting_requeues_and_a_sent_pair_is_recorded_once(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job, _ = store.add_instance("9.9", "8.8", "1.1", "dimse:A")
+    store.move(job.id, SEGMENTING, started=time.time())
+    assert store.recover() == [job.id]
+    assert store.get(job.id).state == COMPLETE
+    job = store.move(job.id, SEGMENTED, model="m1")
+    store.record_sent(job, "m1", "2.25.1")
+    store.record_sent(job, "m1", "2.25.1")  # sending again after a crash before the record is harmless
+    assert store.was_sent("9.9", "m1") and not store.was_sent("9.9", "m2")
+    assert store.get(job.id).state == SENT
+    assert store.add_instance("9.9", "8.8", "1.4", "dimse:A")[1] is False  # a sent series takes no more
+    assert store.counts()[SENT] == 1
+
+
+def test_only_parked_jobs_are_replayed(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job, _ = store.add_instance("9.9", "8.8", "1.1", "dimse:A")
+    assert store.replay(job.id).state == RECEIVED
+    store.move(job.id, FAILED, reason="two slices", attempts=3)
+    replayed = store.replay(job.id)
+    assert (replayed.state, replayed.attempts, replayed.reason) == (COMPLETE, 0, None)
+
+
+def test_result_uids_depend_on_the_source_series_and_the_model_only() -> None:
+    assert result_uids("1.2.3", "model-a") == result_uids("1.2.3", "model-a")
+    assert result_uids("1.2.3", "model-a") != result_uids("1.2.3", "model-b")
+    assert result_uids("1.2.3", "model-a") != result_uids("1.2.4", "model-a")
+    series, instance = result_uids("1.2.3", "model-a")
+    assert series != instance and pydicom.uid.UID(instance).is_valid
