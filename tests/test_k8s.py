@@ -28,6 +28,9 @@ K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("gpu", "cpu", "kserve")
 BATCH = "batch"
 """The sharded sat-client Indexed Job (deploy/k8s/batch), rendered and validated like the overlays."""
+PACS = "pacs"
+"""sat-dicom-node's StatefulSet (deploy/k8s/pacs), rendered and validated like the overlays."""
+APPS = (BATCH, PACS)
 KUBERNETES_VERSION = "1.32.0"
 """The oldest Kubernetes the manifests support (kubectl here is 1.32)."""
 ADAPTER_RULES = K8S / "monitoring" / "prometheus-adapter-rules.yaml"
@@ -45,14 +48,14 @@ Rendered = dict[str, list[dict[str, Any]]]
 def render(overlay: str) -> list[dict[str, Any]]:
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl is not installed: it renders the kustomize overlays")
-    folder = K8S / BATCH if overlay == BATCH else K8S / "overlays" / overlay
+    folder = K8S / overlay if overlay in APPS else K8S / "overlays" / overlay
     rendered = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, check=True).stdout
     return [document for document in yaml.safe_load_all(rendered) if document]
 
 
 @pytest.fixture(scope="module")
 def rendered() -> Rendered:
-    return {overlay: render(overlay) for overlay in (*OVERLAYS, BATCH)}
+    return {overlay: render(overlay) for overlay in (*OVERLAYS, *APPS)}
 
 
 def problems(document: dict[str, Any]) -> list[str]:
@@ -84,7 +87,11 @@ def kinds(documents: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 
 def pod_templates(documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [document["spec"]["template"]["spec"] for document in documents if document["kind"] in ("Deployment", "Job")]
+    return [
+        document["spec"]["template"]["spec"]
+        for document in documents
+        if document["kind"] in ("Deployment", "Job", "StatefulSet")
+    ]
 
 
 def server(documents: list[dict[str, Any]]) -> dict[str, Any]:
@@ -96,7 +103,7 @@ def environment(container: dict[str, Any]) -> dict[str, str]:
     return {item["name"]: item["value"] for item in container.get("env", [])}
 
 
-@pytest.mark.parametrize("overlay", (*OVERLAYS, BATCH))
+@pytest.mark.parametrize("overlay", (*OVERLAYS, *APPS))
 def test_every_object_of_every_overlay_validates_strictly(rendered: Rendered, overlay: str) -> None:
     documents = rendered[overlay]
     assert documents
@@ -215,7 +222,7 @@ def test_the_plan_job_writes_the_repository_the_servers_mount_read_only(
 
 
 def test_containers_run_as_non_root_on_read_only_root_filesystems(rendered: Rendered) -> None:
-    for overlay in ("gpu", "cpu", BATCH):
+    for overlay in ("gpu", "cpu", *APPS):
         for pod in pod_templates(rendered[overlay]):
             assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
             for container in pod["containers"]:
@@ -261,3 +268,32 @@ def test_the_batch_job_runs_every_shard_once_against_the_service(rendered: Rende
     assert task(words[words.index("--task") + 1]).prompts
     (server_overlay,) = kinds(rendered["gpu"], "Service")
     assert server_overlay["metadata"]["name"] == "sat-triton"
+
+
+def test_the_dicom_node_config_in_the_cluster_loads_and_matches_its_pod(rendered: Rendered) -> None:
+    """The ConfigMap's TOML is a valid node config whose data folder is the pod's volume, whose SCP and metrics
+    ports are the Service's, and whose Triton URL is the sat-triton Service's gRPC port."""
+    from clients.dicom_node.config import from_document, tomllib
+
+    documents = rendered[PACS]
+    (config_map,) = kinds(documents, "ConfigMap")
+    config = from_document(tomllib.loads(config_map["data"]["dicom_node.toml"]), Path("/"))
+    (stateful_set,) = kinds(documents, "StatefulSet")
+    pod = stateful_set["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts[str(config.data_dir)] == stateful_set["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+    config_folder = Path(container["command"][container["command"].index("--config") + 1]).parent
+    assert (
+        next(v for v in pod["volumes"] if v["name"] == mounts[str(config_folder)])["configMap"]["name"]
+        == (config_map["metadata"]["name"])
+    )
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert (ports["dimse"], ports["metrics"]) == (config.receive.port, config.metrics_port)
+    assert config.metrics_host == config.receive.host == "0.0.0.0"  # a pod is reached on its own address
+    (service,) = kinds(documents, "Service")
+    assert {port["targetPort"] for port in service["spec"]["ports"]} == set(ports)
+    assert config.segment.triton_urls == ("sat-triton.sat.svc.cluster.local:8001",)
+    (namespace,) = kinds(documents, "Namespace")
+    assert namespace["metadata"]["labels"]["sat.example.org/client"] == "true"  # admitted by sat-triton's policy
+    assert stateful_set["spec"]["replicas"] == 1  # one writer of the SQLite job database

@@ -158,7 +158,8 @@ class NodeConfig:
     jobs: Jobs = field(default_factory=Jobs)
     routes: tuple[Route, ...] = ()
     metrics_port: int = 0
-    """Prometheus metrics on ``127.0.0.1:metrics_port`` (0: off)."""
+    """Prometheus metrics on ``metrics_host:metrics_port`` (0: off)."""
+    metrics_host: str = "127.0.0.1"
 
     @classmethod
     def load(cls, path: Path) -> NodeConfig:

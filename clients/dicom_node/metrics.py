@@ -1,4 +1,5 @@
-"""Prometheus metrics of the node (prometheus-client), served on loopback when ``metrics_port`` is set.
+"""Prometheus metrics of the node (prometheus-client), served when ``metrics_port`` is set (on loopback unless
+``metrics_host`` says otherwise).
 
 Counts and times only: no UID, name or path is ever a label.
 """
@@ -24,15 +25,15 @@ class Metrics:
     """``sat_dicom_node_*``: instances received (counted by the database), series sent, failed and skipped,
     the queue length and the seconds per job. With ``port`` 0 nothing is registered or served."""
 
-    def __init__(self, store: JobStore, port: int) -> None:
+    def __init__(self, store: JobStore, port: int, host: str = "127.0.0.1") -> None:
         self.sent: Any = _Off()
         self.failed: Any = _Off()
         self.skipped: Any = _Off()
         self.job_seconds: Any = _Off()
         if port:
-            self._serve(store, port)
+            self._serve(store, port, host)
 
-    def _serve(self, store: JobStore, port: int) -> None:
+    def _serve(self, store: JobStore, port: int, host: str) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
         registry = CollectorRegistry()
@@ -49,4 +50,4 @@ class Metrics:
         queue.set_function(lambda: sum(n for state, n in store.counts().items() if state not in DONE))
         received = Gauge("sat_dicom_node_instances_received", "Instances on record", registry=registry)
         received.set_function(lambda: store.instance_count())
-        start_http_server(port, addr="127.0.0.1", registry=registry)
+        start_http_server(port, addr=host, registry=registry)

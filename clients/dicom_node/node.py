@@ -45,7 +45,7 @@ class Node:
         self.store = JobStore(self.data / "jobs.sqlite")
         self.incoming = self.data / "incoming"
         self.results = self.data / "results"
-        self.metrics = Metrics(self.store, self.config.metrics_port)
+        self.metrics = Metrics(self.store, self.config.metrics_port, self.config.metrics_host)
         self._clients: dict[str, SATClient] = {}
         self._waits = 0  # consecutive times a peer was unreachable: the backoff's exponent, never a failure
 
