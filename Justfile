@@ -99,6 +99,16 @@ bench-train: (env "dev")
 demo: (env "dev")
     {{bin}}/sat-demo -o {{demo_dir}}
 
+# Orthanc, the served demo model and sat-dicom-node: the demo CT goes into Orthanc as DICOM, its DICOM SEG
+# comes back there; writes pacs_demo_output/seg_preview.png. Installs Debian's orthanc first when root.
+pacs-demo *args="": (env "dev")
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if ! {{bin}}/python -c 'import sys; from clients.dicom_node.orthanc import orthanc_available as a; sys.exit(bool(a()))'; then
+        [ "$(id -u)" = 0 ] && {{bin}}/python -c 'from clients.dicom_node.orthanc import install_orthanc; install_orthanc()'
+    fi
+    {{bin}}/python -m clients.dicom_node.demo {{args}}
+
 # Serve a model repository on 127.0.0.1:8000 (HTTP), 8001 (gRPC), 8002 (metrics); Ctrl-C stops it.
 # Exports the checkpoint into triton_repo/ first, unless that is already current.
 serve checkpoint="models/demo" *args="": (env "dev")

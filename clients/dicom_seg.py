@@ -139,3 +139,21 @@ def write_dicom_seg(
     with atomic_file(path) as file:
         segmentation.save_as(file)
     return path
+
+
+def read_dicom_seg(seg: pydicom.Dataset, series_folder: Path) -> tuple[np.ndarray, list[str]]:
+    """A binary SEG's frames back on its source series' grid: ``[N, I, J, K]`` uint8 masks and the segment labels.
+
+    Each frame is placed by the source instance it references, so this is the inverse of :func:`write_dicom_seg`
+    for any frame order a PACS may give back.
+    """
+    slice_of = {ds.SOPInstanceUID: k for k, (_, ds) in enumerate(sorted_series_headers(series_folder))}
+    pixels = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    masks = np.zeros((len(seg.SegmentSequence), seg.Columns, seg.Rows, len(slice_of)), np.uint8)
+    for frame, groups in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        source = groups.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        if source not in slice_of:
+            raise SatInputError("the SEG references an instance that is not in the source series")
+        segment = groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+        masks[segment - 1, :, :, slice_of[source]] = pixels[frame].T
+    return masks, [str(item.SegmentLabel) for item in seg.SegmentSequence]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from clients.dicom_node.node import Node
 from clients.dicom_node.orthanc import Orthanc
 from clients.dicom_node.receive import CANNOT_UNDERSTAND
 from clients.dicom_node.send import send_result
+from clients.dicom_seg import read_dicom_seg
 from clients.sat_client import SATClient
 from clients.tasks import task
 from satseg.geometry.io import sorted_series_headers
@@ -120,18 +122,6 @@ def segs_of(orthanc: Orthanc, source: str) -> list[pydicom.Dataset]:
     return found
 
 
-def seg_masks(seg: pydicom.Dataset, folder: Path) -> np.ndarray:
-    """A SEG's frames back on the source series' grid: ``[segments, I, J, K]``."""
-    slice_of = {ds.SOPInstanceUID: k for k, (_, ds) in enumerate(sorted_series_headers(folder))}
-    pixels = seg.pixel_array
-    masks = np.zeros((len(seg.SegmentSequence), pixels.shape[2], pixels.shape[1], len(slice_of)), np.uint8)
-    for frame, groups in enumerate(seg.PerFrameFunctionalGroupsSequence):
-        source = groups.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-        segment = groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber
-        masks[segment - 1, :, :, slice_of[source]] = pixels[frame].T
-    return masks
-
-
 def check_seg(seg: pydicom.Dataset, folder: Path, triton_url: str) -> None:
     """The SEG references the series, has one segment per prompt, carries the model's hash and equals the masks
     ``sat-client`` gets for the same series."""
@@ -143,7 +133,9 @@ def check_seg(seg: pydicom.Dataset, folder: Path, triton_url: str) -> None:
         direct = client.segment(folder, prompts, "ct")
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert algorithm.AlgorithmParameters == f"model={direct.model}"
-    np.testing.assert_array_equal(seg_masks(seg, folder), direct.masks)
+    masks, labels = read_dicom_seg(seg, folder)
+    assert labels == list(prompts)
+    np.testing.assert_array_equal(masks, direct.masks)
 
 
 def test_a_series_c_stored_by_orthanc_comes_back_as_one_seg_of_its_masks(
@@ -154,15 +146,21 @@ def test_a_series_c_stored_by_orthanc_comes_back_as_one_seg_of_its_masks(
 ) -> None:
     orthanc, node_port = orthanc_and_port
     folder = ct_series(tmp_path / "ct", seed=31)
-    config = from_document(node_document(tmp_path / "node", orthanc, node_port, triton_server.grpc_url), tmp_path)
+    [metrics_port] = free_ports(1)
+    document = node_document(tmp_path / "node", orthanc, node_port, triton_server.grpc_url)
+    config = from_document({**document, "metrics_port": metrics_port}, tmp_path)
     caplog.set_level(logging.DEBUG)
     node = RunningNode(config)
     try:
         [series] = orthanc.upload_folder(folder)
         orthanc.store_to("sat", [series])
         wait_for(lambda: state_of(node.store, folder) == SENT, "sent job")
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     finally:
         node.stop()
+    assert "sat_dicom_node_series_sent_total 1.0" in metrics and "sat_dicom_node_queue_length 0.0" in metrics
+    assert f"sat_dicom_node_instances_received {float(len(list(folder.iterdir())))}" in metrics
+    assert series_uid(folder) not in metrics
     [seg] = segs_of(orthanc, series_uid(folder))
     check_seg(seg, folder, triton_server.grpc_url)
     assert not (tmp_path / "node" / "incoming" / job_id(series_uid(folder))).exists()  # retention: sent, deleted

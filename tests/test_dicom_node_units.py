@@ -127,3 +127,25 @@ def test_result_uids_depend_on_the_source_series_and_the_model_only() -> None:
     assert result_uids("1.2.3", "model-a") != result_uids("1.2.4", "model-a")
     series, instance = result_uids("1.2.3", "model-a")
     assert series != instance and pydicom.uid.UID(instance).is_valid
+
+
+@pytest.mark.parametrize("modality", ["ct", "mri"])
+def test_the_demo_series_lies_on_the_volume_grid_with_its_affine(modality: str, tmp_path: Path) -> None:
+    """``sat-pacs-demo`` sends a NIfTI volume as DICOM: read back, it is the same voxels on the same oblique,
+    flipped grid (so the SEG that comes back overlays the original)."""
+    import numpy as np
+
+    from clients.dicom_node.demo import write_dicom_series
+    from satseg.geometry import Volume, load_volume
+
+    rotation = np.array([[np.cos(0.4), -np.sin(0.4), 0.0], [np.sin(0.4), np.cos(0.4), 0.0], [0.0, 0.0, 1.0]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([-0.8, 1.2, -2.5])  # oblique, first and last axes flipped
+    affine[:3, 3] = [40.0, -20.0, 15.0]
+    rng = np.random.default_rng(3)
+    values = rng.integers(-1024, 2000, (12, 10, 6)) if modality == "ct" else rng.random((12, 10, 6)) * 900
+    volume = Volume(values.astype(np.int16 if modality == "ct" else np.float32), affine, modality)
+    back = load_volume(write_dicom_series(volume, tmp_path / "series", "test"))
+    np.testing.assert_allclose(back.affine, affine, atol=1e-4)
+    np.testing.assert_allclose(back.array, volume.array, atol=0 if modality == "ct" else 900 / 65535)
+    assert back.modality == modality

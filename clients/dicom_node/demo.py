@@ -1,0 +1,197 @@
+"""``sat-pacs-demo`` (``just pacs-demo``): a PACS, the served model and the DICOM node, end to end on loopback.
+
+Starts a real Orthanc (the PACS), the pip ``tritonserver`` with the bundled demo model, and ``sat-dicom-node``;
+sends the demo CT (or nilearn's MNI152 T1 when ``../shared/data`` is absent) into Orthanc as a DICOM series,
+has Orthanc C-STORE it to the node as a PACS routing rule would, waits for the DICOM SEG to land in Orthanc,
+reads it back from there and draws it over the series in ``OUTPUT/seg_preview.png``, then stops everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from clients.demo import SHARED_CT, StepTimer, load_mni152_volume
+from clients.dicom_node.config import from_document
+from clients.dicom_node.node import Node
+from clients.dicom_node.orthanc import Orthanc, orthanc_available
+from clients.dicom_seg import read_dicom_seg
+from export.build_repo import ExportSettings, build_repository, repository_is_current
+from satseg.cli.common import cli_parser, run_cli
+from satseg.cli.segment import BUNDLED_CHECKPOINT
+from satseg.errors import SatInputError
+from satseg.geometry import Volume, load_volume
+from satseg.outputs.preview import CT_SOFT_TISSUE_WINDOW, save_preview
+from satseg.server.triton import DEFAULT_REPOSITORY, TritonServer, free_ports
+
+PROG = "sat-pacs-demo"
+NODE_AET = "SATNODE"
+SEG_TIMEOUT_S = 900.0
+LPS = np.diag([-1.0, -1.0, 1.0])
+"""RAS+ (our affines) to DICOM's patient LPS+ coordinates."""
+EPILOG = """what it does (each step is timed):
+  1. sat-export the bundled checkpoint into triton_repo/, unless it is already current
+  2. start Orthanc (OUTPUT/orthanc/), tritonserver and sat-dicom-node (log in OUTPUT/dicom_node.log)
+  3. write the demo CT (../shared/data; else the MNI152 T1) as a DICOM series and upload it into Orthanc
+  4. Orthanc C-STOREs the series to the node (AE SATNODE); the node segments it and C-STOREs a DICOM SEG back
+  5. read the SEG back from Orthanc -> OUTPUT/seg_preview.png; print the Orthanc Explorer URL
+  6. stop everything (--keep-running: wait for Ctrl-C first, to look at Orthanc Explorer)
+Needs Debian's orthanc and orthanc-dicomweb. Not for clinical use.
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = cli_parser(PROG, "Orthanc, the served model and sat-dicom-node: DICOM in, DICOM SEG back.", EPILOG)
+    parser.add_argument("-o", "--output", type=Path, default=Path("pacs_demo_output"), help="default pacs_demo_output")
+    parser.add_argument("--keep-running", action="store_true", help="keep Orthanc up until Ctrl-C")
+    return parser.parse_args(argv)
+
+
+def write_dicom_series(volume: Volume, folder: Path, description: str) -> Path:
+    """``volume`` as single-frame DICOM slices (one per ``k``) on its own grid, with new UIDs.
+
+    Written by hand: pydicom writes datasets but no library turns a NIfTI grid into an image series.
+    CT is stored as signed HU; other modalities are scaled into unsigned 16 bits (RescaleSlope/Intercept).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    axes = volume.affine[:3, :3]
+    spacing = np.linalg.norm(axes, axis=0)
+    row_cosine, column_cosine = (LPS @ axes[:, axis] / spacing[axis] for axis in (0, 1))
+    ct = volume.modality == "ct"
+    low, high = float(volume.array.min()), float(volume.array.max())
+    slope = 1.0 if ct else max(high - low, 1e-6) / 65535.0
+    stored = (volume.array if ct else np.round((volume.array - low) / slope)).astype(np.int16 if ct else np.uint16)
+    study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
+    for k in range(volume.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2" if ct else "1.2.840.10008.5.1.4.1.1.4"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_of_reference
+        ds.Modality, ds.SeriesDescription, ds.SeriesNumber, ds.InstanceNumber = (
+            "CT" if ct else "MR",
+            description,
+            1,
+            k + 1,
+        )
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "SAT^Demo", "SATDEMO", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = time.strftime("%Y%m%d"), "120000", "1", ""
+        ds.ReferringPhysicianName, ds.Manufacturer = "", "satseg demo"
+        ds.ImageOrientationPatient = [*map(float, row_cosine), *map(float, column_cosine)]
+        ds.ImagePositionPatient = [float(v) for v in LPS @ (volume.affine @ [0.0, 0.0, k, 1.0])[:3]]
+        ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]  # between rows (J), between columns (I)
+        ds.SliceThickness = float(spacing[2])
+        ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, int(ct)
+        ds.RescaleSlope, ds.RescaleIntercept = slope, 0.0 if ct else low
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
+        ds.save_as(folder / f"slice{k:04d}.dcm", enforce_file_format=True)
+    return folder
+
+
+def demo_volume() -> tuple[Volume, str, str]:
+    """The volume to send, its description and the node's route for it."""
+    if SHARED_CT.is_file():
+        ct = load_volume(SHARED_CT)
+        return Volume(ct.array, ct.affine, "ct"), "SAT demo abdominal CT", "demo_abdomen"
+    print(f"(no CT at {SHARED_CT}: the MNI152 T1 is sent instead)")
+    return load_mni152_volume(), "SAT demo T1 brain", "demo_brain"
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    if reason := orthanc_available():
+        raise SatInputError(reason)
+    timer, output = StepTimer(), args.output
+    output.mkdir(parents=True, exist_ok=True)
+    settings = ExportSettings(checkpoint=BUNDLED_CHECKPOINT, repository=DEFAULT_REPOSITORY)
+    with timer.step("export the demo model into triton_repo/"):
+        if not repository_is_current(settings):
+            build_repository(settings)
+    volume, description, task_name = demo_volume()
+    [node_port] = free_ports(1)
+    orthanc = Orthanc(output / "orthanc", modalities={"sat": (NODE_AET, "127.0.0.1", node_port)})
+    server = TritonServer(DEFAULT_REPOSITORY, log_path=output / "tritonserver.log")
+    with timer.step("start Orthanc and tritonserver"):
+        orthanc.start()
+        server.start()
+    os.environ["SAT_ADMIN_KEY"] = server.admin_key  # the node's SATClient then uses shared memory on this host
+    node = demo_node(output, orthanc, node_port, server.grpc_url, task_name)
+    thread = threading.Thread(target=node.run, daemon=True)
+    thread.start()
+    try:
+        series = output / "series"
+        with timer.step(f"write {description} ({'x'.join(map(str, volume.shape))}) as DICOM and upload it"):
+            write_dicom_series(volume, series, description)
+            [series_id] = orthanc.upload_folder(series)
+        with timer.step("Orthanc C-STOREs it to the node; wait for the SEG in Orthanc"):
+            orthanc.store_to("sat", [series_id])
+            [seg_series] = orthanc.wait_for_series("SEG", timeout_s=SEG_TIMEOUT_S)
+        with timer.step("read the SEG back from Orthanc and draw it"):
+            seg = pydicom.dcmread(io.BytesIO(orthanc.instance_file(seg_series["Instances"][0])))
+            preview = draw(seg, series, output / "seg_preview.png")
+        print(f"    look at {preview}")
+        print(f"    Orthanc Explorer: {orthanc.url}/app/explorer.html#series?uuid={seg_series['ID']}")
+        if args.keep_running:
+            print("    Orthanc stays up until Ctrl-C", flush=True)
+            threading.Event().wait()
+    finally:
+        with timer.step("stop the node, tritonserver and Orthanc"):
+            node.stop.set()
+            thread.join(timeout=120)
+            server.stop()
+            orthanc.stop()
+    print(f"timings:\n{timer.table()}")
+    return 0
+
+
+def demo_node(output: Path, orthanc: Orthanc, port: int, triton_url: str, task_name: str) -> Node:
+    """The node as ``deploy/dicom_node.toml`` describes it, pointed at this Orthanc and server; logs to a file."""
+    handler = logging.FileHandler(output / "dicom_node.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("sat-dicom-node")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    document = {
+        "data_dir": str(output / "dicom_node_data"),
+        "receive": {"port": port, "allowed_calling_ae_titles": [orthanc.aet], "settle_s": 2.0},
+        "segment": {"triton_urls": [triton_url]},
+        "send": {"kind": "dimse", "ae_title": orthanc.aet, "port": orthanc.dicom_port},
+        "route": [{"task": task_name, "min_slices": 20}],
+    }
+    return Node(from_document(document, output))
+
+
+def draw(seg: pydicom.Dataset, series: Path, path: Path) -> Path:
+    """The SEG's segments over the series (three planes through the largest one), as the PACS holds them."""
+    masks, labels = read_dicom_seg(seg, series)
+    volume = load_volume(series)
+    labelmap = np.zeros(volume.shape, np.uint16)
+    for value, mask in enumerate(masks, start=1):
+        labelmap[(mask > 0) & (labelmap == 0)] = value
+    window = CT_SOFT_TISSUE_WINDOW if volume.modality == "ct" else None
+    names = dict(enumerate(labels, start=1))
+    title = f"DICOM SEG read back from Orthanc: {len(labels)} segments"
+    return save_preview(volume.array, volume.affine, labelmap, names, path, title=title, window=window)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli(PROG, lambda: run_demo(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
