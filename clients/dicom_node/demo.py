@@ -45,7 +45,8 @@ EPILOG = """what it does (each step is timed):
   3. write the demo CT (../shared/data; else the MNI152 T1) as a DICOM series and upload it into Orthanc
   4. Orthanc C-STOREs the series to the node (AE SATNODE); the node segments it and C-STOREs a DICOM SEG back
   5. read the SEG back from Orthanc -> OUTPUT/seg_preview.png; print the Orthanc Explorer URL
-  6. stop everything (--keep-running: wait for Ctrl-C first, to look at Orthanc Explorer)
+  6. stop everything (--keep-running: wait for Ctrl-C first; meanwhile the node also segments any CT or MR
+     series uploaded into this Orthanc, which it watches over DICOMweb)
 Needs Debian's orthanc and orthanc-dicomweb. Not for clinical use.
 """
 
@@ -103,13 +104,17 @@ def write_dicom_series(volume: Volume, folder: Path, description: str) -> Path:
     return folder
 
 
-def demo_volume() -> tuple[Volume, str, str]:
-    """The volume to send, its description and the node's route for it."""
+ROUTES = [{"modality": "CT", "task": "demo_abdomen", "min_slices": 20}, {"modality": "MR", "task": "demo_brain"}]
+"""The demo node's routes: what the demo model was trained on, by modality."""
+
+
+def demo_volume() -> tuple[Volume, str]:
+    """The volume to send and its description."""
     if SHARED_CT.is_file():
         ct = load_volume(SHARED_CT)
-        return Volume(ct.array, ct.affine, "ct"), "SAT demo abdominal CT", "demo_abdomen"
+        return Volume(ct.array, ct.affine, "ct"), "SAT demo abdominal CT"
     print(f"(no CT at {SHARED_CT}: the MNI152 T1 is sent instead)")
-    return load_mni152_volume(), "SAT demo T1 brain", "demo_brain"
+    return load_mni152_volume(), "SAT demo T1 brain"
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -121,7 +126,7 @@ def run_demo(args: argparse.Namespace) -> int:
     with timer.step("export the demo model into triton_repo/"):
         if not repository_is_current(settings):
             build_repository(settings)
-    volume, description, task_name = demo_volume()
+    volume, description = demo_volume()
     [node_port] = free_ports(1)
     orthanc = Orthanc(output / "orthanc", modalities={"sat": (NODE_AET, "127.0.0.1", node_port)})
     server = TritonServer(DEFAULT_REPOSITORY, log_path=output / "tritonserver.log")
@@ -129,7 +134,7 @@ def run_demo(args: argparse.Namespace) -> int:
         orthanc.start()
         server.start()
     os.environ["SAT_ADMIN_KEY"] = server.admin_key  # the node's SATClient then uses shared memory on this host
-    node = demo_node(output, orthanc, node_port, server.grpc_url, task_name)
+    node = demo_node(output, orthanc, node_port, server.grpc_url)
     thread = threading.Thread(target=node.run, daemon=True)
     thread.start()
     try:
@@ -146,7 +151,11 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"    look at {preview}")
         print(f"    Orthanc Explorer: {orthanc.url}/app/explorer.html#series?uuid={seg_series['ID']}")
         if args.keep_running:
-            print("    Orthanc stays up until Ctrl-C", flush=True)
+            print(
+                f"    all stays up until Ctrl-C: upload a CT or MR series at {orthanc.url}/app/explorer.html "
+                f"(or storescu to 127.0.0.1:{orthanc.dicom_port}); the node pulls it and its SEG appears there",
+                flush=True,
+            )
             threading.Event().wait()
     finally:
         with timer.step("stop the node, tritonserver and Orthanc"):
@@ -158,8 +167,12 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_node(output: Path, orthanc: Orthanc, port: int, triton_url: str, task_name: str) -> Node:
-    """The node as ``deploy/dicom_node.toml`` describes it, pointed at this Orthanc and server; logs to a file."""
+def demo_node(output: Path, orthanc: Orthanc, port: int, triton_url: str) -> Node:
+    """The node as ``deploy/dicom_node.toml`` describes it, pointed at this Orthanc and server; logs to a file.
+
+    It takes series both ways: C-STOREd by Orthanc, and pulled from Orthanc's DICOMweb (what ``--keep-running``
+    relies on for series a user uploads); a series that comes both ways is one job.
+    """
     handler = logging.FileHandler(output / "dicom_node.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger = logging.getLogger("sat-dicom-node")
@@ -167,10 +180,17 @@ def demo_node(output: Path, orthanc: Orthanc, port: int, triton_url: str, task_n
     logger.setLevel(logging.INFO)
     document = {
         "data_dir": str(output / "dicom_node_data"),
-        "receive": {"port": port, "allowed_calling_ae_titles": [orthanc.aet], "settle_s": 2.0},
+        "receive": {
+            "port": port,
+            "allowed_calling_ae_titles": [orthanc.aet],
+            "settle_s": 2.0,
+            "dicomweb": {"url": orthanc.dicomweb_url},
+            "poll_s": 5.0,
+            "lookback_days": 0,
+        },
         "segment": {"triton_urls": [triton_url]},
         "send": {"kind": "dimse", "ae_title": orthanc.aet, "port": orthanc.dicom_port},
-        "route": [{"task": task_name, "min_slices": 20}],
+        "route": ROUTES,
     }
     return Node(from_document(document, output))
 
