@@ -5,7 +5,8 @@ Four ways to get the same masks, interleaved per repeat so they share the machin
 - ``torch``, ``onnxruntime``, ``openvino``: :class:`satseg.pipeline.Segmenter` in this process (what
   ``sat-segment --runtime`` does), the graph runtimes on the exported ``vision`` graph; the one the CPU
   server's ``configs/cpu.pbtxt`` names separates the runtime's share from the serving overhead;
-- ``served``: :class:`clients.SATClient` over gRPC to the real ``tritonserver`` on loopback.
+- ``served``: :class:`clients.SATClient` over gRPC to the real ``tritonserver`` on loopback, the tensors on the
+  wire and (``served + shared memory``, what a client on the server's host uses) in system shared memory.
 
 Where the served time goes comes from Triton's own statistics (the admin endpoint): the ``segmenter``
 model's execution (geometry, stitching, thresholding, waiting for ``vision``) against ``vision``'s.
@@ -61,6 +62,9 @@ class Timed:
         logits = self.predictor(patches, queries)
         self.seconds += time.perf_counter() - started
         return logits
+
+
+TRANSPORTS = ("gRPC", "gRPC + shared memory")
 
 
 def graph_predictor(path: Path, runtime: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -132,16 +136,25 @@ def main() -> None:
             **{name: graph_predictor(graph, name) for name in GRAPH_RUNTIMES},
         }
         with TritonServer(repository, log_path=Path(folder) / "tritonserver.log") as server:
-            client = SATClient(server.grpc_url)
+            clients = {
+                TRANSPORTS[0]: SATClient(server.grpc_url, shared_memory="off"),
+                TRANSPORTS[1]: SATClient(server.grpc_url, admin_key=server.admin_key, shared_memory="on"),
+            }
             for case in cases(args.ct):
-                report(case, segmenter, predictors, client, server.admin_key, args.repeats)
+                report(case, segmenter, predictors, clients, server.admin_key, args.repeats)
 
 
 def report(
-    case: Case, segmenter: Segmenter, predictors: dict[str, Any], client: SATClient, key: str, repeats: int
+    case: Case,
+    segmenter: Segmenter,
+    predictors: dict[str, Any],
+    clients: dict[str, SATClient],
+    key: str,
+    repeats: int,
 ) -> None:
-    served(client, case, key)  # warm-up: first-call allocations on both sides
-    seconds: dict[str, list[float]] = {name: [] for name in [*predictors, "served"]}
+    for client in clients.values():
+        served(client, case, key)  # warm-up: first-call allocations on both sides
+    seconds: dict[str, list[float]] = {name: [] for name in [*predictors, *clients]}
     vision: dict[str, list[float]] = {name: [] for name in predictors}
     shares: dict[str, list[float]] = {name: [] for name in MODELS}
     differ: dict[str, list[int]] = {name: [] for name in predictors}
@@ -151,10 +164,15 @@ def report(
             total, inside, masks[name] = in_process(segmenter, case, predictor)
             seconds[name].append(total)
             vision[name].append(inside)
-        total, per_model, served_masks = served(client, case, key)
-        seconds["served"].append(total)
+        answers = []
+        for transport, client in clients.items():
+            total, per_model, answer = served(client, case, key)
+            seconds[transport].append(total)
+            answers.append(answer)
+        assert all((answer == answers[0]).all() for answer in answers)  # the transport changes no voxel
+        served_masks = answers[0]
         for name in MODELS:
-            shares[name].append(per_model[name])
+            shares[name].append(per_model[name])  # the last transport's (shared memory)
         for name in predictors:
             differ[name].append(int((served_masks != masks[name]).sum()))
     median = {name: statistics.median(values) for name, values in seconds.items()}
@@ -162,18 +180,19 @@ def report(
     voxels = served_masks.size
     print(f"\n{case.name}, {len(case.prompts)} prompts, median of {repeats}")
     for name in predictors:
+        ratios = ", ".join(f"{median[transport] / median[name]:.2f}" for transport in clients)
         print(
             f"  in-process {name:<12} {median[name]:7.2f} s  (vision {statistics.median(vision[name]):6.2f} s); "
-            f"served / it {median['served'] / median[name]:5.2f}; mask voxels differing from served "
-            f"{max(differ[name])} of {voxels:,}"
+            f"served / it {ratios}; mask voxels differing from served {max(differ[name])} of {voxels:,}"
         )
-    print(f"  served (gRPC, loopback)   {median['served']:7.2f} s")
+    for transport in clients:
+        print(f"  served ({transport}, loopback) {median[transport]:7.2f} s")
     stitching = model["segmenter"] - model["vision"]
     print(
         f"  inside the server: segmenter {model['segmenter']:.2f} s = vision {model['vision']:.2f} s "
         f"({model['vision'] / model['segmenter']:.0%}) + geometry/stitching/thresholding {stitching:.2f} s "
         f"({stitching / model['segmenter']:.0%}); prompt_encoder {model['prompt_encoder']:.3f} s; "
-        f"outside the models (transport, ensemble) {median['served'] - model['sat']:.2f} s"
+        f"outside the models (transport, ensemble) {median[TRANSPORTS[1]] - model['sat']:.2f} s with shared memory"
     )
 
 

@@ -149,3 +149,43 @@ def test_the_demo_series_lies_on_the_volume_grid_with_its_affine(modality: str, 
     np.testing.assert_allclose(back.affine, affine, atol=1e-4)
     np.testing.assert_allclose(back.array, volume.array, atol=0 if modality == "ct" else 900 / 65535)
     assert back.modality == modality
+
+
+def test_the_scp_speaks_tls_when_configured_and_refuses_plain_associations(tmp_path: Path) -> None:
+    """[receive.tls]: a TLS peer with a certificate from the configured CA is served; a plain one is not."""
+    import shutil
+    import ssl
+    import subprocess
+
+    pynetdicom = pytest.importorskip("pynetdicom")
+    from pynetdicom.sop_class import Verification
+
+    from clients.dicom_node.config import Receive, Tls
+    from clients.dicom_node.receive import storage_scp
+    from satseg.server.triton import free_ports
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: it makes the test certificates")
+    for name in ("node", "peer"):
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+             "-keyout", str(tmp_path / f"{name}.key"), "-out", str(tmp_path / f"{name}.crt")],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    [port] = free_ports(1)
+    node_tls = Tls(tmp_path / "node.crt", tmp_path / "node.key", ca=tmp_path / "peer.crt")
+    receive = Receive(port=port, allowed_calling_ae_titles=("PEER",), tls=node_tls)
+    server = storage_scp(receive, JobStore(tmp_path / "jobs.sqlite"), tmp_path / "incoming")
+    try:
+        peer = pynetdicom.AE(ae_title="PEER")
+        peer.add_requested_context(Verification)
+        peer_tls = Tls(tmp_path / "peer.crt", tmp_path / "peer.key", ca=tmp_path / "node.crt")
+        context = peer_tls.context(ssl.Purpose.SERVER_AUTH)
+        secure = peer.associate("127.0.0.1", port, ae_title="SATNODE", tls_args=(context, "localhost"))
+        assert secure.is_established
+        assert secure.send_c_echo().Status == 0x0000
+        secure.release()
+        assert not peer.associate("127.0.0.1", port, ae_title="SATNODE").is_established
+    finally:
+        server.shutdown()
