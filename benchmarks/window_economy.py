@@ -5,7 +5,8 @@
    (``WindowSpec.trim_margin`` and ``edge_allowance``), and the reference rule (crop at HU > 0 without a
    margin, a stride of half a window, the last window snapped to the end).
 2. The bundled demo model's learning checks (the training CT on its own grid and rotated 15 degrees, and the
-   MNI152 T1), Dice per structure with the placement before and now, in one run.
+   MNI152 T1), Dice per structure with the placement before, with each rule alone, and with both (now), in
+   one run.
 
     python benchmarks/window_economy.py
 """
@@ -72,10 +73,22 @@ def count_windows() -> None:
             print(f"| {name} | {size} | {grid}, {before} | {now} | {reference}, {counted} |")
 
 
+PLACEMENTS = {
+    "before": {"trim_margin": False, "edge_allowance": 0.0},
+    "trim only": {"edge_allowance": 0.0},
+    "allowance only": {"trim_margin": False},
+    "now": {},
+}
+"""The window rules compared, as changes to the bundled model's spec: neither, each alone, both (the spec's)."""
+
+
 def accuracy() -> None:
     now = Segmenter.from_checkpoint(DEMO)
-    before = copy.copy(now)
-    before.spec = replace(now.spec, window=replace(now.spec.window, trim_margin=False, edge_allowance=0.0))
+    segmenters = {}
+    for label, changes in PLACEMENTS.items():
+        segmenter = copy.copy(now)
+        segmenter.spec = replace(now.spec, window=replace(now.spec.window, **changes))
+        segmenters[label] = segmenter
     cases = []
     if (TOTALSEG / "example_ct.nii.gz").is_file():
         ct = case_from_files(
@@ -89,24 +102,19 @@ def accuracy() -> None:
         cases += [(ct, prompts, "input"), (ct, prompts, "oblique15")]
     mni = mni152_case()
     cases.append((mni, labelled_prompts(mni), "input"))
-    print("| case | grid | structure | Dice before | Dice now | change | windows before / now |")
-    print("|---|---|---|---:|---:|---:|---|")
+    others = [label for label in PLACEMENTS if label != "before"]
+    print(f"| case | grid | structure | Dice before | {' | '.join(f'change, {label}' for label in others)} |")
+    print(f"|---|---|---|---:|{'---:|' * len(others)}")
     for case, prompts, geometry in cases:
-        rows = {}
-        for label, segmenter in (("before", before), ("now", now)):
-            rows[label] = evaluate_case(segmenter, case, prompts, geometry)
-        grids = [tuple(rows[label][0]["model_grid"]) for label in ("before", "now")]
-        window = now.spec.window
-        counts = [
-            len(planned_windows(grids[0], window.patch_size, window.overlap)[1]),
-            len(planned_windows(grids[1], window.patch_size, window.overlap, window.edge_allowance)[1]),
-        ]
-        for old, new in zip(rows["before"], rows["now"], strict=True):
-            change = new["dice"] - old["dice"]
-            print(
-                f"| {case.name} | {geometry} | {old['structure']} | {old['dice']:.4f} | {new['dice']:.4f} | "
-                f"{change:+.4f} | {counts[0]} / {counts[1]} |"
-            )
+        rows = {label: evaluate_case(segmenter, case, prompts, geometry) for label, segmenter in segmenters.items()}
+        counts = []
+        for label, segmenter in segmenters.items():
+            window, grid = segmenter.spec.window, tuple(rows[label][0]["model_grid"])
+            counts.append(len(planned_windows(grid, window.patch_size, window.overlap, window.edge_allowance)[1]))
+        for index, first in enumerate(rows["before"]):
+            changes = " | ".join(f"{rows[label][index]['dice'] - first['dice']:+.4f}" for label in others)
+            print(f"| {case.name} | {geometry} | {first['structure']} | {first['dice']:.4f} | {changes} |")
+        print(f"windows ({', '.join(PLACEMENTS)}): {', '.join(map(str, counts))}")
 
 
 def main() -> None:

@@ -340,23 +340,28 @@ def test_kill_9_mid_job_then_a_restart_gives_exactly_one_seg(
     process = start_node(config_path, log)
     store = JobStore(config.data_dir / "jobs.sqlite")
     try:
-        wait_for(lambda: (tmp_path / "node" / "jobs.sqlite").exists(), "job database", 60)
-        time.sleep(1.0)  # the SCP is listening once the database exists and the loop has started
+        wait_for(lambda: "listening on" in log.read_text(), "listening storage SCP", 120)
         orthanc.store_to("sat", orthanc.upload_folder(folder))
         wait_for(lambda: state_of(store, folder) == SEGMENTING, "job being segmented")
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
         process = start_node(config_path, log)
         wait_for(lambda: state_of(store, folder) == SENT, "sent job")
+        wait_for(lambda: log.read_text().count("listening on") == 2, "restarted node's SCP", 120)
         time.sleep(2.0)  # time for a duplicate to arrive, if one were sent
     finally:
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
+        assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
     assert len(segs_of(orthanc, series_uid(folder))) == 1
     text = log.read_text()
     assert "was being segmented when the node stopped" in text
     assert PATIENT_NAME not in text and series_uid(folder) not in text
-    assert not any(str(ds.SOPInstanceUID) in text for _, ds in sorted_series_headers(folder))
+    leaked = [
+        line
+        for line in text.splitlines()
+        if any(str(ds.SOPInstanceUID) in line for _, ds in sorted_series_headers(folder))
+    ]
+    assert not leaked, leaked[:3]
 
 
 def test_triton_stopped_mid_run_then_restarted_and_the_job_completes(

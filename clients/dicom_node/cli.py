@@ -50,12 +50,14 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from clients.dicom_node.node import Node
 
+    # Only the node's own lines, unless --verbose: pynetdicom's, highdicom's and pydicom's (warnings included)
+    # quote UIDs and header values, which identify patients.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.ERROR,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose:  # pynetdicom's own INFO lines carry AE titles and UIDs of every association
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+    logging.getLogger("sat-dicom-node").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     node = Node(NodeConfig.load(args.config), verbose=args.verbose)
     signal.signal(signal.SIGTERM, lambda *_: node.stop.set())
     node.run()
