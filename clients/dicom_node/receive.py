@@ -15,7 +15,7 @@ from typing import Any
 import pydicom
 
 from clients.dicom_node.config import DicomWeb, Receive
-from clients.dicom_node.jobs import RECEIVED, JobStore, job_id, uid_hash
+from clients.dicom_node.jobs import COMPLETE, RECEIVED, JobStore, job_id, uid_hash
 from satseg.atomic import write_bytes_atomically
 
 logger = logging.getLogger("sat-dicom-node")
@@ -61,7 +61,7 @@ def keep_instance(
     series, study, instance = (str(dataset.get(name)) for name in ("SeriesInstanceUID", "StudyInstanceUID", UIDS[2]))
     identifier = job_id(series)
     job = store.get(identifier)
-    if job is not None and job.state not in (RECEIVED, "complete"):
+    if job is not None and job.state not in (RECEIVED, COMPLETE):
         logger.info("job %s: an instance arrived after the series was taken (%s); not added", identifier, job.state)
         return identifier
     path = instance_path(incoming, identifier, instance)
