@@ -175,3 +175,44 @@ def test_evaluation_runs_through_the_serving_path(
     assert set(document["grid_dependence"]) == {"lps", "oblique15"}
     report = (output / "evaluation.md").read_text()
     assert "## Per region" in report and "| right kidney |" in report and "NSD@2mm" in report
+
+
+def test_a_baseline_is_scored_on_the_same_cases_and_a_mask_file_is_a_case(
+    tiny_checkpoint: Path, phantom_case: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """``--baseline`` scores a second model on the same prompts and grids; ``--mask-case`` reads one
+    TotalSegmentator-style mask; prompts are told apart by how many labelled terms their truth joins."""
+    image, labels, names = phantom_case
+    label_image = nib.load(labels)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    right = next(int(value) for value, name in PHANTOM_NAMES.items() if name == "kidney_right")
+    kidney = (np.asarray(label_image.dataobj) == right).astype(np.uint8)
+    nib.save(nib.Nifti1Image(kidney, label_image.affine), masks / "kidney_right.nii.gz")
+    output = tmp_path / "compared"
+    arguments = ["--checkpoint", str(tiny_checkpoint), "--baseline", str(tiny_checkpoint), "--output", str(output)]
+    arguments += ["--device", "cpu", "--case", str(image), str(labels), str(names), "ct"]
+    arguments += ["--mask-case", str(image), str(masks / "kidney_right.nii.gz"), "ct"]
+    arguments += ["--prompts", "labelled,kidney"]  # each case's labelled terms, and the parent
+    assert main(arguments) == 0
+    document = json.loads((output / "evaluation.json").read_text())
+    rows = document["structures"]
+    assert {(row["model"], row["case"]) for row in rows} == {
+        (model, case) for model in ("candidate", "baseline") for case in ("ct", "masks")
+    }
+    by_key = {(row["model"], row["case"], row["structure"]): row for row in rows}
+    for key, row in by_key.items():
+        twin = by_key[("baseline", *key[1:])]
+        assert row["dice"] == twin["dice"] and row["truth_voxels"] == twin["truth_voxels"]  # one model, twice
+    assert {row["structure"] for row in rows if row["case"] == "masks"} == {"right kidney", "kidney"}
+    assert {"liver", "left kidney", "right kidney", "kidney"} <= {row["structure"] for row in rows}
+    from_file = by_key[("candidate", "masks", "right kidney")]
+    assert from_file["truth_voxels"] == int(kidney.sum()) > 0
+    assert by_key[("candidate", "masks", "kidney")]["kind"] == "single label"  # only the right one is labelled
+    assert by_key[("candidate", "ct", "kidney")]["kind"] == "union of labels"
+    kinds = {(item["model"], item["kind"]) for item in document["kinds"]}
+    assert {("candidate", "union of labels"), ("baseline", "single label"), ("candidate", "all")} <= kinds
+    means = {(item["geometry"], item["structure"]): item for item in document["structure_means"]}
+    assert means[("input", "right kidney")]["cases"] == 2
+    report = (output / "evaluation.md").read_text()
+    assert "| baseline Dice |" in report and "| +0.000 |" in report

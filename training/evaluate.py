@@ -13,7 +13,7 @@ import json
 import warnings
 import zlib
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,14 @@ from satseg.pipeline import InferenceOptions, Segmenter, resolve_device
 from satseg.text import Vocabulary
 from training.data.mni152 import MNI152_TISSUES, load_mni152
 from training.data.names import map_label_names
-from training.data.readers import check_same_grid, nifti_stem, read_labels, read_names
+from training.data.readers import (
+    check_same_grid,
+    mask_files_case,
+    mask_folder_case,
+    nifti_stem,
+    read_labels,
+    read_names,
+)
 from training.data.standardised import StandardisedDataset
 
 PROG = "sat-evaluate"
@@ -44,6 +51,13 @@ INPUT_GEOMETRY = "input"
 OBLIQUE = "oblique"
 NO_REGION = "other"
 ALL_REGIONS = "all"
+CONTRASTS = ("any", "t1")
+"""How label-only maps are synthesised: any contrast per label, or named tissues in T1-weighted order."""
+CANDIDATE, BASELINE = "candidate", "baseline"
+LABELLED = "labelled"
+"""The ``--prompts`` item that stands for every term labelled in a case."""
+SINGLE_LABEL, UNION = "single label", "union of labels"
+"""Prompt kinds: the ground truth is one labelled term ("left thalamus"), or several ("thalamus")."""
 
 EPILOG = """examples (sat-evaluate is the installed name of python -m training.evaluate):
   python -m training.evaluate --checkpoint runs/demo/checkpoint --output runs/demo/evaluation \\
@@ -54,14 +68,18 @@ EPILOG = """examples (sat-evaluate is the installed name of python -m training.e
       --prompts "liver,kidney=left kidney+right kidney"
   python -m training.evaluate --checkpoint models/demo --output runs/mni --mni152 \\
       --prompts "cerebral white matter,cerebral cortex"
+  python -m training.evaluate --checkpoint runs/new/checkpoint --baseline models/demo --output runs/crop \\
+      --mask-case crop/ct_cropped.nii.gz crop ct --prompts aorta
 
 outputs (under --output):
-  evaluation.md     per-region summary and per-structure table (Markdown)
+  evaluation.md     per-region and per-kind summaries, per-structure means over cases and the
+                    per-case table (Markdown); with --baseline, both models side by side
   evaluation.json   the same numbers, plus the settings
 
 Prompts: by default every vocabulary term labelled in a case. With --prompts, each item is a prompt,
 optionally "=" and the label terms (joined by "+") whose union is its ground truth; without "=", a parent
-term's ground truth is the union of its own and its descendants' labels.
+term's ground truth is the union of its own and its descendants' labels. The item "labelled" stands for
+every term labelled in each case ("labelled,thalamus": each side, and both together).
 Geometries: "input" (always), nibabel axis codes such as "lps" or "asr" (exact reorientation), or
 "obliqueN" (the voxel axes rotated N degrees about z and x; image linear, labels nearest-neighbour).
 NSD counts the surface within the tolerance (mm, voxel spacing respected; MONAI's compute_surface_dice).
@@ -217,17 +235,42 @@ def case_from_files(
     return EvaluationCase(name, volume, label_volume.array, mapped, check_modality(modality))
 
 
+def case_from_masks(image: Path, masks: Path, modality: str, vocabulary: Vocabulary) -> EvaluationCase:
+    """A case from an image and binary masks named ``<structure>.nii.gz`` (TotalSegmentator's layout): one
+    mask file, or a folder of them (:func:`training.data.readers.mask_folder_case`); named after the folder.
+
+    One file keeps its structure whole where a folder's masks overlap (a later file wins there: an aorta
+    under its lumens' masks).
+
+    Raises:
+        SatInputError: unreadable files, a mask off the image's grid, an empty folder, an unknown modality.
+    """
+    masks = Path(masks)
+    if masks.is_dir():
+        source = mask_folder_case(Path(image), masks, modality=modality, dataset="evaluation")
+    else:
+        name = masks.parent.name
+        source = mask_files_case(Path(image), [masks], modality=modality, dataset="evaluation", case_id=name)
+    loaded = source.load()
+    assert loaded.image is not None  # masks always come with their image
+    mapped, _ = map_label_names(loaded.classes, vocabulary, source=f"masks {masks.name}")
+    return EvaluationCase(loaded.case_id, loaded.image, loaded.labels, mapped, loaded.modality)
+
+
 def mni152_case() -> EvaluationCase:
     """nilearn's MNI152 2009 T1 template scored against its white/grey-matter maps (see ``training.data.mni152``)."""
     volume, labels = load_mni152()
     return EvaluationCase("mni152_2009_nilearn", volume, labels, dict(MNI152_TISSUES), "mri")
 
 
-def standardised_cases(root: Path, keys: Sequence[str] | None, seed: int = 0) -> list[EvaluationCase]:
+def standardised_cases(
+    root: Path, keys: Sequence[str] | None, seed: int = 0, contrast: str = CONTRASTS[0]
+) -> list[EvaluationCase]:
     """Cases of a standardised root (all, or those whose ``<dataset>/<case>`` key is in ``keys``).
 
     Their grid is the standardised model grid (the original is not kept). Label-only maps get an image
-    synthesised with a generator seeded by ``seed`` and the case key, so reruns see the same image.
+    synthesised with a generator seeded by ``seed`` and the case key, so reruns see the same image, in
+    ``contrast`` (one of :data:`CONTRASTS`: ``"t1"`` puts the named tissues in T1-weighted order).
     Non-CT images are shifted to start at 0: they are z-scored, and the MRI/PET foreground crop keeps
     values above 0, while the normalisation itself ignores a shift.
 
@@ -244,10 +287,11 @@ def standardised_cases(root: Path, keys: Sequence[str] | None, seed: int = 0) ->
     for key in wanted:
         image, labels, entry = dataset.load(index[key])
         if image is None:
-            from training.data.synthseg import synthesize_image  # only label-only maps need it
+            from training.data.synthseg import synthesize_image, t1_mean_ranges  # only label-only maps need it
 
             rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
-            image = synthesize_image(labels, rng)  # on the model grid, its default spacing
+            ranges = t1_mean_ranges(entry.classes) if contrast == "t1" else None
+            image = synthesize_image(labels, rng, mean_ranges=ranges)  # on the model grid, its default spacing
         if entry.modality != "ct":
             image = image - image.min()
         volume = Volume(image, entry.affine, entry.modality)
@@ -270,22 +314,35 @@ def descendants(term: str, vocabulary: Vocabulary) -> tuple[str, ...]:
 
 
 def parse_prompts(text: str, vocabulary: Vocabulary, *, allow_free_text: bool = False) -> list[Prompt]:
-    """Prompts from ``"liver,kidney=left kidney+right kidney"`` (see the EPILOG).
+    """Prompts from ``"liver,kidney=left kidney+right kidney"`` (see the EPILOG); the item :data:`LABELLED` is
+    left out here (:func:`case_prompts` puts each case's labelled terms in its place).
 
     Raises:
         SatInputError: no prompts, an unknown prompt (unless ``allow_free_text``) or an unknown label term.
     """
     prompts = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
+    items = [part.strip() for part in text.split(",")]
+    for item in items:
+        if not item or item == LABELLED:
             continue
         spoken, _, parts = item.partition("=")
         term = vocabulary.resolve_all([spoken], allow_free_text=allow_free_text)[0]
         truth = tuple(vocabulary.resolve(name) for name in parts.split("+")) if parts else descendants(term, vocabulary)
         prompts.append(Prompt(term, truth))
-    if not prompts:
+    if not prompts and LABELLED not in items:
         raise SatInputError('no prompts in --prompts; pass e.g. "liver,kidney=left kidney+right kidney"')
     return prompts
+
+
+def case_prompts(case: EvaluationCase, text: str | None, asked: Sequence[Prompt]) -> list[Prompt]:
+    """What ``case`` is asked: every labelled term without ``--prompts`` (``text``), else the parsed ``asked``,
+    after the case's labelled terms where ``text`` names :data:`LABELLED`."""
+    if text is None:
+        return labelled_prompts(case)
+    if LABELLED not in (part.strip() for part in text.split(",")):
+        return list(asked)
+    labelled = labelled_prompts(case)
+    return labelled + [prompt for prompt in asked if prompt.term not in {item.term for item in labelled}]
 
 
 def labelled_prompts(case: EvaluationCase) -> list[Prompt]:
@@ -315,20 +372,24 @@ def evaluate_case(
     ``predicted_ml`` is the engine's volume.
 
     Returns:
-        One row per prompt: case, geometry, structure, dice, nsd, truth_ml, predicted_ml, truth_voxels and
-        model_grid (the grid the checkpoint's spec put the windows on).
+        One row per prompt: case, geometry, structure, kind (:data:`SINGLE_LABEL` or :data:`UNION`: how many
+        of the case's labelled terms its ground truth joins), dice, nsd, truth_ml, predicted_ml, truth_voxels
+        and model_grid (the grid the checkpoint's spec put the windows on).
     """
     volume, labels = regrid(case.volume, case.labels, geometry)
     rows: list[dict[str, Any]] = []
     prepared = segmenter.prepare(volume, case.modality)
+    labelled_terms = set(case.classes.values())
 
     def score(index: int, term: str, prediction: np.ndarray) -> None:
         truth = truth_mask(labels, case.classes, prompts[index].truth)
+        joined = len(labelled_terms.intersection(prompts[index].truth))
         rows.append(
             {
                 "case": case.name,
                 "geometry": geometry,
                 "structure": term,
+                "kind": UNION if joined > 1 else SINGLE_LABEL,
                 "dice": dice_score(prediction, truth),
                 "nsd": surface_dice(prediction, truth, volume.spacing, tolerance_mm),
                 "truth_ml": float(truth.sum()) * volume.voxel_volume_ml,
@@ -346,33 +407,71 @@ def evaluate_case(
     return rows
 
 
-def region_summary(rows: Sequence[dict[str, Any]], regions: Mapping[str, str | None]) -> list[dict[str, Any]]:
-    """Mean Dice and NSD per (geometry, region) and per geometry over all regions (``"all"``).
+def group_means(
+    rows: Sequence[dict[str, Any]], key: str, group: Callable[[dict[str, Any]], str]
+) -> list[dict[str, Any]]:
+    """Mean Dice and NSD per (model, geometry, ``group(row)``), and per (model, geometry) over all (``"all"``).
 
     Rows whose ground truth is empty are left out (their Dice only says whether anything was predicted).
+    Each item holds model, geometry, ``key`` (the group), structures (rows averaged), dice and nsd.
     """
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         if row["truth_voxels"]:
-            groups[(row["geometry"], regions.get(row["structure"]) or NO_REGION)].append(row)
-            groups[(row["geometry"], ALL_REGIONS)].append(row)
+            model = row.get("model", CANDIDATE)
+            groups[(model, row["geometry"], group(row))].append(row)
+            groups[(model, row["geometry"], ALL_REGIONS)].append(row)
     return [
         {
+            "model": model,
             "geometry": geometry,
-            "region": region,
+            key: name,
             "structures": len(members),
             "dice": float(np.mean([row["dice"] for row in members])),
             "nsd": float(np.mean([row["nsd"] for row in members])),
         }
-        for (geometry, region), members in sorted(groups.items())
+        for (model, geometry, name), members in sorted(groups.items())
+    ]
+
+
+def region_summary(rows: Sequence[dict[str, Any]], regions: Mapping[str, str | None]) -> list[dict[str, Any]]:
+    """:func:`group_means` by the vocabulary's region of each structure (``regions``: term -> region)."""
+    return group_means(rows, "region", lambda row: regions.get(row["structure"]) or NO_REGION)
+
+
+def kind_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`group_means` by prompt kind: single-label prompts ("left thalamus") apart from unions ("thalamus")."""
+    return group_means(rows, "kind", lambda row: row["kind"])
+
+
+def structure_means(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (geometry, structure), the mean Dice and NSD over the cases with ground truth, per model.
+
+    Each item: geometry, structure, cases, and ``dice`` / ``nsd`` keyed by model (``candidate``, and
+    ``baseline`` when one was evaluated).
+    """
+    groups: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if row["truth_voxels"]:
+            groups[(row["geometry"], row["structure"])][row.get("model", CANDIDATE)].append(row)
+    return [
+        {
+            "geometry": geometry,
+            "structure": structure,
+            "cases": len(by_model[CANDIDATE]),
+            "dice": {model: float(np.mean([row["dice"] for row in members])) for model, members in by_model.items()},
+            "nsd": {model: float(np.mean([row["nsd"] for row in members])) for model, members in by_model.items()},
+        }
+        for (geometry, structure), by_model in groups.items()
     ]
 
 
 def grid_dependence(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Per extra geometry, the largest ``|Dice - Dice on the input grid|`` over the same (case, structure)."""
-    on_input = {(row["case"], row["structure"]): row["dice"] for row in rows if row["geometry"] == INPUT_GEOMETRY}
+    """Per extra geometry, the candidate's largest ``|Dice - Dice on the input grid|`` over a (case, structure)."""
+    candidate = [row for row in rows if row.get("model", CANDIDATE) == CANDIDATE]
+    on_input = {(row["case"], row["structure"]): row["dice"] for row in candidate if row["geometry"] == INPUT_GEOMETRY}
     largest: dict[str, float] = {}
-    for row in rows:
+    for row in candidate:
         if row["geometry"] != INPUT_GEOMETRY:
             difference = abs(row["dice"] - on_input[(row["case"], row["structure"])])
             largest[row["geometry"]] = max(largest.get(row["geometry"], 0.0), difference)
@@ -381,12 +480,16 @@ def grid_dependence(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 def markdown_report(
     rows: Sequence[dict[str, Any]],
-    summary: Sequence[dict[str, Any]],
+    summaries: Mapping[str, Sequence[dict[str, Any]]],
     dependence: Mapping[str, float],
     settings: Mapping[str, Any],
 ) -> str:
-    """``evaluation.md``: the settings, the per-region summary, grid dependence and the per-structure table."""
+    """``evaluation.md``: the settings, grid dependence, the summaries (``{"region": ..., "kind": ...}``), the
+    per-structure means over cases (each model, and the difference when a baseline was evaluated) and the
+    per-case table."""
     tolerance = f"NSD@{settings['tolerance_mm']:g}mm"
+    means = structure_means(rows)
+    compared = any(BASELINE in item["dice"] for item in means)
     lines = [
         "# SAT evaluation",
         "",
@@ -395,23 +498,52 @@ def markdown_report(
             f"- largest |Dice change| on the {name} grid vs the input grid: {value:.3f}"
             for name, value in dependence.items()
         ),
+    ]
+    for key, summary in summaries.items():
+        lines += [
+            "",
+            f"## Per {key} (structures with ground truth)",
+            "",
+            f"| model | geometry | {key} | structures | mean Dice | mean {tolerance} |",
+            "|---|---|---|---:|---:|---:|",
+            *(
+                f"| {item['model']} | {item['geometry']} | {item[key]} | {item['structures']} | {item['dice']:.3f} "
+                f"| {item['nsd']:.3f} |"
+                for item in summary
+            ),
+        ]
+    lines += ["", "## Per structure, mean over cases", ""]
+    if compared:
+        lines += [
+            f"| geometry | structure | cases | Dice | {tolerance} | baseline Dice | baseline {tolerance} "
+            "| Dice change |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+            *(
+                f"| {item['geometry']} | {item['structure']} | {item['cases']} | {item['dice'][CANDIDATE]:.3f} "
+                f"| {item['nsd'][CANDIDATE]:.3f} | {item['dice'][BASELINE]:.3f} | {item['nsd'][BASELINE]:.3f} "
+                f"| {item['dice'][CANDIDATE] - item['dice'][BASELINE]:+.3f} |"
+                for item in means
+            ),
+        ]
+    else:
+        lines += [
+            f"| geometry | structure | cases | Dice | {tolerance} |",
+            "|---|---|---:|---:|---:|",
+            *(
+                f"| {item['geometry']} | {item['structure']} | {item['cases']} | {item['dice'][CANDIDATE]:.3f} "
+                f"| {item['nsd'][CANDIDATE]:.3f} |"
+                for item in means
+            ),
+        ]
+    lines += [
         "",
-        "## Per region (structures with ground truth)",
+        "## Per case",
         "",
-        f"| geometry | region | structures | mean Dice | mean {tolerance} |",
-        "|---|---|---:|---:|---:|",
+        f"| model | case | geometry | structure | Dice | {tolerance} | truth mL | predicted mL |",
+        "|---|---|---|---|---:|---:|---:|---:|",
         *(
-            f"| {item['geometry']} | {item['region']} | {item['structures']} | {item['dice']:.3f} | {item['nsd']:.3f} |"
-            for item in summary
-        ),
-        "",
-        "## Per structure",
-        "",
-        f"| case | geometry | structure | Dice | {tolerance} | truth mL | predicted mL |",
-        "|---|---|---|---:|---:|---:|---:|",
-        *(
-            f"| {row['case']} | {row['geometry']} | {row['structure']} | {row['dice']:.3f} | {row['nsd']:.3f} "
-            f"| {row['truth_ml']:.1f} | {row['predicted_ml']:.1f} |"
+            f"| {row.get('model', CANDIDATE)} | {row['case']} | {row['geometry']} | {row['structure']} "
+            f"| {row['dice']:.3f} | {row['nsd']:.3f} | {row['truth_ml']:.1f} | {row['predicted_ml']:.1f} |"
             for row in rows
         ),
     ]
@@ -421,6 +553,9 @@ def markdown_report(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli_parser(PROG, "Dice and NSD per structure through the serving path, on the input's own grid.", EPILOG)
     parser.add_argument("--checkpoint", type=Path, required=True, help="satseg checkpoint folder")
+    parser.add_argument(
+        "--baseline", type=Path, help="a second checkpoint scored on the same cases in the same run, for comparison"
+    )
     parser.add_argument("--output", type=Path, required=True, help="folder for evaluation.md and evaluation.json")
     parser.add_argument(
         "--case",
@@ -429,6 +564,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar=("IMAGE", "LABELS", "NAMES", "MODALITY"),
         help='image, label map on its grid, names JSON {"1": "spleen", ...}, modality (repeatable)',
+    )
+    parser.add_argument(
+        "--mask-case",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("IMAGE", "MASKS", "MODALITY"),
+        help="image, a <structure>.nii.gz mask or a folder of them on its grid, modality (repeatable)",
     )
     parser.add_argument(
         "--mni152",
@@ -460,12 +603,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     add_runtime_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the images synthesised for label-only cases")
+    parser.add_argument(
+        "--contrast",
+        choices=CONTRASTS,
+        default=CONTRASTS[0],
+        help="images synthesised for label-only cases: any contrast per label (default) or T1-ordered tissues",
+    )
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.case and args.standardised is None and not args.mni152:
-        raise SatInputError("nothing to evaluate: pass --case (repeatable), --standardised and/or --mni152")
+    if not args.case and not args.mask_case and args.standardised is None and not args.mni152:
+        raise SatInputError(
+            "nothing to evaluate: pass --case or --mask-case (repeatable), --standardised and/or --mni152"
+        )
     geometries = list(dict.fromkeys([INPUT_GEOMETRY, *(check_geometry(name) for name in args.geometry)]))
     check_runtime_arguments(args)
     options = InferenceOptions(
@@ -474,41 +625,69 @@ def run(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         precision=args.precision,
     )
-    segmenter = segmenter_for(args, args.checkpoint, resolve_device(args.device), options)
+    device = resolve_device(args.device)
+    models = {CANDIDATE: args.checkpoint} | ({BASELINE: args.baseline} if args.baseline else {})
+    segmenters = {model: segmenter_for(args, path, device, options) for model, path in models.items()}
+    segmenter = segmenters[CANDIDATE]
     vocabulary = segmenter.vocabulary
-    asked = parse_prompts(args.prompts, vocabulary, allow_free_text=args.allow_free_text) if args.prompts else None
+    asked = parse_prompts(args.prompts, vocabulary, allow_free_text=args.allow_free_text) if args.prompts else []
     cases = [
         case_from_files(Path(image), Path(labels), Path(names), modality, vocabulary)
         for image, labels, names, modality in args.case
+    ]
+    cases += [
+        case_from_masks(Path(image), Path(masks), modality, vocabulary) for image, masks, modality in args.mask_case
     ]
     if args.mni152:
         cases.append(mni152_case())
     if args.standardised is not None:
         keys = [key.strip() for key in args.cases.split(",") if key.strip()] if args.cases else None
-        cases += standardised_cases(args.standardised, keys, args.seed)
-    work = [(case, asked or labelled_prompts(case), geometry) for case in cases for geometry in geometries]
+        cases += standardised_cases(args.standardised, keys, args.seed, args.contrast)
+    work = [
+        (model, case, case_prompts(case, args.prompts, asked), geometry)
+        for case in cases
+        for geometry in geometries
+        for model in segmenters
+    ]
     rows: list[dict[str, Any]] = []
-    for case, prompts, geometry in tqdm(work, desc="evaluate", unit="grid"):
-        rows += evaluate_case(segmenter, case, prompts, geometry, tolerance_mm=args.tolerance_mm)
-    summary = region_summary(rows, {term.name: term.region for term in vocabulary.terms})
+    for model, case, prompts, geometry in tqdm(work, desc="evaluate", unit="grid"):
+        scored = evaluate_case(segmenters[model], case, prompts, geometry, tolerance_mm=args.tolerance_mm)
+        rows += [{"model": model, **row} for row in scored]
+    summaries = {
+        "region": region_summary(rows, {term.name: term.region for term in vocabulary.terms}),
+        "kind": kind_summary(rows),
+    }
     dependence = grid_dependence(rows)
     extra = segmenter.metadata.extra if segmenter.metadata else {}
     settings = {
         "checkpoint": str(args.checkpoint),
         "trained steps": extra.get("steps", "untrained"),
+        **({"baseline": str(args.baseline)} if args.baseline else {}),
         "tolerance_mm": args.tolerance_mm,
         "threshold": segmenter.spec.postprocess.threshold,
         "largest piece of single-body structures": options.keep_largest_component,
         "runtime": f"{options.runtime} {options.precision}",
         "geometries": ", ".join(geometries),
         "cases": len(cases),
+        **({"contrast of synthesised images": args.contrast} if args.standardised is not None else {}),
     }
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "evaluation.md").write_text(markdown_report(rows, summary, dependence, settings))
-    document = {"settings": settings, "regions": summary, "grid_dependence": dependence, "structures": rows}
+    (args.output / "evaluation.md").write_text(markdown_report(rows, summaries, dependence, settings))
+    document = {
+        "settings": settings,
+        "regions": summaries["region"],
+        "kinds": summaries["kind"],
+        "grid_dependence": dependence,
+        "structure_means": structure_means(rows),
+        "structures": rows,
+    }
     (args.output / "evaluation.json").write_text(json.dumps(document, indent=2) + "\n")
-    for item in summary:
-        print(f"{item['geometry']:>12} {item['region']:<12} Dice {item['dice']:.3f}  NSD {item['nsd']:.3f}")
+    for key, summary in summaries.items():
+        for item in summary:
+            print(
+                f"{item['model']:>9} {item['geometry']:>10} {item[key]:<16} "
+                f"Dice {item['dice']:.3f}  NSD {item['nsd']:.3f}"
+            )
     print(f"wrote {args.output / 'evaluation.md'} and evaluation.json")
     return 0
 

@@ -286,7 +286,7 @@ def mask_folder_case(image: Path, folder: Path, *, modality: str, dataset: str) 
     masks = [path for path in _nifti_files(folder) if path.resolve() != Path(image).resolve()]
     if not masks:
         raise SatInputError(f"mask folder {folder} holds no .nii / .nii.gz masks")
-    return _mask_case(image, masks, modality=modality, dataset=dataset, case_id=folder.name)
+    return mask_files_case(image, masks, modality=modality, dataset=dataset, case_id=folder.name)
 
 
 def manifest_cases(path: Path) -> list[CaseSource]:
@@ -343,7 +343,14 @@ def _labels_only(labels: Path) -> LoadArrays:
     return lambda: (None, read_labels(labels))
 
 
-def _mask_case(image: Path, masks: list[Path], *, modality: str, dataset: str, case_id: str) -> CaseSource:
+def mask_files_case(image: Path, masks: Sequence[Path], *, modality: str, dataset: str, case_id: str) -> CaseSource:
+    """An image and binary masks, numbered from 1 in the given order; each class is its file's stem.
+
+    Overlaps: see :func:`merge_masks`. Files are read by ``load``.
+
+    Raises:
+        SatInputError: the modality is unknown.
+    """
     classes = {value: nifti_stem(path) for value, path in enumerate(masks, start=1)}
 
     def read() -> tuple[Volume, Volume]:
@@ -370,7 +377,8 @@ def _manifest_line(line: str, where: str, folder: Path, default_dataset: str) ->
     case_id = _string(entry, "case", where) if "case" in entry else nifti_stem(image)
     label = entry["label"]
     if isinstance(label, list) and label and all(isinstance(item, str) for item in label):
-        return _mask_case(image, [folder / item for item in label], modality=modality, dataset=dataset, case_id=case_id)
+        masks = [folder / item for item in label]
+        return mask_files_case(image, masks, modality=modality, dataset=dataset, case_id=case_id)
     if not isinstance(label, str):
         raise SatInputError(f'{where}: "label" must be a label map path or a non-empty list of mask paths')
     classes = entry.get("classes")
