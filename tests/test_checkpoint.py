@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEMO_CHECKPOINT
 from safetensors.torch import load_file, save_file
 
 from satseg.checkpoint import (
@@ -224,3 +226,30 @@ def test_an_encoder_inside_the_checkpoint_is_saved_relative(tmp_path: Path, monk
     assert encoder_relative_to(str(tmp_path / "other"), checkpoint) == str(tmp_path / "other")
     assert encoder_relative_to(str(checkpoint), checkpoint) == str(checkpoint)
     assert encoder_relative_to(DEFAULT_TEXT_ENCODER, checkpoint) == DEFAULT_TEXT_ENCODER
+
+
+def test_cli_dice_states_measured_dice_from_evaluations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each trained term takes the input-grid Dice of the first evaluation that scored it; the weights stay."""
+    target = tmp_path / "demo"
+    shutil.copytree(DEMO_CHECKPOINT, target)
+    weights = (target / WEIGHTS_FILE).read_bytes()
+    trained = read_metadata(target).spec.trained_terms  # type: ignore[union-attr]
+    assert trained and "liver" in trained and "spleen" in trained
+
+    def evaluation(path: Path, means: list[tuple[str, str, float]]) -> Path:
+        items = [{"geometry": g, "structure": s, "cases": 1, "dice": {"candidate": d}} for g, s, d in means]
+        path.write_text(json.dumps({"structure_means": items}))
+        return path
+
+    first = evaluation(tmp_path / "first.json", [("oblique15", "liver", 0.1), ("input", "liver", 0.5004)])
+    second = evaluation(tmp_path / "second.json", [("input", "liver", 0.9), ("input", "spleen", 0.25)])
+    assert checkpoint_cli(["dice", str(target), str(first), str(second)]) == 0
+    spec = read_metadata(target).spec
+    assert spec is not None and spec.trained_terms is not None
+    assert spec.trained_terms["liver"] == 0.5 and spec.trained_terms["spleen"] == 0.25
+    assert set(spec.trained_terms) == set(trained)  # no term added or lost
+    assert "first.json" in spec.notes["dice"] and (target / WEIGHTS_FILE).read_bytes() == weights
+    capsys.readouterr()
+    (tmp_path / "other.json").write_text("{}")
+    assert checkpoint_cli(["dice", str(target), str(tmp_path / "other.json")]) == 2
+    assert "is not an evaluation.json" in capsys.readouterr().err

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
+from datetime import date
 from pathlib import Path
 
 import torch
 
-from satseg.checkpoint import CONFIG_FILE, read_metadata, save_checkpoint
+from satseg.atomic import write_bytes_atomically
+from satseg.checkpoint import CONFIG_FILE, checkpoint_folder, read_metadata, save_checkpoint
 from satseg.cli.common import cli_parser, run_cli
+from satseg.errors import SatInputError
 from satseg.model import SAT_CONFIGS, build_sat
 from satseg.spec import default_spec
 from satseg.text import Vocabulary
@@ -17,7 +21,11 @@ from satseg.text import Vocabulary
 EPILOG = """examples:
   sat-checkpoint init --size tiny --output checkpoints/tiny-untrained
   sat-checkpoint info models/demo
+  sat-checkpoint dice models/demo runs/evaluate-demo/ct/evaluation.json runs/evaluate-demo/synthseg-t1/evaluation.json
 """
+
+DICE_GEOMETRY = "input"
+"""The Dice a checkpoint states is the one measured on the input's own grid."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,6 +43,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     init.add_argument("--if-missing", action="store_true", help="do nothing if the folder already has a checkpoint")
     info = commands.add_parser("info", help="print what a checkpoint holds, as JSON")
     info.add_argument("checkpoint", type=Path, help="checkpoint folder")
+    dice = commands.add_parser(
+        "dice", help="state each trained term's measured Dice in the checkpoint's spec, from sat-evaluate's output"
+    )
+    dice.add_argument("checkpoint", type=Path, help="checkpoint folder (its config.json is rewritten)")
+    dice.add_argument(
+        "evaluations", type=Path, nargs="+", help="evaluation.json files; a term takes its Dice from the first"
+    )
     return parser.parse_args(argv)
 
 
@@ -70,9 +85,49 @@ def show_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def measured_dice(evaluations: list[Path]) -> dict[str, float]:
+    """Per structure, the candidate's mean Dice over cases on the input grid, from the first file that has it."""
+    found: dict[str, float] = {}
+    for path in evaluations:
+        try:
+            means = json.loads(path.read_text())["structure_means"]
+        except (OSError, ValueError, KeyError) as error:
+            raise SatInputError(
+                f"{path} is not an evaluation.json of sat-evaluate with structure means: {error}"
+            ) from None
+        for item in means:
+            if item["geometry"] == DICE_GEOMETRY:
+                found.setdefault(item["structure"], round(float(item["dice"]["candidate"]), 3))
+    return found
+
+
+def state_dice(args: argparse.Namespace) -> int:
+    folder = checkpoint_folder(args.checkpoint)
+    metadata = read_metadata(folder)
+    spec = metadata.model_spec(Vocabulary.load())
+    if not spec.trained_terms:
+        raise SatInputError(f"{folder} states no trained terms; there is nothing to give a Dice to")
+    dice = measured_dice(args.evaluations)
+    trained = {term: dice.get(term, value) for term, value in spec.trained_terms.items()}
+    sources = ", ".join(path.parent.name + "/" + path.name for path in args.evaluations)
+    notes = spec.notes | {"dice": f"measured {date.today().isoformat()} by sat-evaluate ({sources}), input grid"}
+    updated = replace(metadata, spec=replace(spec, trained_terms=trained, notes=notes))
+    write_bytes_atomically(folder / CONFIG_FILE, json.dumps(updated.to_json(), indent=2).encode())
+    missing = sorted(term for term, value in trained.items() if value is None)
+    print(
+        f"{len(trained) - len(missing)} of {len(trained)} trained terms have a measured Dice in {folder / CONFIG_FILE}"
+    )
+    if missing:
+        print(f"no Dice for: {', '.join(missing)}")
+    return 0
+
+
+COMMANDS = {"init": init_checkpoint, "info": show_info, "dice": state_dice}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli("sat-checkpoint", lambda: init_checkpoint(args) if args.command == "init" else show_info(args))
+    return run_cli("sat-checkpoint", lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":
