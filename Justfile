@@ -6,6 +6,8 @@ bin := venv / "bin"
 # The CPU build of torch goes in first, so no later requirement pulls a multi-GB CUDA build.
 torch_pin := "torch==2.13.0"
 demo_dir := "demo_output"
+# The last commit whose models/demo holds the previous bundled demo model (stage 7), evaluate-demo's baseline.
+previous_demo_commit := "4c9800d"
 brain_prompts := "cerebral white matter,cerebral cortex,lateral ventricle,thalamus,cerebellum cortex,cerebellum white matter,brain-stem"
 
 # List the recipes.
@@ -77,18 +79,40 @@ bundle-demo checkpoint="runs/demo_ct_focus/checkpoint": (env "dev")
     cp {{checkpoint}}/config.json {{checkpoint}}/model.safetensors models/demo/
     {{bin}}/sat-checkpoint info models/demo
 
-# The training CT on its own grid and rotated 15 degrees, the real MNI152 T1 against nilearn's tissue
-# masks, and the held-out SynthSeg maps; writes runs/demo/evaluation-*.
-# The model card's learning checks of a checkpoint (default: the demo run's).
-evaluate-demo checkpoint="runs/demo_ct_focus/checkpoint": (env "dev")
-    {{bin}}/sat-evaluate --checkpoint {{checkpoint}} --output runs/demo/evaluation-ct --geometry oblique15 \
-        --case ../shared/data/totalseg/example_ct.nii.gz ../shared/data/totalseg/example_seg_fast_force_split.nii.gz \
-        ../shared/data/totalseg/classes_total.json ct --prompts "liver,spleen,left kidney,right kidney,stomach,aorta"
-    {{bin}}/sat-evaluate --checkpoint {{checkpoint}} --output runs/demo/evaluation-mni152 --mni152 \
-        --prompts "cerebral white matter,cerebral cortex"
-    {{bin}}/sat-evaluate --checkpoint {{checkpoint}} --output runs/demo/evaluation-synthseg \
-        --standardised data/standardised --prompts "{{brain_prompts}}" \
-        --cases synthseg/training_seg_17,synthseg/training_seg_18,synthseg/training_seg_19,synthseg/training_seg_20
+# The previous bundled demo model (stage 7), from git history, as the baseline evaluate-demo compares against.
+previous-demo:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    mkdir -p runs/previous_demo
+    for file in config.json model.safetensors; do
+        git show "{{previous_demo_commit}}:models/demo/$file" > "runs/previous_demo/$file" || {
+            echo "previous-demo: commit {{previous_demo_commit}} is not in this clone's history; fetch it (git fetch --unshallow)" >&2
+            exit 1
+        }
+    done
+
+# The model card's tables for a checkpoint (default: the bundled one), each beside the previous bundled model
+# scored in the same run: the training CT on its own grid and rotated 15 degrees, the held-out aorta crop CT,
+# the real MNI152 T1 against nilearn's tissue masks, and the held-out SynthSeg maps 17-20 synthesised with
+# any contrast and with T1-ordered tissues (each lateralised structure, and the seven bilateral ones).
+# Writes runs/evaluate-demo/*/evaluation.md.
+evaluate-demo checkpoint="models/demo" baseline="runs/previous_demo": standardise-shared
+    [ -f {{baseline}}/model.safetensors ] || {{just_executable()}} previous-demo
+    {{bin}}/sat-evaluate --checkpoint {{checkpoint}} --baseline {{baseline}} --output runs/evaluate-demo/ct \
+        --geometry oblique15 --case ../shared/data/totalseg/example_ct.nii.gz \
+        ../shared/data/totalseg/example_seg_fast_force_split.nii.gz ../shared/data/totalseg/classes_total.json ct \
+        --prompts "liver,spleen,left kidney,right kidney,stomach,aorta"
+    {{bin}}/sat-evaluate --checkpoint {{checkpoint}} --baseline {{baseline}} --output runs/evaluate-demo/heldout-ct \
+        --mask-case ../shared/data/totalseg/aorta_crop/ct_cropped.nii.gz ../shared/data/totalseg/aorta_crop/aorta.nii.gz ct \
+        --prompts aorta
+    {{bin}}/sat-evaluate --checkpoint {{checkpoint}} --baseline {{baseline}} --output runs/evaluate-demo/mni152 \
+        --mni152 --prompts "cerebral white matter,cerebral cortex"
+    for contrast in any t1; do \
+        {{bin}}/sat-evaluate --checkpoint {{checkpoint}} --baseline {{baseline}} \
+            --output runs/evaluate-demo/synthseg-$contrast --contrast $contrast \
+            --standardised data/standardised --prompts "labelled,{{brain_prompts}}" \
+            --cases synthseg/training_seg_17,synthseg/training_seg_18,synthseg/training_seg_19,synthseg/training_seg_20; \
+    done
 
 # Training throughput of the tiny model on this machine (and nano on a GPU if there is one).
 bench-train: (env "dev")
