@@ -25,7 +25,7 @@ from satseg.pipeline import Segmenter
 from satseg.spec import PreprocessConfig, WindowSpec
 from satseg.window import planned_windows
 from training.data.phantom import centred_affine, make_torso_phantom
-from training.evaluate import case_from_files, evaluate_case, labelled_prompts, mni152_case
+from training.evaluate import case_from_files, evaluate_case, labelled_prompts, mni152_case, parse_prompts
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -101,7 +101,8 @@ def accuracy() -> None:
         prompts = [prompt for prompt in labelled_prompts(ct) if prompt.term in ABDOMEN]
         cases += [(ct, prompts, "input"), (ct, prompts, "oblique15")]
     mni = mni152_case()
-    cases.append((mni, labelled_prompts(mni), "input"))
+    tissues = parse_prompts("cerebral white matter,cerebral cortex", now.vocabulary)  # both hemispheres, as recorded
+    cases.append((mni, tissues, "input"))
     others = [label for label in PLACEMENTS if label != "before"]
     print(f"| case | grid | structure | Dice before | {' | '.join(f'change, {label}' for label in others)} |")
     print(f"|---|---|---|---:|{'---:|' * len(others)}")

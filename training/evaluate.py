@@ -33,7 +33,7 @@ from satseg.geometry import PreprocessConfig, Volume, load_volume
 from satseg.geometry.volume import check_modality
 from satseg.pipeline import InferenceOptions, Segmenter, resolve_device
 from satseg.text import Vocabulary
-from training.data.mni152 import MNI152_TISSUES, load_mni152
+from training.data.mni152 import MNI152_SIDED_TISSUES, load_mni152, sided_tissues
 from training.data.names import map_label_names
 from training.data.readers import (
     check_same_grid,
@@ -258,9 +258,12 @@ def case_from_masks(image: Path, masks: Path, modality: str, vocabulary: Vocabul
 
 
 def mni152_case() -> EvaluationCase:
-    """nilearn's MNI152 2009 T1 template scored against its white/grey-matter maps (see ``training.data.mni152``)."""
+    """nilearn's MNI152 2009 T1 template scored against its white/grey-matter maps (see ``training.data.mni152``),
+    each split into hemispheres at the midline: "cerebral white matter" is scored against both, "left cerebral
+    white matter" against its half."""
     volume, labels = load_mni152()
-    return EvaluationCase("mni152_2009_nilearn", volume, labels, dict(MNI152_TISSUES), "mri")
+    sided = sided_tissues(labels, volume.affine)
+    return EvaluationCase("mni152_2009_nilearn", volume, sided, dict(MNI152_SIDED_TISSUES), "mri")
 
 
 def standardised_cases(

@@ -21,6 +21,13 @@ from satseg.outputs.nifti import save_nifti_exact
 
 MNI152_TISSUES = {1: "cerebral white matter", 2: "cerebral cortex"}
 """Label values of :func:`load_mni152`'s tissue map: nilearn's white and grey matter, as the closest terms."""
+MNI152_SIDED_TISSUES = {
+    1: "left cerebral white matter",
+    2: "left cerebral cortex",
+    3: "right cerebral white matter",
+    4: "right cerebral cortex",
+}
+"""Label values of :func:`sided_tissues`: :data:`MNI152_TISSUES` split at the midline (MNI x = 0)."""
 TISSUE_PROBABILITY_THRESHOLD = 0.5
 
 
@@ -38,6 +45,24 @@ def load_mni152() -> tuple[Volume, np.ndarray]:
     grey = np.asarray(datasets.load_mni152_gm_template(resolution=1).dataobj) > TISSUE_PROBABILITY_THRESHOLD
     labels = np.where(white, 1, np.where(grey, 2, 0)).astype(np.uint8)  # probabilities sum to <= 1: disjoint
     return Volume(np.asarray(template.dataobj, dtype=np.float32), template.affine, "mri"), labels
+
+
+def sided_tissues(labels: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """:data:`MNI152_TISSUES` labels split into hemispheres at MNI x = 0 (:data:`MNI152_SIDED_TISSUES`).
+
+    MNI space puts the interhemispheric plane at x = 0 and the patient's left at x < 0 (RAS+). The split is a
+    plane, not a parcellation: the few voxels of a hemisphere that cross it count for the other side.
+
+    Args:
+        labels: ``[I, J, K]`` values of :data:`MNI152_TISSUES` (0 background).
+        affine: ``[4, 4]`` voxel -> MNI (RAS+) mm.
+
+    Returns:
+        ``[I, J, K]`` uint8: 1/2 left white/grey matter, 3/4 right, 0 background.
+    """
+    x_mm = affine[0, :3] @ np.indices(labels.shape).reshape(3, -1) + affine[0, 3]
+    right = (x_mm >= 0).reshape(labels.shape)
+    return np.where(labels > 0, labels + 2 * right, 0).astype(np.uint8)
 
 
 def main(argv: list[str] | None = None) -> int:
