@@ -192,11 +192,15 @@ def _display_window(views: tuple[PreviewView, ...]) -> tuple[float, float]:
 
 
 def _label_colours(labels: Mapping[int, str]) -> dict[int, tuple[float, float, float]]:
-    """A distinct RGB per label value, fixed by the value's rank among all label values."""
+    """A distinct RGB per label value, fixed by the value's rank among all label values.
+
+    Neighbouring ranks ("left putamen", "right putamen") get different hues: matplotlib's qualitative tab20,
+    tab20b and tab20c, each hue's darker shades first, give 60 colours; beyond that, turbo.
+    """
     values = sorted(labels)
-    if len(values) <= 20:
-        # tab20 pairs a dark and a light shade of each hue: take the ten dark ones first.
-        palette = [*colormaps["tab20"].colors[0::2], *colormaps["tab20"].colors[1::2]]
-    else:
+    shades = [colormaps["tab20"].colors[start::2] for start in (0, 1)]
+    shades += [colormaps[name].colors[start::4] for name in ("tab20b", "tab20c") for start in (0, 2, 1, 3)]
+    palette = [colour for group in shades for colour in group]
+    if len(values) > len(palette):
         palette = list(colormaps["turbo"](np.linspace(0.0, 1.0, len(values))))
     return {value: tuple(float(c) for c in palette[rank][:3]) for rank, value in enumerate(values)}
