@@ -160,8 +160,9 @@ def test_configs_load_and_overrides_are_typed() -> None:
 
 
 def test_demo_stages_chain_in_the_justfile() -> None:
-    """``just train-demo`` runs stages that each start from the previous one's checkpoint, and the bundle and
-    evaluation recipes default to the last stage's: a stage added or renamed in one place only fails here."""
+    """``just train-demo`` runs stages that each start from the previous one's checkpoint, ``bundle-demo`` defaults
+    to the last stage's and ``evaluate-demo`` to the bundled model: a stage added or renamed in one place only
+    fails here."""
     justfile = (CONFIGS.parents[1] / "Justfile").read_text()
     recipe = justfile.split("\ntrain-demo:", 1)[1].split("\n\n", 1)[0].replace("\\\n", " ")
     stages = re.findall(r"--config (\S+) --output (\S+)(?:\s+'?model\.init_from=\"([^\"]+)\"'?)?", recipe)
@@ -174,7 +175,8 @@ def test_demo_stages_chain_in_the_justfile() -> None:
             assert init_from == f"{previous}/checkpoint", f"{config_path} starts from {init_from}"
         previous = output
     last = f'checkpoint="{previous}/checkpoint"'
-    assert f"bundle-demo {last}" in justfile and f"evaluate-demo {last}" in justfile
+    assert f"bundle-demo {last}" in justfile
+    assert 'evaluate-demo checkpoint="models/demo"' in justfile
 
 
 # --- patches and prompts ------------------------------------------------------------------------------
