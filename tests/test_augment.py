@@ -14,7 +14,14 @@ from satseg.checkpoint import load_checkpoint
 from satseg.errors import SatInputError
 from satseg.model import get_config
 from satseg.text import Vocabulary
-from training.augment import SpatialAugmentation, augment_intensity, physical_to_voxel
+from training.augment import (
+    SLAB_FRACTION,
+    FieldOfView,
+    SpatialAugmentation,
+    augment_intensity,
+    physical_to_voxel,
+    thicken_slices,
+)
 from training.config import DataSettings, load_config
 from training.patches import PatchDataset, PhantomPool
 from training.train import initial_weights
@@ -77,6 +84,60 @@ def test_intensity_augmentation_is_deterministic_finite_and_changes_the_image() 
     np.testing.assert_array_equal(first, again)
     assert first.dtype == np.float32 and first.shape == PATCH and np.isfinite(first).all()
     assert not np.allclose(first, image, atol=1e-3)
+
+
+def test_a_field_of_view_keeps_a_box_of_the_patch_and_blanks_image_and_labels_outside() -> None:
+    patch = (24, 24, 16)
+    image = np.random.default_rng(0).normal(size=patch).astype(np.float32)
+    labels = np.ones(patch, dtype=np.int16)
+    for seed in range(20):
+        view = FieldOfView.draw(np.random.default_rng(seed), patch)
+        assert view == FieldOfView.draw(np.random.default_rng(seed), patch)
+        out_image, out_labels = view.apply(image, labels, fill=-3.0)
+        inside = np.zeros(patch, dtype=bool)
+        inside[tuple(slice(begin, end) for begin, end in view.box)] = True
+        np.testing.assert_array_equal(out_image[inside], image[inside])
+        assert (out_image[~inside] == -3.0).all() and not out_labels[~inside].any() and out_labels[inside].all()
+        (_, _), (_, _), (top, bottom) = view.box
+        assert SLAB_FRACTION[0] * patch[2] - 1 <= bottom - top <= patch[2]
+
+
+def test_thick_slices_blur_along_the_superior_axis_only() -> None:
+    image = np.zeros((8, 8, 32), dtype=np.float32)
+    image[:, :, 16:] = 1.0  # a step along D
+    image[2, 2, :] = 5.0  # a line along D: constant there, so unchanged
+    thick = thicken_slices(image, np.random.default_rng(3))
+    assert thick.shape == image.shape and thick.dtype == np.float32
+    np.testing.assert_allclose(thick[2, 2, :], 5.0, atol=1e-5)
+    step = thick[0, 0, :]
+    assert ((step > 0.05) & (step < 0.95)).any(), "the step should be spread over a thick slice"
+    np.testing.assert_allclose(thick[0, 0, :], thick[7, 7, :], atol=1e-6)  # in-plane is untouched
+
+
+def test_a_partial_field_of_view_only_removes_targets() -> None:
+    """The cut comes after the crop and rotation draws: the same sample without it has the same patch, and
+    every target of the cut sample lies inside the uncut target of the same term."""
+    vocabulary = Vocabulary.load()
+    terms = [term.name for term in vocabulary.terms]
+    patch = (48, 48, 16)
+    plain_settings = DataSettings(phantom=True, positive_centre_probability=1.0)
+    cut_settings = dataclasses.replace(plain_settings, field_of_view_probability=1.0, thick_slice_probability=1.0)
+    plain = PatchDataset([PhantomPool()], np.ones(1), terms, vocabulary, patch, plain_settings, 2)
+    cut = PatchDataset([PhantomPool()], np.ones(1), terms, vocabulary, patch, cut_settings, 2)
+    removed = 0
+    for index in range(4):
+        before, after = plain[index], cut[index]
+        targets = {
+            int(term): mask
+            for term, mask, positive in zip(*(before[k] for k in ("term_ids", "masks", "positive")), strict=True)
+            if positive
+        }
+        for term, mask, positive in zip(after["term_ids"], after["masks"], after["positive"], strict=True):
+            if positive:
+                assert not (mask.bool() & ~targets[int(term)].bool()).any()
+                removed += int(targets[int(term)].sum() - mask.sum())
+        assert not torch.equal(before["image"], after["image"])
+    assert removed > 0
 
 
 def test_augmented_phantom_patches_are_deterministic_and_targets_follow_the_labels() -> None:

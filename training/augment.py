@@ -1,4 +1,5 @@
-"""Training augmentation on the model grid: random rotation and scaling in millimetres, and image contrast.
+"""Training augmentation on the model grid: random rotation and scaling in millimetres, image contrast, and
+the acquisitions real CTs come from (a partial field of view, thick slices).
 
 Parameters are drawn from the sample's own generator, so a sample stays a pure function of its index;
 MONAI's deterministic ``Affine``, ``GaussianSmooth`` and ``AdjustContrast`` do the resampling and filtering.
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.transforms import AdjustContrast, Affine, GaussianSmooth
+from monai.transforms import AdjustContrast, Affine, GaussianSmooth, Resize
 from scipy.spatial.transform import Rotation
 
 from satseg.geometry import PreprocessConfig
@@ -32,6 +33,14 @@ BLUR_SIGMA_VOXELS = (0.0, 1.0)
 GAMMA_RANGE = (0.7, 1.5)
 BRIGHTNESS_SHIFT = 0.1
 CONTRAST_SCALE = (0.9, 1.1)
+SLAB_FRACTION = (0.2, 1.0)
+"""Share of the patch's superior axis (``D``) a field of view keeps: a thin slab up to the whole patch."""
+IN_PLANE_FRACTION = (0.5, 1.0)
+"""Share of ``H`` or ``W`` a field of view keeps when it cuts that axis (half the time each): a body wider
+than the reconstruction circle, or an organ cut at the scan's side."""
+SLICE_THICKNESS_MM = (3.0, 6.0)
+"""Slice thickness simulated along ``D``: real CTs run from 0.6 to 5 mm; below the grid's 3 mm the model
+grid's resampling already averages, above it the slices are thicker than the grid's."""
 
 
 @dataclass(frozen=True)
@@ -96,3 +105,53 @@ def augment_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray
     result = np.asarray(out, dtype=np.float32)[0]
     result = result * rng.uniform(*CONTRAST_SCALE) + rng.uniform(-BRIGHTNESS_SHIFT, BRIGHTNESS_SHIFT)
     return (result + rng.normal(0.0, rng.uniform(0.0, MAX_NOISE_STD), size=result.shape)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class FieldOfView:
+    """The box of a patch an acquisition covered, as ``(begin, end)`` voxels per axis; outside it is no image.
+
+    Real scans cover part of the abdomen or a thin slab, and cut organs at their edges: outside the box
+    the image is the fill (air) and nothing is labelled, as at inference, where outside the scan is padding.
+    """
+
+    box: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, patch: Sequence[int]) -> FieldOfView:
+        fractions = [
+            rng.uniform(*IN_PLANE_FRACTION) if rng.random() < 0.5 else 1.0,
+            rng.uniform(*IN_PLANE_FRACTION) if rng.random() < 0.5 else 1.0,
+            rng.uniform(*SLAB_FRACTION),
+        ]
+        box = []
+        for size, fraction in zip(patch, fractions, strict=True):
+            kept = max(1, round(size * fraction))
+            begin = int(rng.integers(0, size - kept + 1))
+            box.append((begin, begin + kept))
+        return cls((box[0], box[1], box[2]))
+
+    def apply(self, image: np.ndarray, labels: np.ndarray, fill: float) -> tuple[np.ndarray, np.ndarray]:
+        """``image`` and ``labels`` (``[H, W, D]``) with everything outside the box set to ``fill`` and 0."""
+        inside = tuple(slice(begin, end) for begin, end in self.box)
+        out_image = np.full_like(image, fill)
+        out_labels = np.zeros_like(labels)
+        out_image[inside] = image[inside]
+        out_labels[inside] = labels[inside]
+        return out_image, out_labels
+
+
+def thicken_slices(
+    image: np.ndarray, rng: np.random.Generator, spacing: Sequence[float] = MODEL_SPACING_MM
+) -> np.ndarray:
+    """An ``[H, W, D]`` float32 image as if acquired with thicker slices (``SLICE_THICKNESS_MM``) and resampled
+    back to the grid: averaged down along ``D`` to the drawn thickness, then linearly up to the patch again."""
+    thickness = rng.uniform(*SLICE_THICKNESS_MM)
+    depth = image.shape[2]
+    thick_depth = max(2, round(depth * spacing[2] / thickness))
+    if thick_depth >= depth:
+        return image
+    volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    down = Resize((image.shape[0], image.shape[1], thick_depth), mode="area")(volume)
+    up = Resize(image.shape, mode="trilinear")(down)
+    return np.asarray(up, dtype=np.float32)[0]

@@ -5,8 +5,8 @@ Three tables, every key optional except ``train.steps`` (defaults below)::
     [model]  size, patch_size, text_pretraining, init_from
     [data]   roots, phantom, holdout, weights, structures, max_prompts, positive_centre_probability,
              negatives, negative_ratio, spatial_augment_probability, intensity_augment_probability,
-             edge_crop_probability, t1_contrast_probability, seed,
-             num_workers, cached_cases
+             edge_crop_probability, field_of_view_probability, thick_slice_probability,
+             t1_contrast_probability, seed, num_workers, cached_cases
     [train]  steps, batch_size, gradient_accumulation, learning_rate, final_learning_rate, warmup_steps,
              weight_decay, gradient_clip, mixed_precision, seed, save_every, export_every, keep_states
 
@@ -100,6 +100,11 @@ class DataSettings:
         edge_crop_probability: chance that a crop may reach up to half a patch past the volume's edge, the
             outside filled with the image's minimum (air for CT). Without it no patch shows a field-of-view
             edge, and a resampled or padded input's edges (an oblique grid's empty corners) are unseen.
+        field_of_view_probability: chance that a real image patch shows only part of itself, as a partial
+            scan does: a slab of 20-100% of its depth and, half the time each, 50-100% of its width or height;
+            outside is the image's minimum and unlabelled (``training/augment.py``, ``FieldOfView``).
+        thick_slice_probability: chance that a real image patch looks acquired with 3-6 mm slices
+            (``training/augment.py``, ``thicken_slices``).
         t1_contrast_probability: chance that a synthesised (SynthSeg) image has T1-weighted tissue order
             (:func:`training.data.synthseg.t1_mean_ranges`) instead of any contrast.
         seed: data seed; sample ``i`` of the run is drawn from a generator seeded by ``(seed, i)``.
@@ -119,6 +124,8 @@ class DataSettings:
     spatial_augment_probability: float = 0.0
     intensity_augment_probability: float = 0.0
     edge_crop_probability: float = 0.0
+    field_of_view_probability: float = 0.0
+    thick_slice_probability: float = 0.0
     t1_contrast_probability: float = 0.0
     seed: int = 0
     num_workers: int = 0
@@ -191,6 +198,8 @@ class TrainingConfig:
             "spatial_augment_probability",
             "intensity_augment_probability",
             "edge_crop_probability",
+            "field_of_view_probability",
+            "thick_slice_probability",
             "t1_contrast_probability",
         ):
             if not 0.0 <= getattr(data, key) <= 1.0:

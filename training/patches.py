@@ -26,7 +26,7 @@ from satseg.errors import SatInputError
 from satseg.geometry import prepare
 from satseg.geometry.volume import MODALITIES
 from satseg.text import Vocabulary
-from training.augment import SpatialAugmentation, augment_intensity
+from training.augment import FieldOfView, SpatialAugmentation, augment_intensity, thicken_slices
 from training.config import DataSettings
 from training.data.phantom import TORSO_ORGANS, centred_affine, make_torso_phantom
 from training.data.standardised import StandardisedDataset
@@ -346,6 +346,19 @@ class PatchDataset(Dataset):
             image = crop(case.image, source_start, source_size, fill=float(case.image.min()))
         return spatial.apply(image, labels, patch)
 
+    def acquired(
+        self, image: np.ndarray, labels: np.ndarray, fill: float, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """A real image patch as another acquisition would show it, each step with its own probability: thicker
+        slices, a partial field of view (outside it ``fill`` and unlabelled), then contrast and noise."""
+        if happens(self.settings.thick_slice_probability, rng):
+            image = thicken_slices(image, rng)
+        if happens(self.settings.field_of_view_probability, rng):
+            image, labels = FieldOfView.draw(rng, self.patch_size).apply(image, labels, fill)
+        if happens(self.settings.intensity_augment_probability, rng):
+            image = augment_intensity(image, rng)
+        return image, labels
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.settings.seed, index])
         pool = self.pools[int(rng.choice(len(self.pools), p=self.weights))]
@@ -367,8 +380,8 @@ class PatchDataset(Dataset):
             t1_like = happens(self.settings.t1_contrast_probability, rng)
             ranges = t1_mean_ranges(case.classes) if t1_like else None
             image = synthesize_image(labels, rng, brain=brain, mean_ranges=ranges)  # on the model grid
-        elif happens(self.settings.intensity_augment_probability, rng):
-            image = augment_intensity(image, rng)
+        else:
+            image, labels = self.acquired(image, labels, float(case.image.min()), rng)
         values_of: dict[str, list[int]] = defaultdict(list)  # prompted term -> its label values in the crop
         present = set()
         for value in np.unique(labels).tolist():

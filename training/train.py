@@ -66,7 +66,8 @@ config (a TOML file, training/configs/*.toml; every key is documented in trainin
            init_from (a satseg checkpoint to fine-tune, e.g. models/demo)
   [data]   roots (standardised), phantom, holdout, weights.<dataset>, max_prompts, positive_centre_probability,
            negatives ("dataset" or "modality"), negative_ratio, spatial_augment_probability,
-           intensity_augment_probability, seed, num_workers, cached_cases
+           intensity_augment_probability, edge_crop_probability, field_of_view_probability,
+           thick_slice_probability, t1_contrast_probability, seed, num_workers, cached_cases
   [train]  steps, batch_size, gradient_accumulation, learning_rate, final_learning_rate, warmup_steps,
            weight_decay, gradient_clip, mixed_precision, seed, save_every, export_every, keep_states
 Override any key as section.key=value (a TOML value): train.steps=4 'data.weights={synthseg=0.5}'.
