@@ -106,7 +106,7 @@ evaluate-demo checkpoint="models/demo" baseline="runs/previous_demo": standardis
         --mask-case ../shared/data/totalseg/aorta_crop/ct_cropped.nii.gz ../shared/data/totalseg/aorta_crop/aorta.nii.gz ct \
         --prompts aorta
     {{bin}}/sat-evaluate --checkpoint {{checkpoint}} --baseline {{baseline}} --output runs/evaluate-demo/mni152 \
-        --mni152 --prompts "cerebral white matter,cerebral cortex"
+        --mni152 --prompts "labelled,cerebral white matter,cerebral cortex"
     for contrast in any t1; do \
         {{bin}}/sat-evaluate --checkpoint {{checkpoint}} --baseline {{baseline}} \
             --output runs/evaluate-demo/synthseg-$contrast --contrast $contrast \

@@ -446,7 +446,7 @@ def test_running_out_of_memory_is_one_line_not_a_traceback(
 def test_a_prompt_the_demo_was_not_trained_on_runs_with_a_one_line_warning(
     phantom_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The bundled demo knows 13 terms and the parents they make up ("kidney"); "pancreas" is not one."""
+    """The bundled demo knows its trained terms and the parents they make up ("kidney"); "pancreas" is not one."""
     out = tmp_path / "out"
     options = ("--prompts", "pancreas,kidney", "--statistics")
     code, _, stderr = run_cli(capsys, phantom_path, out, DEMO_CHECKPOINT, *options)

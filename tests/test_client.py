@@ -181,7 +181,7 @@ def test_the_client_retries_until_a_restarted_server_answers(triton_server: Trit
 def test_the_served_answer_says_which_prompts_the_model_was_not_trained_on(
     triton_server: TritonServer, tmp_path: Path
 ) -> None:
-    """The demo knows 13 terms and the parents they make up; "pancreas" is outside them. The warning comes
+    """The demo knows its trained terms and the parents they make up; "pancreas" is outside them. The warning comes
     back with the answer, in the words sat-segment prints, and into statistics.json and the run's records."""
     client = SATClient(triton_server.grpc_url, shared_memory="off")
     volume = phantom(seed=8, shape=(32, 28, 16))
