@@ -39,8 +39,8 @@ IN_PLANE_FRACTION = (0.5, 1.0)
 """Share of ``H`` or ``W`` a field of view keeps when it cuts that axis (half the time each): a body wider
 than the reconstruction circle, or an organ cut at the scan's side."""
 SLICE_THICKNESS_MM = (3.0, 6.0)
-"""Slice thickness simulated along ``D``: real CTs run from 0.6 to 5 mm; below the grid's 3 mm the model
-grid's resampling already averages, above it the slices are thicker than the grid's."""
+"""Slice thickness simulated along ``D``: real CTs run from 0.6 to 5 mm; thinner than the grid's 3 mm they are
+resampled to 3 mm anyway, thicker they hold less detail along ``D`` than the grid shows."""
 
 
 @dataclass(frozen=True)
