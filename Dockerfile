@@ -28,7 +28,12 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 # (SAT_MODEL_CONFIG=cpu). Not the serve extra: its nvidia-pytriton wheel carries a second tritonserver.
 # Not the gpu extra: onnxruntime-gpu runs no model of the served configs.
 COPY pyproject.toml README.md /tmp/satseg-src/
+# One distribution: every package folder pyproject.toml lists must be there to build it.
 COPY satseg /tmp/satseg-src/satseg
+COPY training /tmp/satseg-src/training
+COPY export /tmp/satseg-src/export
+COPY clients /tmp/satseg-src/clients
+COPY loadtest /tmp/satseg-src/loadtest
 RUN export PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 \
     && python3 -m pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
     && python3 -m pip install --no-cache-dir "/tmp/satseg-src[cpu]" \

@@ -40,8 +40,8 @@ train-smoke: (env "dev")
     run=$(mktemp -d)
     trap 'rm -rf "$run"' EXIT
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread each: 2-core CI machines stall with two
-    {{bin}}/python -m training.train --config training/configs/smoke.toml --output "$run"
-    {{bin}}/python -m training.train --config training/configs/smoke.toml --output "$run" --resume train.steps=8
+    {{bin}}/python -m satseg_training.train --config training/configs/smoke.toml --output "$run"
+    {{bin}}/python -m satseg_training.train --config training/configs/smoke.toml --output "$run" --resume train.steps=8
     test -f "$run/checkpoint/model.safetensors"
 
 # Standardise the real data beside the repository (../shared/data) into data/standardised for training.
@@ -128,10 +128,10 @@ demo: (env "dev")
 pacs-demo *args="": (env "dev")
     #!/usr/bin/env bash
     set -euo pipefail
-    if ! {{bin}}/python -c 'import sys; from clients.dicom_node.orthanc import orthanc_available as a; sys.exit(bool(a()))'; then
-        [ "$(id -u)" = 0 ] && {{bin}}/python -c 'from clients.dicom_node.orthanc import install_orthanc; install_orthanc()'
+    if ! {{bin}}/python -c 'import sys; from satseg_clients.dicom_node.orthanc import orthanc_available as a; sys.exit(bool(a()))'; then
+        [ "$(id -u)" = 0 ] && {{bin}}/python -c 'from satseg_clients.dicom_node.orthanc import install_orthanc; install_orthanc()'
     fi
-    {{bin}}/python -m clients.dicom_node.demo {{args}}
+    {{bin}}/python -m satseg_clients.dicom_node.demo {{args}}
 
 # Serve a model repository on 127.0.0.1:8000 (HTTP), 8001 (gRPC), 8002 (metrics); Ctrl-C stops it.
 # Exports the checkpoint into triton_repo/ first, unless that is already current.

@@ -89,7 +89,7 @@ def main() -> None:
     if any(runtime != "torch" for runtime, _ in runs):  # export once, untimed
         code = (
             "import sys; from pathlib import Path; from satseg.checkpoint import load_checkpoint; "
-            "from export.graph_cache import cached_vision_graph; "
+            "from satseg_export.graph_cache import cached_vision_graph; "
             "print(cached_vision_graph(Path(sys.argv[1]), load_checkpoint(sys.argv[1])[0]))"
         )
         subprocess.run([sys.executable, "-c", code, str(checkpoint)], env=env, check=True, stdout=subprocess.DEVNULL)

@@ -2,7 +2,7 @@
 
 The window is a synthetic torso CT prepared exactly like inference input, the weights random (seed 0) and the
 ``--prompts`` queries seeded random, so no data or checkpoint is needed. Agreement is the parity gate's: per
-prompt, Dice of ``logits > 0`` (``export.parity``), with the max and p99 absolute logit error. Times are the
+prompt, Dice of ``logits > 0`` (``satseg_export.parity``), with the max and p99 absolute logit error. Times are the
 median of ``--repeats`` synchronised calls after two warm-up calls, side by side in one run.
 
     python benchmarks/gpu_fp16.py [--size nano] [--prompts 8] [--repeats 10] [--device cuda]
@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from machine import cpu_model
 
-from export.parity import absolute_errors, mask_agreement, volume_patches
 from satseg.model import SATVision, get_config
 from satseg.pipeline import vision_logits
 from satseg.spec import DEFAULT_PREPROCESS, ModelSpec, PostprocessSpec, WindowSpec
-from training.data.phantom import centred_affine, make_torso_phantom
+from satseg_export.parity import absolute_errors, mask_agreement, volume_patches
+from satseg_training.data.phantom import centred_affine, make_torso_phantom
 
 PHANTOM_SHAPE = (160, 128, 60)
 

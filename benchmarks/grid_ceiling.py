@@ -23,9 +23,9 @@ from satseg.checkpoint import read_metadata
 from satseg.geometry import Volume, load_volume, prepare
 from satseg.text import Vocabulary
 from satseg.window import planned_windows
-from training.data.mni152 import load_mni152
-from training.data.readers import read_labels, read_names
-from training.evaluate import dice_score
+from satseg_training.data.mni152 import load_mni152
+from satseg_training.data.readers import read_labels, read_names
+from satseg_training.evaluate import dice_score
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

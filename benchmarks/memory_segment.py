@@ -25,7 +25,7 @@ import torch
 
 from satseg.cli.checkpoint import main as checkpoint_cli
 from satseg.text import Vocabulary
-from training.data.phantom import centred_affine, make_torso_phantom
+from satseg_training.data.phantom import centred_affine, make_torso_phantom
 
 BUDGET_GB = 4.0
 

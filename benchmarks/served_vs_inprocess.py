@@ -5,7 +5,7 @@ Four ways to get the same masks, interleaved per repeat so they share the machin
 - ``torch``, ``onnxruntime``, ``openvino``: :class:`satseg.pipeline.Segmenter` in this process (what
   ``sat-segment --runtime`` does), the graph runtimes on the exported ``vision`` graph; the one the CPU
   server's ``configs/cpu.pbtxt`` names separates the runtime's share from the serving overhead;
-- ``served``: :class:`clients.SATClient` over gRPC to the real ``tritonserver`` on loopback, the tensors on the
+- ``served``: :class:`satseg_clients.SATClient` over gRPC to the real ``tritonserver`` on loopback, the tensors on the
   wire and (``served + shared memory``, what a client on the server's host uses) in system shared memory.
 
 Where the served time goes comes from Triton's own statistics (the admin endpoint): the ``segmenter``
@@ -29,15 +29,15 @@ import numpy as np
 import torch
 from machine import cpu_model
 
-from clients import SATClient
-from clients.demo import ABDOMEN_PROMPTS, BRAIN_PROMPTS, SHARED_CT, load_mni152_volume
-from export.build_repo import ExportSettings, build_repository
 from satseg import contract
-from satseg.cli.segment import BUNDLED_CHECKPOINT
+from satseg.checkout import BUNDLED_CHECKPOINT
 from satseg.geometry import Volume, load_volume
 from satseg.pipeline import Segmenter
 from satseg.runtimes import GRAPH_RUNTIMES, GraphSession
 from satseg.server.triton import TritonServer
+from satseg_clients import SATClient
+from satseg_clients.demo import ABDOMEN_PROMPTS, BRAIN_PROMPTS, SHARED_CT, load_mni152_volume
+from satseg_export.build_repo import ExportSettings, build_repository
 
 MODELS = contract.MODELS
 

@@ -1,6 +1,6 @@
 """Training throughput in patches per second: ``tiny`` on the CPU and, where CUDA is, ``nano`` on the GPU.
 
-Each measurement times the real optimizer step (``training.train.train_step``: forward with deep supervision,
+Each measurement times the real optimizer step (``satseg_training.train.train_step``: forward with deep supervision,
 Dice + BCE, backward, clipping, AdamW, through accelerate) in steady state: warm-up steps first, then
 ``--steps`` timed steps. Patches come from the real sampler (phantom CTs) and are made beforehand and
 reused in turn, so data generation is not timed. The batch size is the training config's.
@@ -27,10 +27,10 @@ from machine import cpu_model
 
 from satseg.model import build_sat, get_config
 from satseg.text import Vocabulary
-from training.config import DataSettings, load_config
-from training.patches import PatchDataset, PhantomPool, collate_patches
-from training.queries import PromptedSegmentation
-from training.train import train_step
+from satseg_training.config import DataSettings, load_config
+from satseg_training.patches import PatchDataset, PhantomPool, collate_patches
+from satseg_training.queries import PromptedSegmentation
+from satseg_training.train import train_step
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "demo.toml"
 DISTINCT_BATCHES = 2

@@ -24,8 +24,8 @@ from satseg.geometry import Volume, load_volume, prepare
 from satseg.pipeline import Segmenter
 from satseg.spec import PreprocessConfig, WindowSpec
 from satseg.window import planned_windows
-from training.data.phantom import centred_affine, make_torso_phantom
-from training.evaluate import case_from_files, evaluate_case, labelled_prompts, mni152_case, parse_prompts
+from satseg_training.data.phantom import centred_affine, make_torso_phantom
+from satseg_training.evaluate import case_from_files, evaluate_case, labelled_prompts, mni152_case, parse_prompts
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

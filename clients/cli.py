@@ -6,8 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from clients.folder_run import RunRequest, Shard, run_cases, run_folder
-from clients.sat_client import (
+from satseg.cli.common import cli_parser, run_cli
+from satseg.errors import SatInputError
+from satseg.geometry import MODALITIES
+from satseg.text import check_prompts, parse_prompt_list
+from satseg_clients.folder_run import RunRequest, Shard, run_cases, run_folder
+from satseg_clients.sat_client import (
     DEFAULT_PORTS,
     DEFAULT_RETRY_BUDGET_S,
     OUTPUT_TYPES,
@@ -16,11 +20,7 @@ from clients.sat_client import (
     SATClient,
     ServerUnavailable,
 )
-from clients.tasks import load_tasks, task
-from satseg.cli.common import cli_parser, run_cli
-from satseg.errors import SatInputError
-from satseg.geometry import MODALITIES
-from satseg.text import check_prompts, parse_prompt_list
+from satseg_clients.tasks import load_tasks, task
 
 PROG = "sat-client"
 

@@ -15,14 +15,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clients.sat_client import SATClient
-from clients.tasks import task
-from export.build_repo import ExportSettings, build_repository, repository_is_current
 from satseg import contract
+from satseg.checkout import BUNDLED_CHECKPOINT, DEFAULT_REPOSITORY
 from satseg.cli.common import cli_parser, run_cli
-from satseg.cli.segment import BUNDLED_CHECKPOINT
 from satseg.geometry import Volume, load_volume
-from satseg.server.triton import DEFAULT_REPOSITORY, TritonServer
+from satseg.server.triton import TritonServer
+from satseg_clients.sat_client import SATClient
+from satseg_clients.tasks import task
+from satseg_export.build_repo import ExportSettings, build_repository, repository_is_current
 
 PROG = "sat-demo"
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def demo_cases(ct: Path) -> list[DemoCase]:
 
 def load_mni152_volume() -> Volume:
     """nilearn's MNI152 T1 (imported here: only this case needs nilearn)."""
-    from training.data.mni152 import load_mni152
+    from satseg_training.data.mni152 import load_mni152
 
     return load_mni152()[0]
 

@@ -3,7 +3,7 @@
 Each case is written into a hidden work folder inside the output folder and swapped into place only when
 every file, and last ``case.json``, is written; a killed run leaves no folder that looks complete. A case is
 skipped only when its folder's ``case.json`` records the same request, the same input (its
-:func:`~clients.cases.source_identity`) and the same served model (``MODEL``); every other case is done
+:func:`~satseg_clients.cases.source_identity`) and the same served model (``MODEL``); every other case is done
 again. ``run_report.json`` is rewritten (atomically) after every case.
 """
 
@@ -22,14 +22,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from clients.cases import Case, discover_cases, opened_case, source_identity
-from clients.sat_client import SATClient, Segmentation, ServerUnavailable
 from satseg import contract
 from satseg.atomic import remove_stale_parts
 from satseg.errors import SatInputError, one_line
 from satseg.geometry.volume import choose_modality
 from satseg.outputs import WARNINGS_KEY, write_json
 from satseg.outputs.run_folder import refuse_existing_file, swap_into_place
+from satseg_clients.cases import Case, discover_cases, opened_case, source_identity
+from satseg_clients.sat_client import SATClient, Segmentation, ServerUnavailable
 
 CASE_FILE = "case.json"
 REPORT_FILE = "run_report.json"
@@ -138,7 +138,7 @@ def case_record(
 
 def case_is_complete(folder: Path, request: RunRequest, identity: str, model: str) -> bool:
     """Whether ``folder`` holds a finished case for exactly ``request``, made from the input whose
-    :func:`~clients.cases.source_identity` is ``identity`` by the served model ``model``."""
+    :func:`~satseg_clients.cases.source_identity` is ``identity`` by the served model ``model``."""
     record = read_record(folder)
     if record is None:
         return False

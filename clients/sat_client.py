@@ -19,8 +19,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from clients.dicom_seg import SEG_FILE, write_dicom_seg
-from clients.shared_memory import Placement, placements, read_output, request_region
 from satseg import contract
 from satseg.errors import SatInputError, one_line
 from satseg.geometry import Volume, load_volume
@@ -29,6 +27,8 @@ from satseg.geometry.volume import MODALITIES, check_modality, choose_modality
 from satseg.outputs import OutputOptions, SegmentationResult, write_result
 from satseg.spec import ModelSpec
 from satseg.text import check_prompts
+from satseg_clients.dicom_seg import SEG_FILE, write_dicom_seg
+from satseg_clients.shared_memory import Placement, placements, read_output, request_region
 
 PROTOCOLS = ("grpc", "http")
 OUTPUT_TYPES = ("nifti", "dicom_seg")

@@ -28,9 +28,20 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from export.fp16 import convert_to_fp16
-from export.onnx import ExportedGraph, export_text_encoder, export_vision, file_sha256
-from export.parity import (
+from satseg import __version__
+from satseg.checkout import DEFAULT_REPOSITORY
+from satseg.checkpoint import WEIGHTS_FILE, CheckpointMetadata, load_checkpoint, read_metadata
+from satseg.cli.common import cli_parser, run_cli
+from satseg.contract import CONTRACT_FILE, ENTRY_MODEL, OUTPUT_CHOICES, OUTPUT_MASKS
+from satseg.errors import ExportError, SatInputError
+from satseg.geometry import MODALITIES, Volume, load_volume
+from satseg.model import SAT
+from satseg.runtimes import openvino_has_native_bf16
+from satseg.spec import ModelSpec
+from satseg.text import PromptTokenizer, Vocabulary, resolve_text_encoder
+from satseg_export.fp16 import convert_to_fp16
+from satseg_export.onnx import ExportedGraph, export_text_encoder, export_vision, file_sha256
+from satseg_export.parity import (
     BF16_MIN_DICE,
     DEFAULT_MIN_DICE,
     ParityReport,
@@ -41,17 +52,6 @@ from export.parity import (
     torch_logits,
     volume_patches,
 )
-from satseg import __version__
-from satseg.checkpoint import WEIGHTS_FILE, CheckpointMetadata, load_checkpoint, read_metadata
-from satseg.cli.common import cli_parser, run_cli
-from satseg.contract import ENTRY_MODEL, OUTPUT_CHOICES, OUTPUT_MASKS
-from satseg.errors import ExportError, SatInputError
-from satseg.geometry import MODALITIES, Volume, load_volume
-from satseg.model import SAT
-from satseg.runtimes import openvino_has_native_bf16
-from satseg.server.triton import DEFAULT_REPOSITORY
-from satseg.spec import ModelSpec
-from satseg.text import PromptTokenizer, Vocabulary, resolve_text_encoder
 
 PROG = "sat-export"
 TEXT_MAX_ABS_ERROR = 1e-3
@@ -115,7 +115,7 @@ def build_repository(settings: ExportSettings) -> list[ParityReport]:
             raise ExportError("parity gate failed, nothing installed: " + "; ".join(r.summary() for r in failed))
         write_prompt_assets(sat, vocabulary, staging / "prompt_encoder" / "1")
         (staging / "sat").mkdir()
-        write_metadata(staging / "sat" / "metadata.json", sat, metadata, vocabulary, graphs, settings)
+        write_metadata(staging / ENTRY_MODEL / CONTRACT_FILE, sat, metadata, vocabulary, graphs, settings)
         write_report(staging / "sat", reports, settings)
         if settings.tensorrt:
             build_plans(graphs, sat, settings)
@@ -126,7 +126,7 @@ def build_repository(settings: ExportSettings) -> list[ParityReport]:
 def repository_is_current(settings: ExportSettings) -> bool:
     """Whether ``settings.repository`` was exported by this version from these exact weights, all graphs present."""
     try:
-        contract = json.loads((settings.repository / ENTRY_MODEL / "metadata.json").read_text())
+        contract = json.loads((settings.repository / ENTRY_MODEL / CONTRACT_FILE).read_text())
     except (OSError, ValueError):
         return False
     graphs = [settings.repository / graph["file"] for graph in contract.get("graphs", {}).values()]
@@ -206,7 +206,7 @@ def parity_volume(settings: ExportSettings) -> tuple[Volume, str]:
     """The real volume whose windows the vision graphs are checked on: ``--volume``, else a synthetic torso CT."""
     if settings.volume is not None:
         return load_volume(settings.volume), settings.volume.name.split(".")[0]
-    from training.data.phantom import centred_affine, make_torso_phantom  # the default needs no data
+    from satseg_training.data.phantom import centred_affine, make_torso_phantom  # the default needs no data
 
     shape = (120, 100, 40)
     volume, _, _ = make_torso_phantom(shape, centred_affine(shape, (2.5, 2.5, 5.0), 12.0), seed=settings.seed)
@@ -349,7 +349,7 @@ def verdict(report: ParityReport) -> str:
 
 def build_plans(graphs: dict[str, ExportedGraph], sat: SAT, settings: ExportSettings) -> None:
     """TensorRT plans next to the ONNX graphs (only on a machine with TensorRT and the target GPU)."""
-    from export.tensorrt import build_engine, current_runtime, fp16_method, text_profiles, vision_profiles
+    from satseg_export.tensorrt import build_engine, current_runtime, fp16_method, text_profiles, vision_profiles
 
     strongly_typed = fp16_method(current_runtime().tensorrt) != "builder-flag"
     for name, profiles in (
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{settings.repository} is current for {settings.checkpoint} (nothing to do)")
             return 0
         if settings.tensorrt:
-            from export.tensorrt import current_runtime
+            from satseg_export.tensorrt import current_runtime
 
             current_runtime()  # fail in one line before minutes of export when there is no TensorRT or GPU
         for report in build_repository(settings):

@@ -12,9 +12,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from export.onnx import OPSET, export_vision, file_sha256
 from satseg.checkpoint import WEIGHTS_FILE
 from satseg.model import SAT
+from satseg_export.onnx import OPSET, export_vision, file_sha256
 
 CACHE_VARIABLE = "SATSEG_CACHE"
 """The cache folder (default ``$XDG_CACHE_HOME/satseg``, else ``~/.cache/satseg``)."""

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 
-from export.onnx import file_sha256
 from satseg.checkpoint import describe_key_mismatch, save_checkpoint
 from satseg.cli.common import cli_parser, run_cli
 from satseg.errors import CheckpointError
@@ -45,6 +44,7 @@ from satseg.model.text_tower import load_hf_encoder
 from satseg.spec import ModelSpec, default_spec
 from satseg.text import PromptTokenizer, Vocabulary, resolve_text_encoder
 from satseg.text.tokenize import write_reference_rules
+from satseg_export.onnx import file_sha256
 
 PROG = "sat-import"
 REFERENCE_SIZES = {"nano": "nano-reference", "pro": "pro-reference"}

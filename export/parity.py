@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.isolated import run_isolated
 from satseg.geometry import Volume, prepare
 from satseg.runtimes import GraphSession
 from satseg.spec import ModelSpec
 from satseg.window import pad_to_patch, window_slices
+from satseg_export.isolated import run_isolated
 
 DEFAULT_MIN_DICE = 0.99
 """FP32 ONNX must agree with PyTorch at least this well on every prompt's thresholded mask, in every runtime."""

@@ -83,7 +83,7 @@ def fp16_method(tensorrt_version: str) -> str:
     """How FP16 is obtained with this TensorRT: the one place that knows.
 
     TensorRT 10 has the ``BuilderFlag.FP16`` builder flag on the float32 ONNX (``"builder-flag"``). TensorRT 11
-    removed it: networks are strongly typed, so the FP16 ONNX (``export.fp16``) is parsed as it is
+    removed it: networks are strongly typed, so the FP16 ONNX (``satseg_export.fp16``) is parsed as it is
     (``"strongly-typed-fp16-onnx"``).
     """
     major = int(tensorrt_version.split(".")[0])

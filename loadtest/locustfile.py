@@ -20,9 +20,9 @@ from typing import Any
 from locust import User, between, events, task
 from locust.env import Environment
 
-from clients.sat_client import infer_inputs, request_arrays, wire_image
-from loadtest.scenarios import MALFORMED_SHARE, SCENARIOS, RequestKind, mix_weights
 from satseg import contract
+from satseg_clients.sat_client import infer_inputs, request_arrays, wire_image
+from satseg_loadtest.scenarios import MALFORMED_SHARE, SCENARIOS, RequestKind, mix_weights
 
 PROTOCOLS = ("http", "grpc")
 

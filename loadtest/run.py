@@ -19,13 +19,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.build_repo import ExportSettings, build_repository, repository_is_current
-from loadtest.metrics import EnsembleRequests, ModelWindow, difference, ensemble_requests, model_window, scrape
-from loadtest.scenarios import MALFORMED_SHARE, SCENARIOS
 from satseg import contract
+from satseg.checkout import BUNDLED_CHECKPOINT, DEFAULT_REPOSITORY
 from satseg.cli.common import cli_parser, run_cli
-from satseg.cli.segment import BUNDLED_CHECKPOINT
-from satseg.server.triton import DEFAULT_REPOSITORY, TritonServer
+from satseg.server.triton import TritonServer
+from satseg_export.build_repo import ExportSettings, build_repository, repository_is_current
+from satseg_loadtest.metrics import EnsembleRequests, ModelWindow, difference, ensemble_requests, model_window, scrape
+from satseg_loadtest.scenarios import MALFORMED_SHARE, SCENARIOS
 
 PROG = "sat-loadtest"
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")

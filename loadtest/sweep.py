@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.build_repo import ExportSettings, build_repository, repository_is_current
-from loadtest.metrics import difference, ensemble_requests, scrape
-from loadtest.run import RESULTS, LocustRun, locust_totals, run_locust
 from satseg import contract
+from satseg.checkout import BUNDLED_CHECKPOINT, DEFAULT_REPOSITORY
 from satseg.cli.common import cli_parser, run_cli
-from satseg.cli.segment import BUNDLED_CHECKPOINT
-from satseg.server.triton import CPU_CONFIG, DEFAULT_REPOSITORY, TritonServer
+from satseg.server.triton import CPU_CONFIG, TritonServer
+from satseg_export.build_repo import ExportSettings, build_repository, repository_is_current
+from satseg_loadtest.metrics import difference, ensemble_requests, scrape
+from satseg_loadtest.run import RESULTS, LocustRun, locust_totals, run_locust
 
 try:
     import tomllib

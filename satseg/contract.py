@@ -20,6 +20,8 @@ from satseg.errors import SatInputError
 
 # The models of the repository: clients call ENTRY_MODEL; the others are its steps and their runtimes.
 ENTRY_MODEL = "sat"
+CONTRACT_FILE = "metadata.json"
+"""The served contract, written by ``sat-export`` into the entry model's folder; ``MODEL`` is its sha256."""
 PROMPT_ENCODER_MODEL = "prompt_encoder"
 """The ensemble's first step (prompts in, queries and ``MODEL`` out): asked alone for the model's hash."""
 SEGMENTER_MODEL = "segmenter"

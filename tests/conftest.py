@@ -66,8 +66,8 @@ def triton_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixt
     """The real ``tritonserver`` (pip, CPU, loopback, free ports) serving a repository exported from the bundled
     demo model; one for the whole session. Its log is printed when a test failed while it ran."""
     pytest.importorskip("pytriton", reason="the serving tests need the serve extra (nvidia-pytriton)")
-    from export.build_repo import ExportSettings, build_repository
     from satseg.server.triton import TritonServer
+    from satseg_export.build_repo import ExportSettings, build_repository
 
     repository = tmp_path_factory.mktemp("served") / "triton_repo"
     build_repository(ExportSettings(checkpoint=DEMO_CHECKPOINT, repository=repository))
@@ -90,7 +90,7 @@ def demo_reference(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.fixture(scope="session")
 def orthanc_ready() -> None:
     """Orthanc and its DICOMweb plugin are installed: installed here as root (CI), else the test is skipped."""
-    from clients.dicom_node.orthanc import install_orthanc, orthanc_available
+    from satseg_clients.dicom_node.orthanc import install_orthanc, orthanc_available
 
     if orthanc_available() and os.geteuid() == 0:
         install_orthanc()

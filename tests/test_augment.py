@@ -14,7 +14,7 @@ from satseg.checkpoint import load_checkpoint
 from satseg.errors import SatInputError
 from satseg.model import get_config
 from satseg.text import Vocabulary
-from training.augment import (
+from satseg_training.augment import (
     SLAB_FRACTION,
     FieldOfView,
     SpatialAugmentation,
@@ -22,9 +22,9 @@ from training.augment import (
     physical_to_voxel,
     thicken_slices,
 )
-from training.config import DataSettings, load_config
-from training.patches import PatchDataset, PhantomPool
-from training.train import initial_weights
+from satseg_training.config import DataSettings, load_config
+from satseg_training.patches import PatchDataset, PhantomPool
+from satseg_training.train import initial_weights
 
 SPACING = (1.0, 1.0, 3.0)
 PATCH = (24, 24, 8)

@@ -179,7 +179,7 @@ def test_text_pretraining_from_another_base_is_refused(tmp_path: Path) -> None:
 
 
 def test_the_bundled_demo_model_is_small_fp16_trained_and_loads() -> None:
-    from satseg.cli.segment import BUNDLED_CHECKPOINT
+    from satseg.checkout import BUNDLED_CHECKPOINT
 
     weights = BUNDLED_CHECKPOINT / "model.safetensors"
     assert weights.stat().st_size <= 30 * 1024 * 1024

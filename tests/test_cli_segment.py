@@ -21,7 +21,7 @@ from satseg.geometry import load_volume
 from satseg.outputs import read_label_extension
 from satseg.outputs.run_folder import MANIFEST_FILE
 from satseg.text import untrained_warning
-from training.data.phantom import centred_affine, make_torso_phantom
+from satseg_training.data.phantom import centred_affine, make_torso_phantom
 
 
 def run_cli(

@@ -18,8 +18,6 @@ import numpy as np
 import pytest
 from served import MIN_AGREEMENT, agreement, phantom, reference_masks
 
-from clients import SATClient, ServerUnavailable
-from clients.sat_client import check_response_size, default_compression, wire_image
 from satseg.errors import SatInputError
 from satseg.geometry import Volume
 from satseg.outputs import WARNINGS_KEY
@@ -27,6 +25,8 @@ from satseg.outputs.writer import LABELMAP_FILE, STATISTICS_FILE, mask_file_name
 from satseg.pipeline import Segmenter
 from satseg.server.triton import ServerPorts, TritonServer, free_ports
 from satseg.text import untrained_warning
+from satseg_clients import SATClient, ServerUnavailable
+from satseg_clients.sat_client import check_response_size, default_compression, wire_image
 
 pytest.importorskip("tritonclient.grpc")
 ORGANS = ["liver", "spleen", "left kidney"]

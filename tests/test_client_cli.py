@@ -17,15 +17,15 @@ import pytest
 from dicom_series import write_series
 from served import phantom
 
-from clients.cli import main as sat_client
-from clients.dicom_seg import SEG_FILE, write_dicom_seg
-from clients.folder_run import CASE_FILE, REPORT_FILE, WORK_FOLDER
 from satseg.geometry import Volume, load_volume
 from satseg.geometry.io import sorted_series_headers
 from satseg.outputs import WARNINGS_KEY, write_nifti
 from satseg.outputs.nifti import save_nifti_exact
 from satseg.server.triton import TritonServer, free_ports
 from satseg.text import untrained_warning
+from satseg_clients.cli import main as sat_client
+from satseg_clients.dicom_seg import SEG_FILE, write_dicom_seg
+from satseg_clients.folder_run import CASE_FILE, REPORT_FILE, WORK_FOLDER
 
 pytest.importorskip("tritonclient.grpc")
 PROMPTS = "liver,spleen"
@@ -97,7 +97,7 @@ def test_a_killed_run_loses_and_duplicates_nothing(triton_server: TritonServer, 
         volume = phantom(seed=20 + seed, shape=(44, 40, 22))
         save_nifti_exact(volume.array, volume.affine, cases / f"case{seed}.nii.gz")
     output = tmp_path / "out"
-    command = [sys.executable, "-m", "clients.cli", "-i", str(cases), "-o", str(output), "--prompts", PROMPTS]
+    command = [sys.executable, "-m", "satseg_clients.cli", "-i", str(cases), "-o", str(output), "--prompts", PROMPTS]
     command += ["--modality", "ct", "--url", triton_server.grpc_url, "--quiet"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -183,7 +183,7 @@ def test_shards_cover_every_case_once_into_one_folder_and_a_rerun_skips(
         volume = phantom(seed=40 + seed, shape=(24, 22, 10))
         save_nifti_exact(volume.array, volume.affine, cases / f"{name}.nii.gz")
     output = tmp_path / "out"
-    command = [sys.executable, "-m", "clients.cli", "-i", str(cases), "-o", str(output), "--prompts", "liver"]
+    command = [sys.executable, "-m", "satseg_clients.cli", "-i", str(cases), "-o", str(output), "--prompts", "liver"]
     command += ["--modality", "ct", "--url", triton_server.grpc_url, "--quiet"]
     shards = [subprocess.Popen([*command, "--shard", f"{i}/2"], stderr=subprocess.PIPE) for i in (1, 2)]
     assert [shard.wait(timeout=300) for shard in shards] == [0, 0]

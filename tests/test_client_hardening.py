@@ -16,11 +16,6 @@ import numpy as np
 import pytest
 from served import phantom
 
-from clients import SATClient
-from clients.cases import assign_folders, name_hash, source_identity
-from clients.cli import main as sat_client
-from clients.folder_run import CASE_FILE, REPORT_FILE
-from clients.sat_client import backoff_delay
 from satseg.contract import PROMPT_ENCODER_MODEL
 from satseg.errors import SatInputError
 from satseg.geometry import Volume
@@ -28,6 +23,11 @@ from satseg.geometry.io import check_intensities
 from satseg.geometry.volume import MODALITIES, choose_modality
 from satseg.outputs.nifti import save_nifti_exact
 from satseg.server.triton import TritonServer, free_ports
+from satseg_clients import SATClient
+from satseg_clients.cases import assign_folders, name_hash, source_identity
+from satseg_clients.cli import main as sat_client
+from satseg_clients.folder_run import CASE_FILE, REPORT_FILE
+from satseg_clients.sat_client import backoff_delay
 
 pytest.importorskip("tritonclient.grpc")
 SMALL = (32, 28, 16)

@@ -22,17 +22,17 @@ import pytest
 from dicom_series import write_series
 from served import phantom
 
-from clients.dicom_node.config import NodeConfig, from_document
-from clients.dicom_node.jobs import FAILED, SEGMENTING, SENT, SKIPPED, JobStore, job_id
-from clients.dicom_node.node import Node
-from clients.dicom_node.orthanc import Orthanc
-from clients.dicom_node.receive import CANNOT_UNDERSTAND
-from clients.dicom_node.send import send_result
-from clients.dicom_seg import read_dicom_seg
-from clients.sat_client import SATClient
-from clients.tasks import task
 from satseg.geometry.io import sorted_series_headers
 from satseg.server.triton import ServerPorts, TritonServer, free_ports
+from satseg_clients.dicom_node.config import NodeConfig, from_document
+from satseg_clients.dicom_node.jobs import FAILED, SEGMENTING, SENT, SKIPPED, JobStore, job_id
+from satseg_clients.dicom_node.node import Node
+from satseg_clients.dicom_node.orthanc import Orthanc
+from satseg_clients.dicom_node.receive import CANNOT_UNDERSTAND
+from satseg_clients.dicom_node.send import send_result
+from satseg_clients.dicom_seg import read_dicom_seg
+from satseg_clients.sat_client import SATClient
+from satseg_clients.tasks import task
 
 pytest.importorskip("pynetdicom", reason="the DICOM node needs the pacs extra (pynetdicom)")
 
@@ -239,7 +239,14 @@ def test_unsegmentable_series_are_parked_or_skipped_and_the_next_one_completes(
     assert skipped.state == SKIPPED and "structured report" in skipped.reason
     assert len(segs_of(orthanc, series_uid(good))) == 1
     status = subprocess.run(
-        [sys.executable, "-m", "clients.dicom_node.cli", "status", "--config", str(write_toml(config, tmp_path))],
+        [
+            sys.executable,
+            "-m",
+            "satseg_clients.dicom_node.cli",
+            "status",
+            "--config",
+            str(write_toml(config, tmp_path)),
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -279,8 +286,8 @@ def test_empty_uids_and_strangers_are_refused_and_the_node_stays_up(
 
 def test_a_seg_sent_twice_is_one_instance_in_the_pacs(orthanc_and_port: tuple[Orthanc, int], tmp_path: Path) -> None:
     """What makes a crash between sending and recording harmless: the result's UIDs depend on its input only."""
-    from clients.dicom_seg import result_uids, write_dicom_seg
     from satseg.geometry import load_volume
+    from satseg_clients.dicom_seg import result_uids, write_dicom_seg
 
     orthanc, node_port = orthanc_and_port
     folder = ct_series(tmp_path / "ct", seed=35, shape=(24, 20, 4))
@@ -324,7 +331,7 @@ def write_toml(config: NodeConfig, folder: Path) -> Path:
 def start_node(config_path: Path, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as sink:
         return subprocess.Popen(
-            [sys.executable, "-m", "clients.dicom_node.cli", "run", "--config", str(config_path)],
+            [sys.executable, "-m", "satseg_clients.dicom_node.cli", "run", "--config", str(config_path)],
             stdout=sink,
             stderr=subprocess.STDOUT,
         )

@@ -8,11 +8,11 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from clients.dicom_node.config import NodeConfig, Route, from_document
-from clients.dicom_node.jobs import COMPLETE, FAILED, RECEIVED, SEGMENTED, SEGMENTING, SENT, JobStore, job_id
-from clients.dicom_node.routing import route
-from clients.dicom_seg import result_uids
 from satseg.errors import SatInputError
+from satseg_clients.dicom_node.config import NodeConfig, Route, from_document
+from satseg_clients.dicom_node.jobs import COMPLETE, FAILED, RECEIVED, SEGMENTED, SEGMENTING, SENT, JobStore, job_id
+from satseg_clients.dicom_node.routing import route
+from satseg_clients.dicom_seg import result_uids
 
 MINIMAL = {
     "data_dir": "data",
@@ -135,8 +135,8 @@ def test_the_demo_series_lies_on_the_volume_grid_with_its_affine(modality: str, 
     flipped grid (so the SEG that comes back overlays the original)."""
     import numpy as np
 
-    from clients.dicom_node.demo import write_dicom_series
     from satseg.geometry import Volume, load_volume
+    from satseg_clients.dicom_node.demo import write_dicom_series
 
     rotation = np.array([[np.cos(0.4), -np.sin(0.4), 0.0], [np.sin(0.4), np.cos(0.4), 0.0], [0.0, 0.0, 1.0]])
     affine = np.eye(4)
@@ -160,9 +160,9 @@ def test_the_scp_speaks_tls_when_configured_and_refuses_plain_associations(tmp_p
     pynetdicom = pytest.importorskip("pynetdicom")
     from pynetdicom.sop_class import Verification
 
-    from clients.dicom_node.config import Receive, Tls
-    from clients.dicom_node.receive import storage_scp
     from satseg.server.triton import free_ports
+    from satseg_clients.dicom_node.config import Receive, Tls
+    from satseg_clients.dicom_node.receive import storage_scp
 
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed: it makes the test certificates")

@@ -18,14 +18,14 @@ import pytest
 from conftest import DEMO_CHECKPOINT
 from served import phantom, served_cpu_runtime
 
-from clients import SATClient
 from satseg import contract
 from satseg.cli.segment import main as segment_cli
 from satseg.geometry import Volume, load_volume
 from satseg.outputs.writer import LABELMAP_FILE, STATISTICS_FILE, mask_file_name
 from satseg.pipeline import InferenceOptions, Segmenter
 from satseg.server.triton import TritonServer
-from training.evaluate import EvaluationCase, Prompt, evaluate_case
+from satseg_clients import SATClient
+from satseg_training.evaluate import EvaluationCase, Prompt, evaluate_case
 
 PROMPTS = ["kidney", "left kidney", "liver"]
 

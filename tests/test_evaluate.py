@@ -12,9 +12,9 @@ import pytest
 from satseg.errors import SatInputError
 from satseg.geometry import Volume
 from satseg.text import Vocabulary
-from training.data.mni152 import main as mni152_main
-from training.data.phantom import centred_affine, class_names, make_torso_phantom
-from training.evaluate import (
+from satseg_training.data.mni152 import main as mni152_main
+from satseg_training.data.phantom import centred_affine, class_names, make_torso_phantom
+from satseg_training.evaluate import (
     Prompt,
     case_from_files,
     check_geometry,

@@ -11,10 +11,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from export.build_repo import ExportSettings, build_repository, main, write_report
-from export.isolated import run_isolated
-from export.onnx import file_sha256
-from export.parity import (
+from satseg.checkpoint import load_checkpoint, read_metadata
+from satseg.errors import ExportError
+from satseg.geometry import MODALITIES
+from satseg.pipeline import Segmenter
+from satseg.runtimes import openvino_has_native_bf16
+from satseg.text import Vocabulary
+from satseg_export.build_repo import ExportSettings, build_repository, main, write_report
+from satseg_export.isolated import run_isolated
+from satseg_export.onnx import file_sha256
+from satseg_export.parity import (
     BF16_MIN_DICE,
     absolute_errors,
     compare_vision,
@@ -22,7 +28,7 @@ from export.parity import (
     mask_agreement,
     torch_logits,
 )
-from export.tensorrt import (
+from satseg_export.tensorrt import (
     NO_TENSORRT,
     RuntimeIdentity,
     ShapeProfile,
@@ -35,12 +41,6 @@ from export.tensorrt import (
     vision_profiles,
     write_manifest,
 )
-from satseg.checkpoint import load_checkpoint, read_metadata
-from satseg.errors import ExportError
-from satseg.geometry import MODALITIES
-from satseg.pipeline import Segmenter
-from satseg.runtimes import openvino_has_native_bf16
-from satseg.text import Vocabulary
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime (the cpu extra) runs the exported graphs")
 pytest.importorskip("onnx", reason="onnx (the export extra) writes and checks the graphs")

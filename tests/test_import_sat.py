@@ -21,13 +21,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from export import import_sat as importer
 from satseg.checkpoint import load_checkpoint, read_metadata
 from satseg.errors import CheckpointError
 from satseg.model import SAT, SATConfig, get_config
 from satseg.spec import DEFAULT_PREPROCESS
 from satseg.text import PromptTokenizer
 from satseg.text.tokenize import REFERENCE_RULES_FILE, wrap_and_pad
+from satseg_export import import_sat as importer
 
 ARCH = SATConfig(
     name="tiny-reference",

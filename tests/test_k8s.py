@@ -248,8 +248,8 @@ def test_gpus_only_where_asked_and_grace_periods_cover_the_exit_timeout(
 def test_the_batch_job_runs_every_shard_once_against_the_service(rendered: Rendered) -> None:
     """Completion index i runs ``--shard i+1/N`` with N the completions, writing where the output volume is
     mounted, against the Service's gRPC port, with a task sat-client knows."""
-    from clients.folder_run import Shard
-    from clients.tasks import task
+    from satseg_clients.folder_run import Shard
+    from satseg_clients.tasks import task
 
     (job,) = kinds(rendered[BATCH], "Job")
     spec = job["spec"]
@@ -273,7 +273,7 @@ def test_the_batch_job_runs_every_shard_once_against_the_service(rendered: Rende
 def test_the_dicom_node_config_in_the_cluster_loads_and_matches_its_pod(rendered: Rendered) -> None:
     """The ConfigMap's TOML is a valid node config whose data folder is the pod's volume, whose SCP and metrics
     ports are the Service's, and whose Triton URL is the sat-triton Service's gRPC port."""
-    from clients.dicom_node.config import from_document, tomllib
+    from satseg_clients.dicom_node.config import from_document, tomllib
 
     documents = rendered[PACS]
     (config_map,) = kinds(documents, "ConfigMap")

@@ -9,14 +9,14 @@ import pytest
 
 from satseg.errors import SatInputError
 from satseg.text import Term, Vocabulary, normalize_prompt
-from training.knowledge import PAIR_KINDS, Concept, KnowledgeTree, Pair
-from training.knowledge.build_vocabulary import (
+from satseg_training.knowledge import PAIR_KINDS, Concept, KnowledgeTree, Pair
+from satseg_training.knowledge.build_vocabulary import (
     PACKAGED_VOCABULARY,
     format_vocabulary,
     main,
     vocabulary_document,
 )
-from training.knowledge.tree import KNOWLEDGE_FILE
+from satseg_training.knowledge.tree import KNOWLEDGE_FILE
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +260,7 @@ def test_single_body_structures_reach_the_vocabulary(tree: KnowledgeTree) -> Non
 
 def test_packaged_vocabulary_is_in_sync_with_the_tree(tree: KnowledgeTree) -> None:
     assert PACKAGED_VOCABULARY.read_text("utf-8") == format_vocabulary(vocabulary_document(tree)), (
-        "run: python -m training.knowledge.build_vocabulary"
+        "run: python -m satseg_training.knowledge.build_vocabulary"
     )
     assert main(["--check"]) == 0
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.metrics import difference, ensemble_requests, model_window, parse_metrics
-from loadtest.scenarios import SCENARIOS, mix_weights
-from loadtest.sweep import with_instances
-from satseg.server.triton import DEFAULT_REPOSITORY, TritonServer
+from satseg.checkout import DEFAULT_REPOSITORY
+from satseg.server.triton import TritonServer
+from satseg_loadtest.metrics import difference, ensemble_requests, model_window, parse_metrics
+from satseg_loadtest.scenarios import SCENARIOS, mix_weights
+from satseg_loadtest.sweep import with_instances
 
 if importlib.util.find_spec("locust") is None:  # never imported here: it monkey-patches the process for gevent
     pytest.skip("the load test needs the load extra (locust)", allow_module_level=True)
@@ -61,7 +62,7 @@ def test_sweep_copies_set_instance_counts(tmp_path: Path) -> None:
 
 
 def test_a_short_run_has_no_failures_and_writes_its_reports(triton_server: TritonServer, tmp_path: Path) -> None:
-    from loadtest.run import main as sat_loadtest
+    from satseg_loadtest.run import main as sat_loadtest
 
     command = ["--url", triton_server.http_url, "--metrics-url", triton_server.metrics_url, "--output", str(tmp_path)]
     command += ["--users", "2", "--spawn-rate", "2", "--duration", "3s", "--scenario", "bad_inputs"]

@@ -20,7 +20,6 @@ from conftest import DEMO_CHECKPOINT
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 from served import phantom, served_cpu_runtime
 
-from clients import SATClient
 from satseg.checkpoint import CONFIG_FILE, read_metadata
 from satseg.cli.segment import main as segment_cli
 from satseg.errors import SatInputError
@@ -30,7 +29,8 @@ from satseg.pipeline import InferenceOptions, Segmenter
 from satseg.server.triton import TritonServer
 from satseg.spec import ModelSpec
 from satseg.text import Vocabulary
-from training.evaluate import EvaluationCase, Prompt, evaluate_case
+from satseg_clients import SATClient
+from satseg_training.evaluate import EvaluationCase, Prompt, evaluate_case
 
 SPACING_MM = 1.5
 CT_WINDOW_HU = (-200.0, 300.0)

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from dicom_series import distinct_hu, write_series
 
-from clients.dicom_node.orthanc import Orthanc
+from satseg_clients.dicom_node.orthanc import Orthanc
 
 SHAPE = (8, 6, 4)  # [I, J, K]: 4 slices
 

@@ -18,7 +18,7 @@ from satseg.engine import WindowRun, keep_largest_component, probabilities_on_in
 from satseg.geometry import PreprocessConfig, Volume, prepare
 from satseg.pipeline import InferenceOptions, Segmenter
 from satseg.spec import WindowSpec
-from training.data.phantom import world_coordinates
+from satseg_training.data.phantom import world_coordinates
 
 TINY_WINDOW = WindowSpec(patch_size=(96, 96, 32))
 CPU = torch.device("cpu")

@@ -16,8 +16,8 @@ from satseg.checkpoint import load_text_pretraining
 from satseg.model import build_sat
 from satseg.model.text_tower import load_hf_encoder
 from satseg.text import DEFAULT_TEXT_ENCODER, resolve_text_encoder, tensor_sha256
-from training.knowledge import KnowledgeTree, Pair
-from training.pretrain_text import (
+from satseg_training.knowledge import KnowledgeTree, Pair
+from satseg_training.pretrain_text import (
     DEFAULT_CONFIG,
     batch_count,
     batches,

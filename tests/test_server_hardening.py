@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 from served import phantom
 
-from clients.sat_client import infer_inputs, request_arrays
 from satseg import contract
 from satseg.cli.serve import FAILED
 from satseg.server.front import MAX_BODY_BYTES, MAX_JSON_BYTES, Refused, check_infer_json, element_count
 from satseg.server.triton import TritonServer
 from satseg.server.watchdog import SHM, python_stubs
+from satseg_clients.sat_client import infer_inputs, request_arrays
 
 pytest.importorskip("pytriton", reason="the serving tests need the serve extra (nvidia-pytriton)")
 grpcclient = pytest.importorskip("tritonclient.grpc")

@@ -18,13 +18,13 @@ from conftest import DEMO_CHECKPOINT
 from scipy import ndimage
 from served import MIN_AGREEMENT, agreement, phantom, reference_masks
 
-from clients.sat_client import infer_inputs, request_arrays
-from export.build_repo import ExportSettings, repository_is_current
 from satseg import contract
 from satseg.engine import LabelMapAccumulator
 from satseg.geometry import Volume, load_nifti
 from satseg.pipeline import Segmenter
 from satseg.server.triton import TritonServer
+from satseg_clients.sat_client import infer_inputs, request_arrays
+from satseg_export.build_repo import ExportSettings, repository_is_current
 
 pytest.importorskip("pytriton", reason="the serving tests need the serve extra (nvidia-pytriton)")
 grpcclient = pytest.importorskip("tritonclient.grpc")

@@ -17,25 +17,25 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import training.data.synthseg as synthseg
+import satseg_training.data.synthseg as synthseg
 from satseg.checkpoint import CONFIG_FILE, TEXT_PRETRAINING_WEIGHTS, load_checkpoint
 from satseg.errors import SatInputError
 from satseg.model import build_sat
 from satseg.model.sat import SAT
 from satseg.text import PromptTokenizer, Term, Vocabulary, resolve_text_encoder, tensor_sha256
-from training.config import DataSettings, load_config, parse_override
-from training.data.phantom import centred_affine, make_torso_phantom
-from training.data.readers import labelmap_case, synthseg_cases
-from training.data.standardise import standardise
-from training.data.synthseg import synthesize_image
-from training.losses import (
+from satseg_training.config import DataSettings, load_config, parse_override
+from satseg_training.data.phantom import centred_affine, make_torso_phantom
+from satseg_training.data.readers import labelmap_case, synthseg_cases
+from satseg_training.data.standardise import standardise
+from satseg_training.data.synthseg import synthesize_image
+from satseg_training.losses import (
     DEEP_SUPERVISION_WEIGHTS,
     deep_supervision_loss,
     downsample_targets,
     segmentation_loss,
     soft_dice_loss,
 )
-from training.patches import (
+from satseg_training.patches import (
     PatchDataset,
     PhantomPool,
     collate_patches,
@@ -45,8 +45,8 @@ from training.patches import (
     sampling_weights,
     standardised_pools,
 )
-from training.queries import PromptedSegmentation
-from training.train import learning_rate_factor, main
+from satseg_training.queries import PromptedSegmentation
+from satseg_training.train import learning_rate_factor, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 SMALL_PATCH = (64, 64, 32)

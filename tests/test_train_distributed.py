@@ -31,7 +31,7 @@ def test_two_processes_end_with_identical_changed_weights(tmp_path: Path) -> Non
     command = [
         *(sys.executable, "-m", "accelerate.commands.launch"),
         *("--config_file", str(CONFIGS / "accelerate_cpu_2proc.yaml"), "--main_process_port", str(free_port())),
-        *("-m", "training.train", "--config", str(CONFIGS / "smoke.toml"), "--output", str(output)),
+        *("-m", "satseg_training.train", "--config", str(CONFIGS / "smoke.toml"), "--output", str(output)),
         *("--write-weight-hashes", "train.steps=2", "train.save_every=0", "model.patch_size=[64,32,32]"),
     ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}

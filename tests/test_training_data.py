@@ -17,9 +17,9 @@ import pytest
 from satseg.errors import SatInputError
 from satseg.geometry import PreprocessConfig, Volume, prepare
 from satseg.text import Vocabulary
-from training.data.names import map_label_names
-from training.data.phantom import centred_affine, class_names, make_torso_phantom, world_coordinates
-from training.data.readers import (
+from satseg_training.data.names import map_label_names
+from satseg_training.data.phantom import centred_affine, class_names, make_torso_phantom, world_coordinates
+from satseg_training.data.readers import (
     CaseSource,
     labelmap_case,
     manifest_cases,
@@ -28,10 +28,10 @@ from training.data.readers import (
     nnunet_cases,
     synthseg_cases,
 )
-from training.data.standardise import main as standardise_main
-from training.data.standardise import standardise
-from training.data.standardised import StandardisedDataset
-from training.data.synthseg import synthesize_image, t1_mean_ranges
+from satseg_training.data.standardise import main as standardise_main
+from satseg_training.data.standardise import standardise
+from satseg_training.data.standardised import StandardisedDataset
+from satseg_training.data.synthseg import synthesize_image, t1_mean_ranges
 
 SHAPE = (40, 32, 12)
 # Rotated 20 degrees about z and x, and the second axis flipped.

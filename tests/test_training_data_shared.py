@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data.readers import labelmap_case, synthseg_cases
-from training.data.standardise import standardise
-from training.data.standardised import StandardisedDataset
-from training.data.synthseg import synthesize_image
+from satseg_training.data.readers import labelmap_case, synthseg_cases
+from satseg_training.data.standardise import standardise
+from satseg_training.data.standardised import StandardisedDataset
+from satseg_training.data.synthseg import synthesize_image
 
 ABDOMEN = {"liver", "spleen", "left kidney", "right kidney"}
 

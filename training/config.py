@@ -106,7 +106,7 @@ class DataSettings:
         thick_slice_probability: chance that a real image patch looks acquired with 3-6 mm slices
             (``training/augment.py``, ``thicken_slices``).
         t1_contrast_probability: chance that a synthesised (SynthSeg) image has T1-weighted tissue order
-            (:func:`training.data.synthseg.t1_mean_ranges`) instead of any contrast.
+            (:func:`satseg_training.data.synthseg.t1_mean_ranges`) instead of any contrast.
         seed: data seed; sample ``i`` of the run is drawn from a generator seeded by ``(seed, i)``.
         num_workers: DataLoader worker processes per training process.
         cached_cases: decoded cases kept in memory per worker (standardised roots).

@@ -33,9 +33,9 @@ from satseg.geometry import PreprocessConfig, Volume, load_volume
 from satseg.geometry.volume import check_modality
 from satseg.pipeline import InferenceOptions, Segmenter, resolve_device
 from satseg.text import Vocabulary
-from training.data.mni152 import MNI152_SIDED_TISSUES, load_mni152, sided_tissues
-from training.data.names import map_label_names
-from training.data.readers import (
+from satseg_training.data.mni152 import MNI152_SIDED_TISSUES, load_mni152, sided_tissues
+from satseg_training.data.names import map_label_names
+from satseg_training.data.readers import (
     check_same_grid,
     mask_files_case,
     mask_folder_case,
@@ -43,7 +43,7 @@ from training.data.readers import (
     read_labels,
     read_names,
 )
-from training.data.standardised import StandardisedDataset
+from satseg_training.data.standardised import StandardisedDataset
 
 PROG = "sat-evaluate"
 DEFAULT_TOLERANCE_MM = 2.0
@@ -59,16 +59,16 @@ LABELLED = "labelled"
 SINGLE_LABEL, UNION = "single label", "union of labels"
 """Prompt kinds: the ground truth is one labelled term ("left thalamus"), or several ("thalamus")."""
 
-EPILOG = """examples (sat-evaluate is the installed name of python -m training.evaluate):
-  python -m training.evaluate --checkpoint runs/demo/checkpoint --output runs/demo/evaluation \\
+EPILOG = """examples (sat-evaluate is the installed name of python -m satseg_training.evaluate):
+  python -m satseg_training.evaluate --checkpoint runs/demo/checkpoint --output runs/demo/evaluation \\
       --case ct.nii.gz seg.nii.gz classes_total.json ct --geometry lps oblique15
-  python -m training.evaluate --checkpoint runs/demo/checkpoint --output runs/demo/evaluation-holdout \\
+  python -m satseg_training.evaluate --checkpoint runs/demo/checkpoint --output runs/demo/evaluation-holdout \\
       --standardised data/standardised --cases synthseg/training_seg_17,synthseg/training_seg_18
-  python -m training.evaluate --checkpoint CKPT --output OUT --case ct.nii.gz seg.nii.gz classes.json ct \\
+  python -m satseg_training.evaluate --checkpoint CKPT --output OUT --case ct.nii.gz seg.nii.gz classes.json ct \\
       --prompts "liver,kidney=left kidney+right kidney"
-  python -m training.evaluate --checkpoint models/demo --output runs/mni --mni152 \\
+  python -m satseg_training.evaluate --checkpoint models/demo --output runs/mni --mni152 \\
       --prompts "cerebral white matter,cerebral cortex"
-  python -m training.evaluate --checkpoint runs/new/checkpoint --baseline models/demo --output runs/crop \\
+  python -m satseg_training.evaluate --checkpoint runs/new/checkpoint --baseline models/demo --output runs/crop \\
       --mask-case crop/ct_cropped.nii.gz crop ct --prompts aorta
 
 outputs (under --output):
@@ -237,7 +237,7 @@ def case_from_files(
 
 def case_from_masks(image: Path, masks: Path, modality: str, vocabulary: Vocabulary) -> EvaluationCase:
     """A case from an image and binary masks named ``<structure>.nii.gz`` (TotalSegmentator's layout): one
-    mask file, or a folder of them (:func:`training.data.readers.mask_folder_case`); named after the folder.
+    mask file, or a folder of them (:func:`satseg_training.data.readers.mask_folder_case`); named after the folder.
 
     One file keeps its structure whole where a folder's masks overlap (a later file wins there: an aorta
     under its lumens' masks).
@@ -258,9 +258,9 @@ def case_from_masks(image: Path, masks: Path, modality: str, vocabulary: Vocabul
 
 
 def mni152_case() -> EvaluationCase:
-    """nilearn's MNI152 2009 T1 template scored against its white/grey-matter maps (see ``training.data.mni152``),
-    each split into hemispheres at the midline: "cerebral white matter" is scored against both, "left cerebral
-    white matter" against its half."""
+    """nilearn's MNI152 2009 T1 template scored against its white/grey-matter maps (see
+    ``satseg_training.data.mni152``), each split into hemispheres at the midline: "cerebral white matter" is
+    scored against both, "left cerebral white matter" against its half."""
     volume, labels = load_mni152()
     sided = sided_tissues(labels, volume.affine)
     return EvaluationCase("mni152_2009_nilearn", volume, sided, dict(MNI152_SIDED_TISSUES), "mri")
@@ -290,7 +290,7 @@ def standardised_cases(
     for key in wanted:
         image, labels, entry = dataset.load(index[key])
         if image is None:
-            from training.data.synthseg import synthesize_image, t1_mean_ranges  # only label-only maps need it
+            from satseg_training.data.synthseg import synthesize_image, t1_mean_ranges  # only label-only maps need it
 
             rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
             ranges = t1_mean_ranges(entry.classes) if contrast == "t1" else None

@@ -26,10 +26,10 @@ from satseg.errors import SatInputError
 from satseg.geometry import prepare
 from satseg.geometry.volume import MODALITIES
 from satseg.text import Vocabulary
-from training.augment import FieldOfView, SpatialAugmentation, augment_intensity, thicken_slices
-from training.config import DataSettings
-from training.data.phantom import TORSO_ORGANS, centred_affine, make_torso_phantom
-from training.data.standardised import StandardisedDataset
+from satseg_training.augment import FieldOfView, SpatialAugmentation, augment_intensity, thicken_slices
+from satseg_training.config import DataSettings
+from satseg_training.data.phantom import TORSO_ORGANS, centred_affine, make_torso_phantom
+from satseg_training.data.standardised import StandardisedDataset
 
 PHANTOM_DATASET = "phantom"
 PHANTOM_FIELD_OF_VIEW_MM = np.array([320.0, 240.0, 200.0])
@@ -372,7 +372,7 @@ class PatchDataset(Dataset):
         start = crop_start(case.labels.shape, self.patch_size, centre, rng, overhang)
         image, labels = self.cropped(case, start, rng)
         if image is None:
-            from training.data.synthseg import synthesize_image, t1_mean_ranges  # only label-only data needs it
+            from satseg_training.data.synthseg import synthesize_image, t1_mean_ranges  # only label-only data needs it
 
             # Every named structure is brain; the rest (0 and the unnamed head tissues) is what skull
             # stripping removes.

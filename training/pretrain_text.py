@@ -42,7 +42,7 @@ from satseg.checkpoint import CONFIG_FILE, TEXT_PRETRAINING_WEIGHTS
 from satseg.cli.common import cli_parser, run_cli
 from satseg.model.text_tower import load_hf_encoder, mean_pool
 from satseg.text import PromptTokenizer, resolve_text_encoder, tensor_sha256
-from training.knowledge import KnowledgeTree, Pair
+from satseg_training.knowledge import KnowledgeTree, Pair
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -410,7 +410,7 @@ def _pretrain(config: PretrainConfig, output: Path, tree: KnowledgeTree) -> dict
     return metrics
 
 
-_PROG = "python -m training.pretrain_text"
+_PROG = "python -m satseg_training.pretrain_text"
 _EPILOG = f"""\
 what it trains:
   The top --top-layers transformer layers of the text encoder (MiniLM-L6 by default; all other
@@ -426,9 +426,9 @@ how it is checked:
   similarity; recall@1 and recall@5 are reported before and after training, in the same run.
 
 examples:
-  python -m training.pretrain_text --output runs/text-knowledge
-  python -m training.pretrain_text --output runs/quick --epochs 1 --max-pairs 256
-  python -m training.pretrain_text --config my.toml --output runs/x --lr 3e-5 --top-layers 3
+  python -m satseg_training.pretrain_text --output runs/text-knowledge
+  python -m satseg_training.pretrain_text --output runs/quick --epochs 1 --max-pairs 256
+  python -m satseg_training.pretrain_text --config my.toml --output runs/x --lr 3e-5 --top-layers 3
 
 outputs in --output:
   {TEXT_PRETRAINING_WEIGHTS:<33}the trained layers only (encoder state_dict keys)

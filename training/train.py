@@ -33,10 +33,17 @@ from satseg.errors import SatInputError
 from satseg.model import SAT, SATConfig, build_sat
 from satseg.spec import default_spec
 from satseg.text import Vocabulary, tensor_sha256
-from training.config import TrainingConfig, load_config, resolve_path
-from training.losses import deep_supervision_loss
-from training.patches import CasePool, PatchDataset, PhantomPool, collate_patches, sampling_weights, standardised_pools
-from training.queries import PromptedSegmentation
+from satseg_training.config import TrainingConfig, load_config, resolve_path
+from satseg_training.losses import deep_supervision_loss
+from satseg_training.patches import (
+    CasePool,
+    PatchDataset,
+    PhantomPool,
+    collate_patches,
+    sampling_weights,
+    standardised_pools,
+)
+from satseg_training.queries import PromptedSegmentation
 
 PROG = "sat-train"
 STATE_FOLDER = "state"
@@ -45,11 +52,12 @@ CHECKPOINT_FOLDER = "checkpoint"
 METRICS_FILE = "metrics.csv"
 METRIC_COLUMNS = ("step", "loss", "dice_loss", "bce_loss", "lr", "patches_per_s", "elapsed")
 
-EPILOG = """examples (sat-train is the installed name of python -m training.train):
-  python -m training.train --config training/configs/smoke.toml --output runs/smoke
-  python -m training.train --config training/configs/demo.toml --output runs/demo train.steps=200 data.num_workers=2
-  python -m training.train --config training/configs/demo.toml --output runs/demo --resume
-  accelerate launch --config_file training/configs/multi_gpu.yaml -m training.train \\
+EPILOG = """examples (sat-train is the installed name of python -m satseg_training.train):
+  python -m satseg_training.train --config training/configs/smoke.toml --output runs/smoke
+  python -m satseg_training.train --config training/configs/demo.toml --output runs/demo train.steps=200 \\
+      data.num_workers=2
+  python -m satseg_training.train --config training/configs/demo.toml --output runs/demo --resume
+  accelerate launch --config_file training/configs/multi_gpu.yaml -m satseg_training.train \\
       --config training/configs/demo.toml --output runs/demo train.mixed_precision=bf16
   (multi-node: edit machine_rank and main_process_ip in training/configs/multi_node.yaml on each node)
 
@@ -57,7 +65,7 @@ outputs (under --output):
   metrics.csv          step, loss, dice_loss, bce_loss, lr, patches_per_s, elapsed (s since this run started)
   state/step_<n>/      resumable state (model, optimizer, scheduler, RNG, step, terms seen); --resume continues
                        from the latest one exactly (every train.save_every steps and at the end of each run)
-  checkpoint/          satseg checkpoint (fp16) for sat-segment and training.evaluate, every
+  checkpoint/          satseg checkpoint (fp16) for sat-segment and satseg_training.evaluate, every
                        train.export_every steps and at the end; config.json's "extra" records the trained
                        terms, the step count and this config
 
@@ -92,7 +100,7 @@ class TrainingProgress:
     """What a resumed run needs besides model, optimizer, scheduler and RNG states (saved by accelerate).
 
     Attributes:
-        step: optimizer steps done. Samples are a function of their index (``training.patches``), so with
+        step: optimizer steps done. Samples are a function of their index (``satseg_training.patches``), so with
             ``samples_per_step`` it is the whole sampler state.
         seen: bool ``[terms]``, the terms that were positives in some patch on some process.
         samples_per_step, data_seed: recorded to warn when a resumed run would draw other samples.

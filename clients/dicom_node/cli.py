@@ -9,10 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from clients.dicom_node.config import NodeConfig
-from clients.dicom_node.jobs import FAILED, SEGMENTING, SKIPPED, STATES, JobStore
 from satseg.cli.common import cli_parser, run_cli
 from satseg.errors import SatInputError
+from satseg_clients.dicom_node.config import NodeConfig
+from satseg_clients.dicom_node.jobs import FAILED, SEGMENTING, SKIPPED, STATES, JobStore
 
 PROG = "sat-dicom-node"
 LAST_ERRORS = 5
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clients.dicom_node.node import Node
+    from satseg_clients.dicom_node.node import Node
 
     # Only the node's own lines, unless --verbose: pynetdicom's, highdicom's and pydicom's (warnings included)
     # quote UIDs and header values, which identify patients.

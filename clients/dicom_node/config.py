@@ -216,7 +216,7 @@ def _build(kind: type, values: dict[str, Any], where: str) -> Any:
 
 def check(config: NodeConfig) -> None:
     """Refuse a config that cannot work, one line saying why."""
-    from clients.tasks import task
+    from satseg_clients.tasks import task
 
     if config.send.kind not in SEND_KINDS:
         raise SatInputError(f"[send] kind {config.send.kind!r} is not one of {', '.join(SEND_KINDS)}")

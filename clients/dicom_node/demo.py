@@ -21,18 +21,18 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from clients.demo import SHARED_CT, StepTimer, load_mni152_volume
-from clients.dicom_node.config import from_document
-from clients.dicom_node.node import Node
-from clients.dicom_node.orthanc import Orthanc, orthanc_available
-from clients.dicom_seg import read_dicom_seg
-from export.build_repo import ExportSettings, build_repository, repository_is_current
+from satseg.checkout import BUNDLED_CHECKPOINT, DEFAULT_REPOSITORY
 from satseg.cli.common import cli_parser, run_cli
-from satseg.cli.segment import BUNDLED_CHECKPOINT
 from satseg.errors import SatInputError
 from satseg.geometry import Volume, load_volume
 from satseg.outputs.preview import CT_SOFT_TISSUE_WINDOW, save_preview
-from satseg.server.triton import DEFAULT_REPOSITORY, TritonServer, free_ports
+from satseg.server.triton import TritonServer, free_ports
+from satseg_clients.demo import SHARED_CT, StepTimer, load_mni152_volume
+from satseg_clients.dicom_node.config import from_document
+from satseg_clients.dicom_node.node import Node
+from satseg_clients.dicom_node.orthanc import Orthanc, orthanc_available
+from satseg_clients.dicom_seg import read_dicom_seg
+from satseg_export.build_repo import ExportSettings, build_repository, repository_is_current
 
 PROG = "sat-pacs-demo"
 NODE_AET = "SATNODE"

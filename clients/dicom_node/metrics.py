@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from clients.dicom_node.jobs import DONE, JobStore
+from satseg_clients.dicom_node.jobs import DONE, JobStore
 
 
 class _Off:

@@ -16,16 +16,16 @@ from typing import Any
 
 import pydicom
 
-from clients.dicom_node.config import NodeConfig
-from clients.dicom_node.jobs import COMPLETE, FAILED, SEGMENTED, SEGMENTING, SKIPPED, Job, JobStore
-from clients.dicom_node.metrics import Metrics
-from clients.dicom_node.receive import dicomweb_client, pull_new_series, storage_scp
-from clients.dicom_node.routing import route
-from clients.dicom_node.send import DestinationRefused, DestinationUnreachable, send_result
-from clients.dicom_seg import SEG_FILE, result_uids, write_dicom_seg
-from clients.sat_client import SATClient, ServerUnavailable, backoff_delay
-from clients.tasks import task
 from satseg.errors import SatInputError, one_line
+from satseg_clients.dicom_node.config import NodeConfig
+from satseg_clients.dicom_node.jobs import COMPLETE, FAILED, SEGMENTED, SEGMENTING, SKIPPED, Job, JobStore
+from satseg_clients.dicom_node.metrics import Metrics
+from satseg_clients.dicom_node.receive import dicomweb_client, pull_new_series, storage_scp
+from satseg_clients.dicom_node.routing import route
+from satseg_clients.dicom_node.send import DestinationRefused, DestinationUnreachable, send_result
+from satseg_clients.dicom_seg import SEG_FILE, result_uids, write_dicom_seg
+from satseg_clients.sat_client import SATClient, ServerUnavailable, backoff_delay
+from satseg_clients.tasks import task
 
 logger = logging.getLogger("sat-dicom-node")
 IDLE_S = 0.5

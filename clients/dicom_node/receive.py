@@ -14,9 +14,9 @@ from typing import Any
 
 import pydicom
 
-from clients.dicom_node.config import DicomWeb, Receive
-from clients.dicom_node.jobs import COMPLETE, RECEIVED, JobStore, job_id, uid_hash
 from satseg.atomic import write_bytes_atomically
+from satseg_clients.dicom_node.config import DicomWeb, Receive
+from satseg_clients.dicom_node.jobs import COMPLETE, RECEIVED, JobStore, job_id, uid_hash
 
 logger = logging.getLogger("sat-dicom-node")
 

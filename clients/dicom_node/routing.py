@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pydicom
 
-from clients.dicom_node.config import Route
+from satseg_clients.dicom_node.config import Route
 
 NOT_VOLUME_SOP_CLASS_PREFIXES = {
     "1.2.840.10008.5.1.4.1.1.88.": "a structured report (SR, dose report)",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pydicom
 
-from clients.dicom_node.config import Send
+from satseg_clients.dicom_node.config import Send
 
 SUCCESS_OR_WARNING = frozenset({0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007})
 """C-STORE statuses that mean the destination holds the instance (PS3.4 GG.4, PS3.7 C)."""
@@ -62,7 +62,7 @@ def c_store(path: Path, destination: Send, calling_ae_title: str) -> None:
 def stow(path: Path, destination: Send) -> None:
     import requests
 
-    from clients.dicom_node.receive import dicomweb_client
+    from satseg_clients.dicom_node.receive import dicomweb_client
 
     assert destination.dicomweb is not None  # the config's check
     client = dicomweb_client(destination.dicomweb)

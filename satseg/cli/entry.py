@@ -1,4 +1,5 @@
-"""Entry points of the commands that need the engine: on a client-only install (``pip install ".[client]"``)
+"""Entry points of the commands that need the engine (the core's here; each stage wires its own with
+:func:`engine_command`): on a client-only install (``pip install ".[client]"``)
 they say so in one line instead of a traceback, since the same distribution installs every command."""
 
 from __future__ import annotations
@@ -28,14 +29,3 @@ def engine_command(prog: str, module: str) -> Callable[[], int]:
 
 segment = engine_command("sat-segment", "satseg.cli.segment")
 checkpoint = engine_command("sat-checkpoint", "satseg.cli.checkpoint")
-phantom = engine_command("sat-phantom", "training.data.phantom")
-mni152 = engine_command("sat-mni152", "training.data.mni152")
-standardise = engine_command("sat-standardise", "training.data.standardise")
-pretrain_text = engine_command("sat-pretrain-text", "training.pretrain_text")
-train = engine_command("sat-train", "training.train")
-evaluate = engine_command("sat-evaluate", "training.evaluate")
-export = engine_command("sat-export", "export.build_repo")
-import_sat = engine_command("sat-import", "export.import_sat")
-demo = engine_command("sat-demo", "clients.demo")
-loadtest = engine_command("sat-loadtest", "loadtest.run")
-loadtest_sweep = engine_command("sat-loadtest-sweep", "loadtest.sweep")

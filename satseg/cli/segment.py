@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from satseg.checkout import BUNDLED_CHECKPOINT, GET_A_CHECKPOINT, IN_CHECKOUT
 from satseg.cli.common import cli_parser, run_cli
 from satseg.cli.runtime_options import add_runtime_arguments, check_runtime_arguments, segmenter_for
 from satseg.engine import Outputs
@@ -20,8 +21,6 @@ from satseg.outputs.run_folder import MANIFEST_FILE, check_output_folder, run_fo
 from satseg.outputs.writer import mask_writer, write_result
 from satseg.pipeline import InferenceOptions, resolve_device
 from satseg.text import Vocabulary, parse_prompt_list
-
-BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "demo"
 
 EPILOG = f"""examples:
   sat-segment -i ct.nii.gz -o out/ --modality ct --prompts "liver,spleen,left kidney" --statistics --preview
@@ -92,12 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def choose_checkpoint(requested: Path | None) -> Path:
     if requested is not None:
         return requested
-    if BUNDLED_CHECKPOINT.is_dir():
+    if IN_CHECKOUT and BUNDLED_CHECKPOINT.is_dir():
         return BUNDLED_CHECKPOINT
-    raise SatInputError(
-        "no checkpoint: pass --checkpoint DIR (a folder with config.json and model.safetensors) "
-        "or set SATSEG_CHECKPOINT; `sat-checkpoint init` makes an untrained one for trials"
-    )
+    raise SatInputError(f"no checkpoint: {GET_A_CHECKPOINT}")
 
 
 def check_options(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from satseg.checkout import DEFAULT_REPOSITORY, GET_A_REPOSITORY, IN_CHECKOUT
 from satseg.cli.common import cli_parser, run_cli
 from satseg.contract import (
     ADMIN_HEADER,
@@ -19,11 +20,10 @@ from satseg.contract import (
     DEFAULT_METRICS_PORT,
     ENTRY_MODEL,
 )
-from satseg.errors import one_line
+from satseg.errors import SatInputError, one_line
 from satseg.server import triton as server_module
 from satseg.server.triton import (
     CPU_CONFIG,
-    DEFAULT_REPOSITORY,
     FAILED_STOP_TIMEOUT_S,
     READY_TIMEOUT_S,
     ServerFailure,
@@ -78,7 +78,7 @@ class StopRequested(Exception):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli_parser(PROG, "Serve the SAT ensemble with the pip tritonserver (CPU, loopback).", EPILOG)
     parser.add_argument(
-        "repository", type=Path, nargs="?", default=DEFAULT_REPOSITORY, help="model repository (default triton_repo/)"
+        "repository", type=Path, nargs="?", help="model repository (default: triton_repo/ of the source checkout)"
     )
     parser.add_argument(
         "--config-name",
@@ -142,10 +142,18 @@ def admin_key_note(from_environment: bool, key: str, show: bool) -> str:
     return f"random, not shown (--print-admin-key shows it; ${ADMIN_KEY_VARIABLE} sets one)"
 
 
+def choose_repository(requested: Path | None) -> Path:
+    if requested is not None:
+        return requested
+    if IN_CHECKOUT:
+        return DEFAULT_REPOSITORY
+    raise SatInputError(f"no model repository: {GET_A_REPOSITORY}")
+
+
 def serve(args: argparse.Namespace) -> int:
     admin_key = os.environ.get(ADMIN_KEY_VARIABLE)
     server = TritonServer(
-        args.repository,
+        choose_repository(args.repository),
         config_name=None if args.config_name == "default" else args.config_name,
         host=args.host,
         ports=chosen_ports(args),

@@ -34,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from satseg.contract import ADMIN_HEADER, ENTRY_MODEL
+from satseg.contract import ADMIN_HEADER, CONTRACT_FILE, ENTRY_MODEL
 from satseg.errors import SatInputError
 from satseg.server.watchdog import SHM, Stub, StubWatchdog, is_alive, python_stubs, shm_regions, unlink_regions
 
@@ -43,8 +43,6 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger(__name__)
 
-DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "triton_repo"
-"""The versioned repository of this checkout (``sat-export`` fills its built artefacts)."""
 CPU_CONFIG = "cpu"
 RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
 """Endpoints that need the admin header (BRIEF conventions): clients only infer and read health/metadata."""
@@ -194,6 +192,11 @@ class TritonServer:
         if not (self.repository / ENTRY_MODEL).is_dir():
             raise SatInputError(
                 f"{self.repository} is not a SAT model repository (no {ENTRY_MODEL}/); build it with sat-export"
+            )
+        if not (self.repository / ENTRY_MODEL / CONTRACT_FILE).is_file():
+            raise SatInputError(
+                f"{self.repository} was never exported (no {ENTRY_MODEL}/{CONTRACT_FILE}): run `just export` or "
+                f"`sat-export CHECKPOINT --repository {self.repository}` first"
             )
         self.config_name = config_name
         self.host = host

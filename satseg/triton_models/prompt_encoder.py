@@ -52,7 +52,7 @@ def read_contract(model_folder: Path) -> dict[str, Any]:
 
 def contract_bytes(model_folder: Path) -> bytes:
     """The bytes of ``sat/metadata.json`` (what the ``MODEL`` hash covers)."""
-    path = model_folder.parent / contract.ENTRY_MODEL / "metadata.json"
+    path = model_folder.parent / contract.ENTRY_MODEL / contract.CONTRACT_FILE
     try:
         return path.read_bytes()
     except OSError as error:

@@ -34,7 +34,7 @@ import numpy as np
 from satseg.errors import SatInputError
 from satseg.geometry import Volume, load_volume
 from satseg.geometry.volume import check_modality
-from training.data.jsonl import numbered_lines
+from satseg_training.data.jsonl import numbered_lines
 
 GRID_TOLERANCE_MM = 1e-3
 """A label map lies on its image's grid when the shapes match and the affines differ by at most this."""

@@ -3,7 +3,7 @@
 Each case is put on SAT's model grid exactly as inference does (``satseg.geometry.prepare``: RAS,
 1x1x3 mm, cropped to the foreground, z-scored) and its label map follows by nearest neighbour
 (``PreparedVolume.labels_to_grid``), so images and labels align voxel for voxel. The output form and the
-manifest are described in :mod:`training.data.standardised`.
+manifest are described in :mod:`satseg_training.data.standardised`.
 
 Runs are resumable: a case whose manifest line and files exist is skipped without reading its source.
 Files are written atomically and a case's manifest line is appended only after both its files exist,
@@ -34,8 +34,8 @@ from satseg.geometry import Volume, prepare
 from satseg.outputs import write_json
 from satseg.outputs.nifti import save_nifti_exact
 from satseg.text import Vocabulary
-from training.data.names import map_label_names
-from training.data.readers import (
+from satseg_training.data.names import map_label_names
+from satseg_training.data.readers import (
     CaseSource,
     LabelledCase,
     labelmap_case,
@@ -44,7 +44,7 @@ from training.data.readers import (
     nnunet_cases,
     synthseg_cases,
 )
-from training.data.standardised import IMAGES, LABELS, MANIFEST, UNMAPPED, ManifestEntry, parse_manifest_line
+from satseg_training.data.standardised import IMAGES, LABELS, MANIFEST, UNMAPPED, ManifestEntry, parse_manifest_line
 
 PROG = "sat-standardise"
 LABEL_ONLY_MODALITY = "mri"
@@ -138,7 +138,7 @@ def standardise_case(case: LabelledCase, mapped: dict[int, str], unmapped: dict[
 
     Args:
         case: the case as read.
-        mapped, unmapped: :func:`~training.data.names.map_label_names` of ``case.classes``.
+        mapped, unmapped: :func:`~satseg_training.data.names.map_label_names` of ``case.classes``.
         root: the output root.
     """
     if case.image is None:

@@ -1,6 +1,6 @@
 """The standardised on-disk form of labelled datasets, and its reader.
 
-``sat-standardise`` (:mod:`training.data.standardise`) writes under one root::
+``sat-standardise`` (:mod:`satseg_training.data.standardise`) writes under one root::
 
     images/<dataset>/<case>.nii.gz   float32 image on the model grid (RAS, 1x1x3 mm, cropped, z-scored)
     labels/<dataset>/<case>.nii.gz   uint16 label map on the same grid, source label values kept
@@ -19,7 +19,7 @@ Label values keep their source meaning (no renumbering), so every value in a map
 whose mask is then their union), a key of ``unmapped`` (named by the source, but not a vocabulary term),
 or in ``extra_labels`` (unnamed by the source: SynthSeg's extra-cerebral tissues, to paint, never to
 prompt). All three list only values present in the map. ``image`` is null and ``synthetic`` is
-``"synthseg"`` for label-only maps, whose images are synthesised on the fly (:mod:`training.data.synthseg`).
+``"synthseg"`` for label-only maps, whose images are synthesised on the fly (:mod:`satseg_training.data.synthseg`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np
 
 from satseg.errors import SatInputError
 from satseg.geometry import load_nifti
-from training.data.jsonl import numbered_lines
+from satseg_training.data.jsonl import numbered_lines
 
 MANIFEST = "manifest.jsonl"
 UNMAPPED = "unmapped.json"

@@ -1,5 +1,5 @@
 """The anatomy knowledge tree (``anatomy.jsonl``) and what is built from it: the serving vocabulary, text pairs."""
 
-from training.knowledge.tree import KNOWLEDGE_FILE, PAIR_KINDS, Concept, KnowledgeTree, Pair
+from satseg_training.knowledge.tree import KNOWLEDGE_FILE, PAIR_KINDS, Concept, KnowledgeTree, Pair
 
 __all__ = ["KNOWLEDGE_FILE", "PAIR_KINDS", "Concept", "KnowledgeTree", "Pair"]

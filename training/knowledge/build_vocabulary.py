@@ -5,8 +5,8 @@ The vocabulary holds every concept of ``training/knowledge/anatomy.jsonl`` that 
 one connected body, in the packaged file's layout, so a regenerated file differs only where the tree
 changed::
 
-    python -m training.knowledge.build_vocabulary           # rewrite the packaged vocabulary
-    python -m training.knowledge.build_vocabulary --check   # exit 1 if it is out of date
+    python -m satseg_training.knowledge.build_vocabulary           # rewrite the packaged vocabulary
+    python -m satseg_training.knowledge.build_vocabulary --check   # exit 1 if it is out of date
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 from satseg.atomic import write_bytes_atomically
 from satseg.text import vocabulary as vocabulary_module
-from training.knowledge.tree import Concept, KnowledgeTree
+from satseg_training.knowledge.tree import Concept, KnowledgeTree
 
 PACKAGED_VOCABULARY = Path(vocabulary_module.__file__).with_name("vocabulary.json")
 OWN_SOURCE = "satseg"
@@ -59,7 +59,7 @@ def format_vocabulary(document: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Write (or with ``--check`` compare) the vocabulary built from the knowledge tree."""
     parser = argparse.ArgumentParser(
-        prog="python -m training.knowledge.build_vocabulary",
+        prog="python -m satseg_training.knowledge.build_vocabulary",
         description="Regenerate satseg/text/vocabulary.json from the knowledge tree, training/knowledge/anatomy.jsonl.",
     )
     parser.add_argument("--tree", type=Path, help="knowledge tree (JSON lines); default: the packaged anatomy.jsonl")
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     current = args.output.read_text("utf-8") if args.output.exists() else None
     if args.check:
         if current != text:
-            print(f"{args.output} is out of date; run python -m training.knowledge.build_vocabulary")
+            print(f"{args.output} is out of date; run python -m satseg_training.knowledge.build_vocabulary")
             return 1
         print(f"{args.output} is up to date")
         return 0

@@ -2,7 +2,7 @@
 
 ``anatomy.jsonl`` beside this module is the source of truth, one concept per line, sorted by
 term, with the keys of :class:`Concept`. It covers every term of the serving vocabulary
-(``satseg/text/vocabulary.json`` is generated from it by :mod:`training.knowledge.build_vocabulary`),
+(``satseg/text/vocabulary.json`` is generated from it by :mod:`satseg_training.knowledge.build_vocabulary`),
 the parents that make whole-structure prompts work ("kidney" is the union of "left kidney" and
 "right kidney"), and knowledge-only categories ("organ", "frontal lobe") that have no masks.
 
