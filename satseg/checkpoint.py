@@ -55,6 +55,15 @@ class CheckpointMetadata:
     spec: ModelSpec | None = None
     """How the weights are used (:mod:`satseg.spec`); ``None`` in checkpoints written before specs existed."""
 
+    def __post_init__(self) -> None:
+        # The exported graphs are fixed to the config's window and every sliding-window path uses the spec's:
+        # a checkpoint where they differ would run in process and fail only in the fixed-shape graph.
+        if self.spec is not None and tuple(self.spec.window.patch_size) != tuple(self.config.patch_size):
+            raise CheckpointError(
+                f"the checkpoint's window sizes disagree: model_config.patch_size {list(self.config.patch_size)} "
+                f"but spec.window.patch_size {list(self.spec.window.patch_size)}; they must be equal"
+            )
+
     def model_spec(self, vocabulary: Vocabulary) -> ModelSpec:
         """The stated spec, or for an older checkpoint the defaults of its time made explicit (its patch size,
         its vocabulary hash, ``vocabulary``'s single-component terms, its recorded trained terms)."""

@@ -23,6 +23,7 @@ from satseg.checkpoint import (
 from satseg.cli.checkpoint import main as checkpoint_cli
 from satseg.errors import CheckpointError
 from satseg.model import SAT, build_sat
+from satseg.spec import default_spec
 from satseg.text import DEFAULT_TEXT_ENCODER, Vocabulary, tensor_sha256
 from satseg.text.encoder_source import encoder_in_checkpoint, encoder_relative_to
 
@@ -100,6 +101,19 @@ def test_size_mismatch_between_config_and_weights_is_refused(saved: Path, tmp_pa
     (saved / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="shapes do not match"):
         load_checkpoint(saved)
+
+
+def test_a_spec_window_that_disagrees_with_the_model_config_is_refused(
+    saved: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = json.loads((saved / CONFIG_FILE).read_text())
+    config["spec"] = default_spec((48, 48, 32), Vocabulary.load(), None).to_json()  # the model_config: 96x96x32
+    (saved / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"patch_size \[96, 96, 32\] but spec\.window\.patch_size \[48, 48, 32\]"):
+        load_checkpoint(saved)
+    assert checkpoint_cli(["info", str(saved)]) != 0
+    refusal = capsys.readouterr().err.strip()
+    assert len(refusal.splitlines()) == 1 and "window sizes disagree" in refusal
 
 
 def test_other_text_encoder_weights_are_refused(saved: Path) -> None:
