@@ -31,7 +31,8 @@ from nibabel.processing import resample_from_to
 from reference_sat import reference_window_count
 
 from satseg.checkpoint import read_metadata
-from satseg.geometry import load_volume, prepare
+from satseg.engine.preprocess import prepare
+from satseg.geometry import load_volume
 from satseg.outputs.writer import mask_file_name
 from satseg.runtimes import openvino_has_native_bf16
 from satseg.window import planned_windows
@@ -89,7 +90,7 @@ def main() -> None:
     if any(runtime != "torch" for runtime, _ in runs):  # export once, untimed
         code = (
             "import sys; from pathlib import Path; from satseg.checkpoint import load_checkpoint; "
-            "from satseg_export.graph_cache import cached_vision_graph; "
+            "from satseg.graph_cache import cached_vision_graph; "
             "print(cached_vision_graph(Path(sys.argv[1]), load_checkpoint(sys.argv[1])[0]))"
         )
         subprocess.run([sys.executable, "-c", code, str(checkpoint)], env=env, check=True, stdout=subprocess.DEVNULL)

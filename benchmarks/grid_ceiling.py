@@ -20,7 +20,8 @@ import torch
 from machine import cpu_model
 
 from satseg.checkpoint import read_metadata
-from satseg.geometry import Volume, load_volume, prepare
+from satseg.engine.preprocess import prepare
+from satseg.geometry import Volume, load_volume
 from satseg.text import Vocabulary
 from satseg.window import planned_windows
 from satseg_training.data.mni152 import load_mni152

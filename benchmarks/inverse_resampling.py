@@ -51,7 +51,7 @@ def measure_monai(shape: tuple[int, int, int]) -> dict[str, float]:
 
 
 def measure_ours(shape: tuple[int, int, int]) -> dict[str, float]:
-    from satseg.geometry import prepare
+    from satseg.engine.preprocess import prepare
 
     volume, _, _ = make_torso_phantom(shape, centred_affine(shape, (0.8, 0.8, 1.0)))
     prepared = prepare(volume, "ct")

@@ -1,6 +1,6 @@
 """Time per window of the vision model: PyTorch, onnxruntime and OpenVINO on the CPU, side by side in one run.
 
-For each size (random weights, seed 0) the vision graph is exported with ``satseg_export.onnx``; then each runtime
+For each size (random weights, seed 0) the vision graph is exported with ``satseg.onnx_graphs``; then each runtime
 (PyTorch on the model; onnxruntime FP32, OpenVINO FP32 and, on a CPU with native BF16, OpenVINO BF16 on the
 graph, all through :mod:`satseg.runtimes` as inference uses them) segments the same window (``[1, 1, *patch]``)
 with the same ``--prompts`` queries in its own child process (so a large model's runtimes never hold memory at
@@ -26,9 +26,9 @@ import torch
 from machine import cpu_model
 
 from satseg.model import build_sat
+from satseg.onnx_graphs import export_vision
 from satseg.runtimes import GraphSession, openvino_has_native_bf16
 from satseg_export.isolated import run_isolated
-from satseg_export.onnx import export_vision
 from satseg_export.parity import mask_agreement
 
 RUNS = ("PyTorch fp32", "onnxruntime fp32", "openvino fp32", "openvino bf16")

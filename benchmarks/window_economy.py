@@ -20,7 +20,8 @@ from pathlib import Path
 from machine import cpu_model
 from reference_sat import reference_window_count
 
-from satseg.geometry import Volume, load_volume, prepare
+from satseg.engine.preprocess import prepare
+from satseg.geometry import Volume, load_volume
 from satseg.pipeline import Segmenter
 from satseg.spec import PreprocessConfig, WindowSpec
 from satseg.window import planned_windows

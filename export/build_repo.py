@@ -36,11 +36,11 @@ from satseg.contract import CONTRACT_FILE, ENTRY_MODEL, OUTPUT_CHOICES, OUTPUT_M
 from satseg.errors import ExportError, SatInputError
 from satseg.geometry import MODALITIES, Volume, load_volume
 from satseg.model import SAT
+from satseg.onnx_graphs import ExportedGraph, export_text_encoder, export_vision, file_sha256
 from satseg.runtimes import openvino_has_native_bf16
 from satseg.spec import ModelSpec
 from satseg.text import PromptTokenizer, Vocabulary, resolve_text_encoder
 from satseg_export.fp16 import convert_to_fp16
-from satseg_export.onnx import ExportedGraph, export_text_encoder, export_vision, file_sha256
 from satseg_export.parity import (
     BF16_MIN_DICE,
     DEFAULT_MIN_DICE,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from satseg_export.onnx import ExportedGraph, file_sha256, graph_shapes
+from satseg.onnx_graphs import ExportedGraph, file_sha256, graph_shapes
 
 FP32_OPS = ("InstanceNormalization", "LayerNormalization")
 """Ops kept in float32 in the FP16 graphs."""

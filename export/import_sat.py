@@ -41,10 +41,10 @@ from satseg.errors import CheckpointError
 from satseg.geometry.volume import MODALITIES
 from satseg.model import SAT, SATConfig, SATVision, TextTower, get_config
 from satseg.model.text_tower import load_hf_encoder
+from satseg.onnx_graphs import file_sha256
 from satseg.spec import ModelSpec, default_spec
 from satseg.text import PromptTokenizer, Vocabulary, resolve_text_encoder
 from satseg.text.tokenize import write_reference_rules
-from satseg_export.onnx import file_sha256
 
 PROG = "sat-import"
 REFERENCE_SIZES = {"nano": "nano-reference", "pro": "pro-reference"}

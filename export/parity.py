@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from satseg.geometry import Volume, prepare
+from satseg.engine.preprocess import prepare
+from satseg.geometry import Volume
 from satseg.runtimes import GraphSession
 from satseg.spec import ModelSpec
 from satseg.window import pad_to_patch, window_slices

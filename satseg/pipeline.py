@@ -14,8 +14,8 @@ import torch
 
 from satseg.checkpoint import CheckpointMetadata, load_checkpoint
 from satseg.engine import MaskSink, Outputs, PromptPlan, WindowRun, plan_prompts, prompt_probabilities, segment_prepared
+from satseg.engine.preprocess import PreparedVolume, prepare
 from satseg.errors import SatInputError
-from satseg.geometry import PreparedVolume, prepare
 from satseg.geometry.volume import MODALITIES, Volume, check_modality
 from satseg.model import SAT
 from satseg.outputs.result import SegmentationResult

@@ -14,12 +14,12 @@ from safetensors import safe_open
 from satseg.checkpoint import load_checkpoint, read_metadata
 from satseg.errors import ExportError
 from satseg.geometry import MODALITIES
+from satseg.onnx_graphs import file_sha256
 from satseg.pipeline import Segmenter
 from satseg.runtimes import openvino_has_native_bf16
 from satseg.text import Vocabulary
 from satseg_export.build_repo import ExportSettings, build_repository, main, write_report
 from satseg_export.isolated import run_isolated
-from satseg_export.onnx import file_sha256
 from satseg_export.parity import (
     BF16_MIN_DICE,
     absolute_errors,

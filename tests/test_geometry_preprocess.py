@@ -13,16 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from satseg.engine.preprocess import PreparedVolume, normalize_intensity, prepare
 from satseg.errors import SatInputError
-from satseg.geometry import (
-    PreparedVolume,
-    PreprocessConfig,
-    Volume,
-    load_volume,
-    normalize_intensity,
-    prepare,
-)
-from satseg.spec import WindowSpec
+from satseg.geometry import Volume, load_volume
+from satseg.spec import PreprocessConfig, WindowSpec
 from satseg.window import economical_span, window_count
 
 

@@ -69,7 +69,8 @@ def test_sat_serve_asks_for_an_exported_repository_in_one_line(full_venv: Path, 
     refused = run(full_venv, "sat-serve", cwd=elsewhere)
     assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1
     assert "sat-export" in refused.stderr
-    shutil.copytree(REPOSITORY / "triton_repo", elsewhere / "repository", ignore=shutil.ignore_patterns("1", "metadata.json", "export_report.*"))
+    built = shutil.ignore_patterns("1", "metadata.json", "export_report.*")  # the configs only, never exported
+    shutil.copytree(REPOSITORY / "triton_repo", elsewhere / "repository", ignore=built)
     unexported = run(full_venv, "sat-serve", "repository", cwd=elsewhere)
     assert unexported.returncode != 0 and len(unexported.stderr.strip().splitlines()) == 1
     assert "never exported" in unexported.stderr and "sat-export" in unexported.stderr

@@ -15,9 +15,10 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from satseg.engine import WindowRun, keep_largest_component, probabilities_on_input_grid
-from satseg.geometry import PreprocessConfig, Volume, prepare
+from satseg.engine.preprocess import prepare
+from satseg.geometry import Volume
 from satseg.pipeline import InferenceOptions, Segmenter
-from satseg.spec import WindowSpec
+from satseg.spec import PreprocessConfig, WindowSpec
 from satseg_training.data.phantom import world_coordinates
 
 TINY_WINDOW = WindowSpec(patch_size=(96, 96, 32))

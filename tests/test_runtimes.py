@@ -14,10 +14,10 @@ from served import phantom
 
 from satseg.cli.segment import main as segment_cli
 from satseg.errors import SatInputError
+from satseg.graph_cache import CACHE_VARIABLE
 from satseg.outputs.writer import mask_file_name
 from satseg.pipeline import check_precision
 from satseg.runtimes import check_runtime, openvino_has_native_bf16
-from satseg_export.graph_cache import CACHE_VARIABLE
 
 pytestmark = pytest.mark.export  # the first run exports the demo's vision graph into the cache
 PROMPTS = ["liver", "spleen", "left kidney"]

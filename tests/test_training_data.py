@@ -14,8 +14,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from satseg.engine.preprocess import prepare
 from satseg.errors import SatInputError
-from satseg.geometry import PreprocessConfig, Volume, prepare
+from satseg.geometry import Volume
+from satseg.spec import PreprocessConfig
 from satseg.text import Vocabulary
 from satseg_training.data.names import map_label_names
 from satseg_training.data.phantom import centred_affine, class_names, make_torso_phantom, world_coordinates

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from satseg_export.onnx import TEXT_INPUTS, TEXT_OUTPUTS, VISION_INPUTS, VISION_OUTPUTS
+from satseg.onnx_graphs import TEXT_INPUTS, TEXT_OUTPUTS, VISION_INPUTS, VISION_OUTPUTS
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs the client extra")
 text_format = pytest.importorskip("google.protobuf.text_format")

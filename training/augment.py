@@ -19,7 +19,7 @@ import torch
 from monai.transforms import AdjustContrast, Affine, GaussianSmooth, Resize
 from scipy.spatial.transform import Rotation
 
-from satseg.geometry import PreprocessConfig
+from satseg.spec import PreprocessConfig
 
 MODEL_SPACING_MM = PreprocessConfig().target_spacing
 MAX_ROTATION_DEG = (20.0, 0.0, 20.0)

@@ -29,9 +29,10 @@ from satseg.cli.common import cli_parser, run_cli
 from satseg.cli.runtime_options import add_runtime_arguments, check_runtime_arguments, segmenter_for
 from satseg.engine import Outputs
 from satseg.errors import SatInputError
-from satseg.geometry import PreprocessConfig, Volume, load_volume
+from satseg.geometry import Volume, load_volume
 from satseg.geometry.volume import check_modality
 from satseg.pipeline import InferenceOptions, Segmenter, resolve_device
+from satseg.spec import PreprocessConfig
 from satseg.text import Vocabulary
 from satseg_training.data.mni152 import MNI152_SIDED_TISSUES, load_mni152, sided_tissues
 from satseg_training.data.names import map_label_names

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from satseg.engine.preprocess import prepare
 from satseg.errors import SatInputError
-from satseg.geometry import prepare
 from satseg.geometry.volume import MODALITIES
 from satseg.text import Vocabulary
 from satseg_training.augment import FieldOfView, SpatialAugmentation, augment_intensity, thicken_slices

@@ -56,7 +56,7 @@ def segmenter_for(
     model, metadata = load_checkpoint(checkpoint, device=device)
     graph = None
     if options.runtime != "torch":
-        from satseg_export.graph_cache import cached_vision_graph  # the export stage: only for a graph runtime
+        from satseg.graph_cache import cached_vision_graph  # torch.onnx and onnxscript: only for a graph runtime
 
         graph = args.graph or cached_vision_graph(checkpoint, model)
     return Segmenter(model, device=device, options=options, metadata=metadata, graph=graph, **kwargs)  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ import torch
 from satseg.engine.components import keep_largest_component
 from satseg.engine.labelmap import LabelMapAccumulator
 from satseg.engine.plan import PromptPlan
-from satseg.geometry.preprocess import PreparedVolume
+from satseg.engine.preprocess import PreparedVolume
 from satseg.geometry.volume import Volume
 from satseg.outputs.result import SegmentationResult
 from satseg.outputs.statistics import mask_statistics

@@ -23,8 +23,9 @@ import torch
 
 from satseg import contract
 from satseg.engine import Outputs, PromptPlan, segment_prepared
+from satseg.engine.preprocess import prepare
 from satseg.errors import SatInputError
-from satseg.geometry import Volume, prepare
+from satseg.geometry import Volume
 from satseg.outputs.result import SegmentationResult
 from satseg.pipeline import InferenceOptions
 from satseg.spec import ModelSpec

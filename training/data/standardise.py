@@ -29,8 +29,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from satseg.atomic import write_bytes_atomically
 from satseg.cli.common import cli_parser, run_cli
+from satseg.engine.preprocess import prepare
 from satseg.errors import SatInputError
-from satseg.geometry import Volume, prepare
+from satseg.geometry import Volume
 from satseg.outputs import write_json
 from satseg.outputs.nifti import save_nifti_exact
 from satseg.text import Vocabulary

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from satseg.geometry import normalize_intensity
+from satseg.engine.preprocess import normalize_intensity
 
 MEAN_RANGE: tuple[float, float] = (0.0, 255.0)
 """Each label value's mean intensity is uniform in this range."""

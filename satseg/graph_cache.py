@@ -14,7 +14,7 @@ from pathlib import Path
 
 from satseg.checkpoint import WEIGHTS_FILE
 from satseg.model import SAT
-from satseg_export.onnx import OPSET, export_vision, file_sha256
+from satseg.onnx_graphs import OPSET, export_vision, file_sha256
 
 CACHE_VARIABLE = "SATSEG_CACHE"
 """The cache folder (default ``$XDG_CACHE_HOME/satseg``, else ``~/.cache/satseg``)."""
