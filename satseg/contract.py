@@ -106,6 +106,10 @@ class ServingLimits:
         )
 
 
+MAX_OVERLAP = 0.9
+"""Above it, windows nearly coincide: the cost grows without bound for no gain."""
+
+
 @dataclass(frozen=True)
 class RequestOptions:
     """Per-request options, sent as request parameters (``OPTIONS`` in the contract).
@@ -115,7 +119,7 @@ class RequestOptions:
             ``"both"``.
         threshold: a voxel is in a mask where its probability exceeds this, in ``(0, 1)``; ``None``: the
             model spec's.
-        overlap: sliding-window overlap in ``[0, 0.9]``; ``None``: the model spec's.
+        overlap: sliding-window overlap in ``[0, MAX_OVERLAP]``; ``None``: the model spec's.
     """
 
     output: str = OUTPUT_MASKS
@@ -133,12 +137,24 @@ class RequestOptions:
         if output not in OUTPUT_CHOICES:
             raise SatInputError(f'output "{output}" is not accepted; use one of {", ".join(OUTPUT_CHOICES)}')
         threshold = _number(parameters, "threshold")
-        if threshold is not None and not 0.0 < threshold < 1.0:
-            raise SatInputError(f"threshold {threshold} is outside (0, 1)")
+        if threshold is not None:
+            check_threshold(threshold)
         overlap = _number(parameters, "overlap")
-        if overlap is not None and not 0.0 <= overlap <= 0.9:
-            raise SatInputError(f"overlap {overlap} is outside [0, 0.9]")
+        if overlap is not None:
+            check_overlap(overlap)
         return cls(output=output, threshold=threshold, overlap=overlap)
+
+
+def check_threshold(value: float, name: str = "threshold") -> None:
+    """Refuse a probability threshold outside ``(0, 1)`` (``name`` is how the caller calls it)."""
+    if not 0.0 < value < 1.0:
+        raise SatInputError(f"{name} {value} is outside (0, 1)")
+
+
+def check_overlap(value: float, name: str = "overlap") -> None:
+    """Refuse a sliding-window overlap outside ``[0, MAX_OVERLAP]`` (``name`` is how the caller calls it)."""
+    if not 0.0 <= value <= MAX_OVERLAP:
+        raise SatInputError(f"{name} {value} is outside [0, {MAX_OVERLAP}]")
 
 
 def _number(parameters: Mapping[str, Any], key: str) -> float | None:

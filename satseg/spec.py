@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from nibabel.orientations import axcodes2ornt
 
+from satseg.contract import check_overlap, check_threshold
 from satseg.errors import SatInputError
 from satseg.text.vocabulary import Vocabulary
 
@@ -97,9 +98,15 @@ DEFAULT_PREPROCESS = PreprocessConfig()
 """The preprocessing of SAT as this project trains it (and of checkpoints written before specs existed)."""
 
 
+def check_patch_size(patch_size: Sequence[int]) -> None:
+    """Refuse a window size that is not three positive integers."""
+    if len(patch_size) != 3 or any(int(size) != size or size < 1 for size in patch_size):
+        raise SatInputError(f"patch size {tuple(patch_size)} is not accepted; it must be three positive integers")
+
+
 @dataclass(frozen=True)
 class WindowSpec:
-    """The sliding window: ``patch_size`` voxels of the model grid, the default ``overlap`` in ``[0, 0.9]``, and
+    """The sliding window: ``patch_size`` voxels of the model grid, the default ``overlap`` in ``[0, MAX_OVERLAP]``, and
     the importance map that blends windows (a Gaussian with ``sigma = sigma_scale * patch`` per axis).
 
     Two rules keep a volume from paying for a window its anatomy does not need (``satseg.window.steps``), and
@@ -120,10 +127,8 @@ class WindowSpec:
     edge_allowance: float = DEFAULT_EDGE_ALLOWANCE
 
     def __post_init__(self) -> None:
-        if len(self.patch_size) != 3 or any(int(size) != size or size < 1 for size in self.patch_size):
-            raise SatInputError(f"patch size {self.patch_size} is not accepted; it must be three positive integers")
-        if not 0.0 <= self.overlap <= 0.9:
-            raise SatInputError(f"overlap {self.overlap} is outside [0, 0.9]")
+        check_patch_size(self.patch_size)
+        check_overlap(self.overlap)
         if self.importance not in IMPORTANCE_MAPS:
             supported = ", ".join(IMPORTANCE_MAPS)
             raise SatInputError(f"importance map {self.importance!r} is not supported; use {supported}")
@@ -145,8 +150,7 @@ class PostprocessSpec:
     single_component_terms: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.threshold < 1.0:
-            raise SatInputError(f"threshold {self.threshold} is outside (0, 1)")
+        check_threshold(self.threshold)
 
 
 @dataclass(frozen=True)

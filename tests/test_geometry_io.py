@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -132,6 +133,18 @@ def test_truncated_nifti_gives_one_line(tmp_path: Path, keep: float) -> None:
     cut.write_bytes(data[: int(len(data) * keep)])
     message = _error(load_volume, cut)
     assert message.startswith("could not read NIfTI 'cut.nii.gz': file is truncated")
+
+
+def test_a_cut_gzip_is_refused_with_the_bytes_it_really_holds(tmp_path: Path) -> None:
+    """The cut lands inside the first MiB read: every byte decompressed before it is counted, not 0."""
+    rng = np.random.default_rng(2)
+    whole = _save_nifti(tmp_path / "whole.nii.gz", rng.integers(-1000, 1000, (64, 64, 64)).astype(np.int16))
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    holds = len(inflater.decompress(cut.read_bytes()))  # what the cut file really decompresses to
+    assert 0 < holds < 352 + 64**3 * 2
+    assert f"but the file holds {holds} decompressed bytes)" in _error(load_volume, cut)
 
 
 def test_unsupported_and_missing_paths(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from satseg.checkout import BUNDLED_CHECKPOINT, GET_A_CHECKPOINT, IN_CHECKOUT
 from satseg.cli.common import cli_parser, run_cli
 from satseg.cli.runtime_options import add_runtime_arguments, check_runtime_arguments, segmenter_for
+from satseg.contract import MAX_OVERLAP, check_overlap, check_threshold
 from satseg.engine import Outputs
 from satseg.errors import SatInputError
 from satseg.geometry import load_volume
@@ -73,7 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="keep every piece of each mask; by default a structure that is one connected body (liver, a kidney, "
         "a vertebra: single_component in the vocabulary) keeps only its largest piece",
     )
-    parser.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 0.9] (default: the checkpoint's)")
+    parser.add_argument(
+        "--overlap", type=float, help=f"sliding-window overlap in [0, {MAX_OVERLAP}] (default: the checkpoint's)"
+    )
     parser.add_argument("--batch-size", type=int, default=1, help="windows per model call (default 1)")
     parser.add_argument(
         "--orientation",
@@ -97,10 +100,10 @@ def choose_checkpoint(requested: Path | None) -> Path:
 
 
 def check_options(args: argparse.Namespace) -> None:
-    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
-        raise SatInputError(f"--threshold {args.threshold} is outside (0, 1)")
-    if args.overlap is not None and not 0.0 <= args.overlap <= 0.9:
-        raise SatInputError(f"--overlap {args.overlap} is outside [0, 0.9]")
+    if args.threshold is not None:
+        check_threshold(args.threshold, "--threshold")
+    if args.overlap is not None:
+        check_overlap(args.overlap, "--overlap")
     if args.batch_size < 1:
         raise SatInputError(f"--batch-size {args.batch_size} must be at least 1")
     check_runtime_arguments(args)

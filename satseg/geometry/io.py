@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import os
 import zlib
 from collections.abc import Iterator
@@ -35,6 +34,8 @@ compress 2-10:1; one that expands 1000-fold is nearly constant, a decompression 
 512x512x1000 CT made sat-segment peak at 3.8 GB)."""
 EXPANSION_CHECKED_FROM = 64 << 20
 _READ_CHUNK = 1 << 20
+GZIP_WBITS = 16 + zlib.MAX_WBITS
+"""zlib's setting for a gzip header and trailer around the deflate stream."""
 CT_PLAUSIBLE_HU = (-4096.0, 32767.0)
 """CT values outside this are not Hounsfield units (stored values with no rescale applied, say)."""
 CT_MIN_RANGE_HU = 50.0
@@ -140,17 +141,23 @@ def check_declared_size(path: Path, header: nib.Nifti1Header, max_voxels: int) -
 
 
 def _decompressed_size(path: Path, limit: int) -> int:
-    """Bytes that ``path`` (gzip) decompresses to, counted up to ``limit`` without holding them."""
+    """Bytes that ``path`` (gzip, any number of members) decompresses to, counted up to ``limit`` without holding
+    them. A cut or corrupt stream counts what came out before the damage: zlib is fed chunk by chunk because
+    ``gzip``'s reader drops the whole chunk it was reading when the stream ends early."""
     count = 0
-    with gzip.open(path, "rb") as stream:
-        while count < limit:
-            try:
-                chunk = stream.read(min(_READ_CHUNK, limit - count))
-            except (EOFError, OSError, zlib.error):
-                break  # a cut or corrupt stream holds what was counted so far
-            if not chunk:
-                break
-            count += len(chunk)
+    inflater = zlib.decompressobj(wbits=GZIP_WBITS)
+    with path.open("rb") as raw:
+        while count < limit and (compressed := raw.read(_READ_CHUNK)):
+            while compressed and count < limit:
+                try:
+                    count += len(inflater.decompress(compressed, _READ_CHUNK))  # at most a chunk out at a time
+                except zlib.error:
+                    return count
+                if inflater.eof:  # the next gzip member, if any, starts in what is left
+                    compressed = inflater.unused_data
+                    inflater = zlib.decompressobj(wbits=GZIP_WBITS)
+                else:
+                    compressed = inflater.unconsumed_tail
     return count
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from satseg.errors import SatInputError
-from satseg.spec import DEFAULT_SIGMA_SCALE
+from satseg.spec import DEFAULT_SIGMA_SCALE, check_patch_size
 from satseg.window.importance import gaussian_importance_map
 from satseg.window.steps import planned_windows
 
@@ -156,8 +156,7 @@ def _check_arguments(
         raise SatInputError(f"image must be 3D [H, W, D], got shape {tuple(image.shape)}")
     if queries.ndim != 2 or queries.shape[0] < 1:
         raise SatInputError(f"queries must be [N, C] with N >= 1, got shape {tuple(queries.shape)}")
-    if len(patch_size) != 3 or any(int(p) != p or p < 1 for p in patch_size):
-        raise SatInputError(f"patch size must be three positive integers, got {tuple(patch_size)}")
+    check_patch_size(patch_size)
     if batch_size < 1:
         raise SatInputError(f"batch size must be >= 1, got {batch_size}")
     if not accumulator_dtype.is_floating_point:
