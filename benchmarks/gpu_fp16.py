@@ -22,10 +22,10 @@ import torch
 from machine import cpu_model
 
 from satseg.model import SATVision, get_config
+from satseg.phantom import centred_affine, make_torso_phantom
 from satseg.pipeline import vision_logits
 from satseg.spec import DEFAULT_PREPROCESS, ModelSpec, PostprocessSpec, WindowSpec
 from satseg_export.parity import absolute_errors, mask_agreement, volume_patches
-from satseg_training.data.phantom import centred_affine, make_torso_phantom
 
 PHANTOM_SHAPE = (160, 128, 60)
 

@@ -26,7 +26,7 @@ from satseg.text import Vocabulary
 from satseg.window import planned_windows
 from satseg_training.data.mni152 import load_mni152
 from satseg_training.data.readers import read_labels, read_names
-from satseg_training.evaluate import dice_score
+from satseg_training.evaluation.metrics import dice_score
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

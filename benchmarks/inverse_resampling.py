@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from satseg_training.data.phantom import centred_affine, make_torso_phantom
+from satseg.phantom import centred_affine, make_torso_phantom
 
 
 def resident_gb() -> float:

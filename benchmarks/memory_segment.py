@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from satseg.cli.checkpoint import main as checkpoint_cli
+from satseg.phantom import centred_affine, make_torso_phantom
 from satseg.text import Vocabulary
-from satseg_training.data.phantom import centred_affine, make_torso_phantom
 
 BUDGET_GB = 4.0
 

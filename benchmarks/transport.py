@@ -21,10 +21,10 @@ from machine import cpu_model
 
 from satseg.checkout import BUNDLED_CHECKPOINT
 from satseg.geometry import Volume
+from satseg.phantom import centred_affine, make_torso_phantom
 from satseg.server.triton import TritonServer
 from satseg_clients import SATClient
 from satseg_export.build_repo import ExportSettings, build_repository
-from satseg_training.data.phantom import centred_affine, make_torso_phantom
 
 SHAPE = (512, 512, 300)
 SPACING = (0.8, 0.8, 1.0)

@@ -22,11 +22,13 @@ from reference_sat import reference_window_count
 
 from satseg.engine.preprocess import prepare
 from satseg.geometry import Volume, load_volume
+from satseg.phantom import centred_affine, make_torso_phantom
 from satseg.pipeline import Segmenter
 from satseg.spec import PreprocessConfig, WindowSpec
 from satseg.window import planned_windows
-from satseg_training.data.phantom import centred_affine, make_torso_phantom
-from satseg_training.evaluate import case_from_files, evaluate_case, labelled_prompts, mni152_case, parse_prompts
+from satseg_training.evaluate import evaluate_case
+from satseg_training.evaluation.cases import case_from_files, mni152_case
+from satseg_training.evaluation.prompts import labelled_prompts, parse_prompts
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -9,7 +9,7 @@ from pathlib import Path
 from satseg.cli.common import cli_parser, run_cli
 from satseg.errors import SatInputError
 from satseg.geometry import MODALITIES
-from satseg.text import check_prompts, parse_prompt_list
+from satseg.text import parse_prompt_list
 from satseg_clients.folder_run import RunRequest, Shard, run_cases, run_folder
 from satseg_clients.sat_client import (
     DEFAULT_PORTS,
@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_request(args: argparse.Namespace) -> RunRequest:
     if args.task:
         chosen = task(args.task)
-        prompts, modality = tuple(check_prompts(chosen.prompts)), args.modality or chosen.modality
+        prompts, modality = tuple(parse_prompt_list(chosen.prompts)), args.modality or chosen.modality
     else:
         prompts, modality = tuple(parse_prompt_list(args.prompts)), args.modality
     if args.jobs < 1:

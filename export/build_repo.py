@@ -206,7 +206,7 @@ def parity_volume(settings: ExportSettings) -> tuple[Volume, str]:
     """The real volume whose windows the vision graphs are checked on: ``--volume``, else a synthetic torso CT."""
     if settings.volume is not None:
         return load_volume(settings.volume), settings.volume.name.split(".")[0]
-    from satseg_training.data.phantom import centred_affine, make_torso_phantom  # the default needs no data
+    from satseg.phantom import centred_affine, make_torso_phantom  # the default needs no data
 
     shape = (120, 100, 40)
     volume, _, _ = make_torso_phantom(shape, centred_affine(shape, (2.5, 2.5, 5.0), 12.0), seed=settings.seed)

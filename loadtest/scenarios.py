@@ -1,6 +1,6 @@
 """What the load test sends: named scenarios, each a weighted mix of request kinds.
 
-Volumes are synthetic torso CTs (``satseg_training.data.phantom``: organ-shaped ellipsoids with CT-like HU), so a
+Volumes are synthetic torso CTs (``satseg.phantom``: organ-shaped ellipsoids with CT-like HU), so a
 load test needs no data and any machine sends the same bytes. A request kind is built once per user.
 """
 
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from satseg.geometry import Volume
+from satseg.phantom import centred_affine, make_torso_phantom
 from satseg.text import Vocabulary
-from satseg_training.data.phantom import centred_affine, make_torso_phantom
 
 MALFORMED_SHARE = 0.05
 """Share of ``bad_inputs`` requests that are malformed (a NaN voxel in an FP32 CT)."""

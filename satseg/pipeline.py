@@ -7,20 +7,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from satseg.checkpoint import CheckpointMetadata, load_checkpoint
-from satseg.engine import MaskSink, Outputs, PromptPlan, WindowRun, plan_prompts, prompt_probabilities, segment_prepared
+from satseg.engine import MaskSink, Outputs, PromptPlan, plan_prompts, prompt_probabilities, segment_prepared
+from satseg.engine.options import InferenceOptions, check_precision
 from satseg.engine.preprocess import PreparedVolume, prepare
 from satseg.errors import SatInputError
 from satseg.geometry.volume import MODALITIES, Volume, check_modality
 from satseg.model import SAT
 from satseg.outputs.result import SegmentationResult
-from satseg.runtimes import GraphSession, check_runtime
-from satseg.spec import ModelSpec, default_spec
+from satseg.runtimes import GraphSession
+from satseg.spec import default_spec
 from satseg.text import (
     EmbeddingCache,
     PromptTokenizer,
@@ -28,43 +29,6 @@ from satseg.text import (
     resolve_text_encoder,
     tensor_sha256,
 )
-
-
-@dataclass(frozen=True)
-class InferenceOptions:
-    """How windows are run, and what a caller overrides of the checkpoint's spec (:mod:`satseg.spec`).
-
-    ``overlap``, ``threshold`` and ``orientation`` are ``None`` unless the caller overrides the spec (the CLI's
-    ``--overlap``, ``--threshold`` and ``--orientation``, for a sagittal scan): the spec decides all it states.
-    ``prompts_per_pass`` bounds memory: each pass holds ``prompts_per_pass`` fp16 probability maps
-    of the model grid (2 bytes per voxel each); more prompts take more passes over the windows.
-    ``runtime`` runs the vision model: ``torch`` (the checkpoint), or ``onnxruntime`` or ``openvino`` on its
-    exported graph (CPU; :mod:`satseg.runtimes`). ``precision`` is its arithmetic: ``fp32``; ``fp16`` (torch on
-    CUDA, autocast); ``bf16`` (openvino on a CPU with native BF16). Logits come back float32.
-    ``keep_largest_component``: a structure the spec lists as one connected body keeps only the largest
-    connected piece of its ``> threshold`` mask (its other pieces get probability 0).
-    """
-
-    overlap: float | None = None
-    runtime: str = "torch"
-    precision: str = "fp32"
-    threshold: float | None = None
-    keep_largest_component: bool = True
-    batch_size: int = 1
-    accumulator_dtype: torch.dtype = torch.float16
-    prompts_per_pass: int = 32
-    orientation: str | None = None
-
-    def applied_to(self, spec: ModelSpec) -> ModelSpec:
-        """``spec`` with this caller's overrides."""
-        window = spec.window if self.overlap is None else replace(spec.window, overlap=self.overlap)
-        post = spec.postprocess if self.threshold is None else replace(spec.postprocess, threshold=self.threshold)
-        spec = replace(spec, window=window, postprocess=post)
-        return spec if self.orientation is None else spec.with_overrides(orientation=self.orientation)
-
-    def window_run(self, device: torch.device, progress: bool = False) -> WindowRun:
-        """How the engine runs windows for these options on ``device``."""
-        return WindowRun(self.batch_size, self.prompts_per_pass, self.accumulator_dtype, device, progress)
 
 
 @dataclass(frozen=True)
@@ -81,27 +45,6 @@ class PromptProbabilities:
     threshold: float
 
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-
-
-def check_precision(precision: str, device: torch.device, runtime: str = "torch") -> None:
-    """Refuse what ``runtime`` cannot run on ``device``: fp16 only for torch on CUDA (CPU convolutions have no
-    fast fp16 kernels), bf16 only for openvino on a CPU with native BF16, graph runtimes only on the CPU."""
-    if precision not in PRECISIONS:
-        raise SatInputError(f"unknown precision {precision!r}; accepted: {', '.join(PRECISIONS)}")
-    if runtime != "torch":
-        if device.type != "cpu":
-            raise SatInputError(f"runtime {runtime} runs on the CPU, not {device}; on a GPU use torch")
-        if precision == "fp16":
-            raise SatInputError(f"precision fp16 is for torch on CUDA; {runtime} runs fp32 (openvino also bf16)")
-        check_runtime(runtime, precision)
-        return
-    if precision == "fp16" and device.type != "cuda":
-        raise SatInputError(f"precision fp16 needs a CUDA device, not {device}; the CPU runs fp32")
-    if precision == "bf16":
-        raise SatInputError("precision bf16 is for --runtime openvino; torch runs fp32 (fp16 on CUDA)")
-
-
 def vision_logits(
     vision: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     patches: torch.Tensor,
@@ -111,17 +54,6 @@ def vision_logits(
     """``vision(patches, queries)`` in ``precision`` (fp16: autocast on the inputs' CUDA device), float32 out."""
     with torch.autocast(patches.device.type, dtype=torch.float16, enabled=precision == "fp16"):
         return vision(patches, queries).float()
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` (refused with a clear message when absent) or ``auto``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SatInputError("--device cuda was asked for but CUDA is not available here; use --device cpu")
-    if name.split(":")[0] not in ("cpu", "cuda"):
-        raise SatInputError(f"unknown device {name!r}; accepted: cpu, cuda, cuda:N, auto")
-    return torch.device(name)
 
 
 class Segmenter:
@@ -247,14 +179,16 @@ class Segmenter:
         on_mask: MaskSink | None = None,
         progress: bool = False,
         prepared: PreparedVolume | None = None,
+        planned: tuple[PromptPlan, list[str]] | None = None,
     ) -> SegmentationResult:
         """Segment resolved ``terms`` (:meth:`resolve_prompts`) in ``volume``: the engine's result on its grid.
 
         ``outputs``: the volumes the result keeps (default: the masks). ``prepared``: ``volume`` already put on the
         model grid by :meth:`prepare`. ``on_mask`` sees each mask as it is cut (``sat-segment`` writes it there and
-        keeps none: ``outputs.masks`` ``False``).
+        keeps none: ``outputs.masks`` ``False``). ``planned``: :meth:`plan` of ``terms``, where the caller made it
+        already (``sat-segment`` prints its warnings first).
         """
-        prepared, plan, queries = self._inputs(volume, terms, modality, prepared)
+        prepared, plan, queries = self._inputs(volume, terms, modality, prepared, planned)
         run = self.options.window_run(self.device, progress)
         outputs = outputs or Outputs()
         return segment_prepared(volume, prepared, plan, queries, self.predict_logits, self.spec, run, outputs, on_mask)
@@ -274,7 +208,7 @@ class Segmenter:
         A parent term ("kidney") the model was not trained on is the union (voxel-wise maximum) of its trained
         children's maps, each cut to its largest piece where the spec says so.
         """
-        prepared, plan, queries = self._inputs(volume, terms, modality, prepared)
+        prepared, plan, queries = self._inputs(volume, terms, modality, prepared, None)
         run = self.options.window_run(self.device, progress)
         threshold = self.spec.postprocess.threshold
         stream = prompt_probabilities(prepared, queries, plan, self.predict_logits, self.spec, run)
@@ -282,10 +216,15 @@ class Segmenter:
             yield PromptProbabilities(index, terms[index], union, threshold)
 
     def _inputs(
-        self, volume: Volume, terms: Sequence[str], modality: str, prepared: PreparedVolume | None
+        self,
+        volume: Volume,
+        terms: Sequence[str],
+        modality: str,
+        prepared: PreparedVolume | None,
+        planned: tuple[PromptPlan, list[str]] | None,
     ) -> tuple[PreparedVolume, PromptPlan, torch.Tensor]:
         if not terms:
             raise ValueError("segment() needs at least one term resolved by resolve_prompts()")
         modality = check_modality(modality)
-        plan, rows = self.plan(terms)
+        plan, rows = planned or self.plan(terms)
         return prepared or self.prepare(volume, modality), plan, self.encode(rows, modality)

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from satseg.geometry import Volume
+from satseg.phantom import centred_affine, make_torso_phantom
 from satseg.pipeline import Segmenter
-from satseg_training.data.phantom import centred_affine, make_torso_phantom
 
 MIN_AGREEMENT = 0.999
 """Served masks may differ from the in-process ones by float noise at the 0.5 boundary, nothing more."""

@@ -20,8 +20,8 @@ from satseg.cli.segment import main as segment_cli
 from satseg.geometry import load_volume
 from satseg.outputs import read_label_extension
 from satseg.outputs.run_folder import MANIFEST_FILE
+from satseg.phantom import centred_affine, make_torso_phantom
 from satseg.text import untrained_warning
-from satseg_training.data.phantom import centred_affine, make_torso_phantom
 
 
 def run_cli(

@@ -20,12 +20,15 @@ from served import phantom, served_cpu_runtime
 
 from satseg import contract
 from satseg.cli.segment import main as segment_cli
+from satseg.engine.options import InferenceOptions
 from satseg.geometry import Volume, load_volume
 from satseg.outputs.writer import LABELMAP_FILE, STATISTICS_FILE, mask_file_name
-from satseg.pipeline import InferenceOptions, Segmenter
+from satseg.pipeline import Segmenter
 from satseg.server.triton import TritonServer
 from satseg_clients import SATClient
-from satseg_training.evaluate import EvaluationCase, Prompt, evaluate_case
+from satseg_training.evaluate import evaluate_case
+from satseg_training.evaluation.cases import EvaluationCase
+from satseg_training.evaluation.prompts import Prompt
 
 PROMPTS = ["kidney", "left kidney", "liver"]
 

@@ -11,20 +11,13 @@ import pytest
 
 from satseg.errors import SatInputError
 from satseg.geometry import Volume
+from satseg.phantom import centred_affine, class_names, make_torso_phantom
 from satseg.text import Vocabulary
 from satseg_training.data.mni152 import main as mni152_main
-from satseg_training.data.phantom import centred_affine, class_names, make_torso_phantom
-from satseg_training.evaluate import (
-    Prompt,
-    case_from_files,
-    check_geometry,
-    dice_score,
-    main,
-    mni152_case,
-    parse_prompts,
-    regrid,
-    surface_dice,
-)
+from satseg_training.evaluate import main
+from satseg_training.evaluation.cases import case_from_files, check_geometry, mni152_case, regrid
+from satseg_training.evaluation.metrics import dice_score, surface_dice
+from satseg_training.evaluation.prompts import Prompt, parse_prompts
 
 PHANTOM_NAMES = class_names()
 

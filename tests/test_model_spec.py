@@ -22,15 +22,18 @@ from served import phantom, served_cpu_runtime
 
 from satseg.checkpoint import CONFIG_FILE, read_metadata
 from satseg.cli.segment import main as segment_cli
+from satseg.engine.options import InferenceOptions
 from satseg.errors import SatInputError
 from satseg.geometry import Volume
 from satseg.outputs.run_folder import MANIFEST_FILE
-from satseg.pipeline import InferenceOptions, Segmenter
+from satseg.pipeline import Segmenter
 from satseg.server.triton import TritonServer
 from satseg.spec import ModelSpec
 from satseg.text import Vocabulary
 from satseg_clients import SATClient
-from satseg_training.evaluate import EvaluationCase, Prompt, evaluate_case
+from satseg_training.evaluate import evaluate_case
+from satseg_training.evaluation.cases import EvaluationCase
+from satseg_training.evaluation.prompts import Prompt
 
 SPACING_MM = 1.5
 CT_WINDOW_HU = (-200.0, 300.0)

@@ -30,7 +30,7 @@ from satseg.outputs import (
     write_result,
 )
 from satseg.outputs.writer import mask_file_name
-from satseg_training.data.phantom import make_torso_phantom
+from satseg.phantom import make_torso_phantom
 
 SHAPE = (12, 10, 8)
 

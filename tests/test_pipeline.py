@@ -15,11 +15,12 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from satseg.engine import WindowRun, keep_largest_component, probabilities_on_input_grid
+from satseg.engine.options import InferenceOptions
 from satseg.engine.preprocess import prepare
 from satseg.geometry import Volume
-from satseg.pipeline import InferenceOptions, Segmenter
+from satseg.phantom import world_coordinates
+from satseg.pipeline import Segmenter
 from satseg.spec import PreprocessConfig, WindowSpec
-from satseg_training.data.phantom import world_coordinates
 
 TINY_WINDOW = WindowSpec(patch_size=(96, 96, 32))
 CPU = torch.device("cpu")

@@ -13,10 +13,10 @@ from conftest import DEMO_CHECKPOINT
 from served import phantom
 
 from satseg.cli.segment import main as segment_cli
+from satseg.engine.options import check_precision
 from satseg.errors import SatInputError
 from satseg.graph_cache import CACHE_VARIABLE
 from satseg.outputs.writer import mask_file_name
-from satseg.pipeline import check_precision
 from satseg.runtimes import check_runtime, openvino_has_native_bf16
 
 pytestmark = pytest.mark.export  # the first run exports the demo's vision graph into the cache

@@ -22,9 +22,9 @@ from satseg.checkpoint import CONFIG_FILE, TEXT_PRETRAINING_WEIGHTS, load_checkp
 from satseg.errors import SatInputError
 from satseg.model import build_sat
 from satseg.model.sat import SAT
+from satseg.phantom import centred_affine, make_torso_phantom
 from satseg.text import PromptTokenizer, Term, Vocabulary, resolve_text_encoder, tensor_sha256
 from satseg_training.config import DataSettings, load_config, parse_override
-from satseg_training.data.phantom import centred_affine, make_torso_phantom
 from satseg_training.data.readers import labelmap_case, synthseg_cases
 from satseg_training.data.standardise import standardise
 from satseg_training.data.synthseg import synthesize_image

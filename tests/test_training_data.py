@@ -17,10 +17,10 @@ import pytest
 from satseg.engine.preprocess import prepare
 from satseg.errors import SatInputError
 from satseg.geometry import Volume
+from satseg.phantom import centred_affine, class_names, make_torso_phantom, world_coordinates
 from satseg.spec import PreprocessConfig
 from satseg.text import Vocabulary
 from satseg_training.data.names import map_label_names
-from satseg_training.data.phantom import centred_affine, class_names, make_torso_phantom, world_coordinates
 from satseg_training.data.readers import (
     CaseSource,
     labelmap_case,

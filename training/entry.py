@@ -2,7 +2,6 @@
 
 from satseg.cli.entry import engine_command
 
-phantom = engine_command("sat-phantom", "satseg_training.data.phantom")
 mni152 = engine_command("sat-mni152", "satseg_training.data.mni152")
 standardise = engine_command("sat-standardise", "satseg_training.data.standardise")
 pretrain_text = engine_command("sat-pretrain-text", "satseg_training.pretrain_text")

@@ -10,55 +10,45 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
-import zlib
-from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
-from scipy import ndimage
-from scipy.spatial.transform import Rotation
 from tqdm.auto import tqdm
 
 from satseg.cli.common import cli_parser, run_cli
 from satseg.cli.runtime_options import add_runtime_arguments, check_runtime_arguments, segmenter_for
 from satseg.engine import Outputs
+from satseg.engine.options import InferenceOptions, resolve_device
 from satseg.errors import SatInputError
-from satseg.geometry import Volume, load_volume
-from satseg.geometry.volume import check_modality
-from satseg.pipeline import InferenceOptions, Segmenter, resolve_device
-from satseg.spec import PreprocessConfig
-from satseg.text import Vocabulary
-from satseg_training.data.mni152 import MNI152_SIDED_TISSUES, load_mni152, sided_tissues
-from satseg_training.data.names import map_label_names
-from satseg_training.data.readers import (
-    check_same_grid,
-    mask_files_case,
-    mask_folder_case,
-    nifti_stem,
-    read_labels,
-    read_names,
+from satseg.pipeline import Segmenter
+from satseg_training.evaluation.cases import (
+    CONTRASTS,
+    INPUT_GEOMETRY,
+    EvaluationCase,
+    case_from_files,
+    case_from_masks,
+    check_geometry,
+    mni152_case,
+    regrid,
+    standardised_cases,
 )
-from satseg_training.data.standardised import StandardisedDataset
+from satseg_training.evaluation.metrics import DEFAULT_TOLERANCE_MM, dice_score, surface_dice
+from satseg_training.evaluation.prompts import Prompt, case_prompts, parse_prompts, truth_mask
+from satseg_training.evaluation.report import (
+    BASELINE,
+    CANDIDATE,
+    SINGLE_LABEL,
+    UNION,
+    grid_dependence,
+    kind_summary,
+    markdown_report,
+    region_summary,
+    structure_means,
+)
 
 PROG = "sat-evaluate"
-DEFAULT_TOLERANCE_MM = 2.0
-INPUT_GEOMETRY = "input"
-OBLIQUE = "oblique"
-NO_REGION = "other"
-ALL_REGIONS = "all"
-CONTRASTS = ("any", "t1")
-"""How label-only maps are synthesised: any contrast per label, or named tissues in T1-weighted order."""
-CANDIDATE, BASELINE = "candidate", "baseline"
-LABELLED = "labelled"
-"""The ``--prompts`` item that stands for every term labelled in a case."""
-SINGLE_LABEL, UNION = "single label", "union of labels"
-"""Prompt kinds: the ground truth is one labelled term ("left thalamus"), or several ("thalamus")."""
 
 EPILOG = """examples (sat-evaluate is the installed name of python -m satseg_training.evaluate):
   python -m satseg_training.evaluate --checkpoint runs/demo/checkpoint --output runs/demo/evaluation \\
@@ -85,281 +75,6 @@ Geometries: "input" (always), nibabel axis codes such as "lps" or "asr" (exact r
 "obliqueN" (the voxel axes rotated N degrees about z and x; image linear, labels nearest-neighbour).
 NSD counts the surface within the tolerance (mm, voxel spacing respected; MONAI's compute_surface_dice).
 """
-
-
-@dataclass(frozen=True)
-class EvaluationCase:
-    """One labelled volume on its own grid.
-
-    Attributes:
-        name: shown in the reports.
-        volume: the image as a user would pass it to ``sat-segment``.
-        labels: ``[I, J, K]`` integer label values on ``volume``'s grid, 0 background.
-        classes: label value -> canonical vocabulary term (several values may share a term).
-        modality: one of ``MODALITIES``.
-    """
-
-    name: str
-    volume: Volume
-    labels: np.ndarray
-    classes: dict[int, str]
-    modality: str
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """What is asked (``term``, sent to the model) and the label terms whose union is its ground truth."""
-
-    term: str
-    truth: tuple[str, ...]
-
-
-def dice_score(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """``2 |P & T| / (|P| + |T|)`` of two boolean masks of one shape, in [0, 1]; 1.0 when both are empty."""
-    total = int(prediction.sum()) + int(truth.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(prediction, truth).sum()) / total
-
-
-def surface_dice(
-    prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float], tolerance_mm: float = DEFAULT_TOLERANCE_MM
-) -> float:
-    """Normalised surface Dice of two boolean ``[I, J, K]`` masks, in [0, 1].
-
-    The fraction of both surfaces (weighted by surface area, DeepMind's surface elements via MONAI's
-    ``use_subvoxels``) lying within ``tolerance_mm`` of the other surface, distances in mm with the voxel
-    ``spacing``. 1.0 when both masks are empty, 0.0 when exactly one is.
-    """
-    from monai.metrics import compute_surface_dice  # slow import, only needed here
-
-    if not prediction.any() or not truth.any():
-        return float(prediction.any() == truth.any())
-    with warnings.catch_warnings():
-        # MONAI 1.5+ passes its own deprecated argument internally; nothing for a caller to change.
-        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
-        value = compute_surface_dice(
-            torch.from_numpy(np.ascontiguousarray(prediction))[None, None],
-            torch.from_numpy(np.ascontiguousarray(truth))[None, None],
-            class_thresholds=[float(tolerance_mm)],
-            include_background=True,
-            spacing=[float(size) for size in spacing],
-            use_subvoxels=True,
-        )
-    return float(value[0, 0])
-
-
-def check_geometry(geometry: str) -> str:
-    """``geometry`` in its canonical spelling: ``input``, axis codes (``lps``) or ``obliqueN`` (``oblique15``).
-
-    Raises:
-        SatInputError: any other name.
-    """
-    name = geometry.strip().lower()
-    if name == INPUT_GEOMETRY:
-        return name
-    if name.startswith(OBLIQUE):
-        try:
-            float(name[len(OBLIQUE) :])
-        except ValueError:
-            raise SatInputError(f"geometry {geometry!r}: expected obliqueN with N in degrees, e.g. oblique15") from None
-        return name
-    try:
-        PreprocessConfig(orientation=name.upper())  # the model grid's own check of axis codes
-    except SatInputError as error:
-        raise SatInputError(f"geometry {geometry!r}: expected input, obliqueN or axis codes; {error}") from None
-    return name
-
-
-def regrid(volume: Volume, labels: np.ndarray, geometry: str) -> tuple[Volume, np.ndarray]:
-    """The same world content on another grid: ``(volume, labels)`` for ``geometry`` (see :func:`check_geometry`).
-
-    Axis codes reorient exactly (a signed permutation of the arrays); ``obliqueN`` resamples (:func:`_rotated`).
-    """
-    name = check_geometry(geometry)
-    if name == INPUT_GEOMETRY:
-        return volume, labels
-    if name.startswith(OBLIQUE):
-        return _rotated(volume, labels, float(name[len(OBLIQUE) :]))
-    ornt = ornt_transform(io_orientation(volume.affine), axcodes2ornt(tuple(name.upper())))
-    affine = volume.affine @ inv_ornt_aff(ornt, volume.shape)
-    array = np.ascontiguousarray(apply_orientation(volume.array, ornt))
-    return Volume(array, affine, volume.modality), np.ascontiguousarray(apply_orientation(labels, ornt))
-
-
-def _rotated(volume: Volume, labels: np.ndarray, degrees: float) -> tuple[Volume, np.ndarray]:
-    """A grid whose voxel axes are rotated ``degrees`` about world z then x, same spacing, covering the input.
-
-    The image is resampled linearly (outside the input: its minimum, air for CT), the labels by nearest
-    neighbour (outside: 0).
-    """
-    direction = Rotation.from_euler("zx", [degrees, degrees], degrees=True).as_matrix() @ volume.affine[:3, :3]
-    corners = np.array(np.meshgrid(*[[-0.5, size - 0.5] for size in volume.shape], indexing="ij")).reshape(3, -1)
-    world = volume.affine[:3, :3] @ corners + volume.affine[:3, 3:4]
-    positions = np.linalg.solve(direction, world)  # the corners in voxel units of the rotated axes
-    low = np.ceil(positions.min(axis=1))
-    shape = tuple(int(size) for size in np.floor(positions.max(axis=1)) - low + 1)
-    affine = np.eye(4)
-    affine[:3, :3] = direction
-    affine[:3, 3] = direction @ low
-    new_to_old = np.linalg.solve(volume.affine, affine)
-    matrix, offset = new_to_old[:3, :3], new_to_old[:3, 3]
-    image = ndimage.affine_transform(
-        volume.array.astype(np.float32),
-        matrix,
-        offset,
-        output_shape=shape,
-        order=1,
-        mode="grid-constant",
-        cval=float(volume.array.min()),
-    )
-    resampled = ndimage.affine_transform(
-        labels, matrix, offset, output_shape=shape, order=0, mode="grid-constant", cval=0
-    )
-    return Volume(image, affine, volume.modality), resampled
-
-
-def case_from_files(
-    image: Path, labels: Path, names: Path | Mapping[int, str], modality: str, vocabulary: Vocabulary
-) -> EvaluationCase:
-    """A case from an image, its label map and the label names (a JSON file ``{"1": "spleen"}`` or a mapping).
-
-    Names are resolved to vocabulary terms ("kidney_left" -> "left kidney"); unresolved ones are left out
-    (with a warning).
-
-    Raises:
-        SatInputError: unreadable files, labels off the image's grid, an unknown modality.
-    """
-    raw = read_names(Path(names)) if isinstance(names, Path | str) else dict(names)
-    volume, label_volume = load_volume(image), read_labels(Path(labels))
-    check_same_grid(volume, label_volume, f"labels {Path(labels).name}")
-    name = nifti_stem(Path(image))
-    mapped, _ = map_label_names(raw, vocabulary, source=f"case {name}")
-    return EvaluationCase(name, volume, label_volume.array, mapped, check_modality(modality))
-
-
-def case_from_masks(image: Path, masks: Path, modality: str, vocabulary: Vocabulary) -> EvaluationCase:
-    """A case from an image and binary masks named ``<structure>.nii.gz`` (TotalSegmentator's layout): one
-    mask file, or a folder of them (:func:`satseg_training.data.readers.mask_folder_case`); named after the folder.
-
-    One file keeps its structure whole where a folder's masks overlap (a later file wins there: an aorta
-    under its lumens' masks).
-
-    Raises:
-        SatInputError: unreadable files, a mask off the image's grid, an empty folder, an unknown modality.
-    """
-    masks = Path(masks)
-    if masks.is_dir():
-        source = mask_folder_case(Path(image), masks, modality=modality, dataset="evaluation")
-    else:
-        name = masks.parent.name
-        source = mask_files_case(Path(image), [masks], modality=modality, dataset="evaluation", case_id=name)
-    loaded = source.load()
-    assert loaded.image is not None  # masks always come with their image
-    mapped, _ = map_label_names(loaded.classes, vocabulary, source=f"masks {masks.name}")
-    return EvaluationCase(loaded.case_id, loaded.image, loaded.labels, mapped, loaded.modality)
-
-
-def mni152_case() -> EvaluationCase:
-    """nilearn's MNI152 2009 T1 template scored against its white/grey-matter maps (see
-    ``satseg_training.data.mni152``), each split into hemispheres at the midline: "cerebral white matter" is
-    scored against both, "left cerebral white matter" against its half."""
-    volume, labels = load_mni152()
-    sided = sided_tissues(labels, volume.affine)
-    return EvaluationCase("mni152_2009_nilearn", volume, sided, dict(MNI152_SIDED_TISSUES), "mri")
-
-
-def standardised_cases(
-    root: Path, keys: Sequence[str] | None, seed: int = 0, contrast: str = CONTRASTS[0]
-) -> list[EvaluationCase]:
-    """Cases of a standardised root (all, or those whose ``<dataset>/<case>`` key is in ``keys``).
-
-    Their grid is the standardised model grid (the original is not kept). Label-only maps get an image
-    synthesised with a generator seeded by ``seed`` and the case key, so reruns see the same image, in
-    ``contrast`` (one of :data:`CONTRASTS`: ``"t1"`` puts the named tissues in T1-weighted order).
-    Non-CT images are shifted to start at 0: they are z-scored, and the MRI/PET foreground crop keeps
-    values above 0, while the normalisation itself ignores a shift.
-
-    Raises:
-        SatInputError: an unreadable root, or a key naming no case.
-    """
-    dataset = StandardisedDataset(root)
-    index = {entry.case: position for position, entry in enumerate(dataset.cases)}
-    wanted = list(index) if keys is None else list(keys)
-    missing = [key for key in wanted if key not in index]
-    if missing:
-        raise SatInputError(f"cases not in {root / 'manifest.jsonl'}: {', '.join(missing)}")
-    cases = []
-    for key in wanted:
-        image, labels, entry = dataset.load(index[key])
-        if image is None:
-            from satseg_training.data.synthseg import synthesize_image, t1_mean_ranges  # only label-only maps need it
-
-            rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
-            ranges = t1_mean_ranges(entry.classes) if contrast == "t1" else None
-            image = synthesize_image(labels, rng, mean_ranges=ranges)  # on the model grid, its default spacing
-        if entry.modality != "ct":
-            image = image - image.min()
-        volume = Volume(image, entry.affine, entry.modality)
-        cases.append(EvaluationCase(key, volume, labels, dict(entry.classes), entry.modality))
-    return cases
-
-
-def descendants(term: str, vocabulary: Vocabulary) -> tuple[str, ...]:
-    """``term`` and every term below it in the vocabulary's children (just ``term`` for free text)."""
-    found = [term]
-    pending = [term]
-    while pending:
-        current = pending.pop()
-        children = vocabulary.children_of(current) if current in vocabulary else ()
-        for child in children:
-            if child not in found:
-                found.append(child)
-                pending.append(child)
-    return tuple(found)
-
-
-def parse_prompts(text: str, vocabulary: Vocabulary, *, allow_free_text: bool = False) -> list[Prompt]:
-    """Prompts from ``"liver,kidney=left kidney+right kidney"`` (see the EPILOG); the item :data:`LABELLED` is
-    left out here (:func:`case_prompts` puts each case's labelled terms in its place).
-
-    Raises:
-        SatInputError: no prompts, an unknown prompt (unless ``allow_free_text``) or an unknown label term.
-    """
-    prompts = []
-    items = [part.strip() for part in text.split(",")]
-    for item in items:
-        if not item or item == LABELLED:
-            continue
-        spoken, _, parts = item.partition("=")
-        term = vocabulary.resolve_all([spoken], allow_free_text=allow_free_text)[0]
-        truth = tuple(vocabulary.resolve(name) for name in parts.split("+")) if parts else descendants(term, vocabulary)
-        prompts.append(Prompt(term, truth))
-    if not prompts and LABELLED not in items:
-        raise SatInputError('no prompts in --prompts; pass e.g. "liver,kidney=left kidney+right kidney"')
-    return prompts
-
-
-def case_prompts(case: EvaluationCase, text: str | None, asked: Sequence[Prompt]) -> list[Prompt]:
-    """What ``case`` is asked: every labelled term without ``--prompts`` (``text``), else the parsed ``asked``,
-    after the case's labelled terms where ``text`` names :data:`LABELLED`."""
-    if text is None:
-        return labelled_prompts(case)
-    if LABELLED not in (part.strip() for part in text.split(",")):
-        return list(asked)
-    labelled = labelled_prompts(case)
-    return labelled + [prompt for prompt in asked if prompt.term not in {item.term for item in labelled}]
-
-
-def labelled_prompts(case: EvaluationCase) -> list[Prompt]:
-    """One prompt per term labelled in ``case`` (values absent from its label map are skipped)."""
-    present = set(np.unique(case.labels).tolist())
-    terms = sorted({term for value, term in case.classes.items() if value in present})
-    return [Prompt(term, (term,)) for term in terms]
-
-
-def truth_mask(case_labels: np.ndarray, classes: Mapping[int, str], truth: Sequence[str]) -> np.ndarray:
-    """Boolean mask of the label values whose term is one of ``truth`` (their union)."""
-    values = [value for value, term in classes.items() if term in truth]
-    return np.isin(case_labels, values)
 
 
 def evaluate_case(
@@ -409,149 +124,6 @@ def evaluate_case(
     for row, statistics in zip(rows, result.statistics, strict=True):
         row["predicted_ml"] = statistics["volume_ml"]
     return rows
-
-
-def group_means(
-    rows: Sequence[dict[str, Any]], key: str, group: Callable[[dict[str, Any]], str]
-) -> list[dict[str, Any]]:
-    """Mean Dice and NSD per (model, geometry, ``group(row)``), and per (model, geometry) over all (``"all"``).
-
-    Rows whose ground truth is empty are left out (their Dice only says whether anything was predicted).
-    Each item holds model, geometry, ``key`` (the group), structures (rows averaged), dice and nsd.
-    """
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        if row["truth_voxels"]:
-            model = row.get("model", CANDIDATE)
-            groups[(model, row["geometry"], group(row))].append(row)
-            groups[(model, row["geometry"], ALL_REGIONS)].append(row)
-    return [
-        {
-            "model": model,
-            "geometry": geometry,
-            key: name,
-            "structures": len(members),
-            "dice": float(np.mean([row["dice"] for row in members])),
-            "nsd": float(np.mean([row["nsd"] for row in members])),
-        }
-        for (model, geometry, name), members in sorted(groups.items())
-    ]
-
-
-def region_summary(rows: Sequence[dict[str, Any]], regions: Mapping[str, str | None]) -> list[dict[str, Any]]:
-    """:func:`group_means` by the vocabulary's region of each structure (``regions``: term -> region)."""
-    return group_means(rows, "region", lambda row: regions.get(row["structure"]) or NO_REGION)
-
-
-def kind_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """:func:`group_means` by prompt kind: single-label prompts ("left thalamus") apart from unions ("thalamus")."""
-    return group_means(rows, "kind", lambda row: row["kind"])
-
-
-def structure_means(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (geometry, structure), the mean Dice and NSD over the cases with ground truth, per model.
-
-    Each item: geometry, structure, cases, and ``dice`` / ``nsd`` keyed by model (``candidate``, and
-    ``baseline`` when one was evaluated).
-    """
-    groups: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-    for row in rows:
-        if row["truth_voxels"]:
-            groups[(row["geometry"], row["structure"])][row.get("model", CANDIDATE)].append(row)
-    return [
-        {
-            "geometry": geometry,
-            "structure": structure,
-            "cases": len(by_model[CANDIDATE]),
-            "dice": {model: float(np.mean([row["dice"] for row in members])) for model, members in by_model.items()},
-            "nsd": {model: float(np.mean([row["nsd"] for row in members])) for model, members in by_model.items()},
-        }
-        for (geometry, structure), by_model in groups.items()
-    ]
-
-
-def grid_dependence(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Per extra geometry, the candidate's largest ``|Dice - Dice on the input grid|`` over a (case, structure)."""
-    candidate = [row for row in rows if row.get("model", CANDIDATE) == CANDIDATE]
-    on_input = {(row["case"], row["structure"]): row["dice"] for row in candidate if row["geometry"] == INPUT_GEOMETRY}
-    largest: dict[str, float] = {}
-    for row in candidate:
-        if row["geometry"] != INPUT_GEOMETRY:
-            difference = abs(row["dice"] - on_input[(row["case"], row["structure"])])
-            largest[row["geometry"]] = max(largest.get(row["geometry"], 0.0), difference)
-    return largest
-
-
-def markdown_report(
-    rows: Sequence[dict[str, Any]],
-    summaries: Mapping[str, Sequence[dict[str, Any]]],
-    dependence: Mapping[str, float],
-    settings: Mapping[str, Any],
-) -> str:
-    """``evaluation.md``: the settings, grid dependence, the summaries (``{"region": ..., "kind": ...}``), the
-    per-structure means over cases (each model, and the difference when a baseline was evaluated) and the
-    per-case table."""
-    tolerance = f"NSD@{settings['tolerance_mm']:g}mm"
-    means = structure_means(rows)
-    compared = any(BASELINE in item["dice"] for item in means)
-    lines = [
-        "# SAT evaluation",
-        "",
-        *(f"- {key}: {value}" for key, value in settings.items()),
-        *(
-            f"- largest |Dice change| on the {name} grid vs the input grid: {value:.3f}"
-            for name, value in dependence.items()
-        ),
-    ]
-    for key, summary in summaries.items():
-        lines += [
-            "",
-            f"## Per {key} (structures with ground truth)",
-            "",
-            f"| model | geometry | {key} | structures | mean Dice | mean {tolerance} |",
-            "|---|---|---|---:|---:|---:|",
-            *(
-                f"| {item['model']} | {item['geometry']} | {item[key]} | {item['structures']} | {item['dice']:.3f} "
-                f"| {item['nsd']:.3f} |"
-                for item in summary
-            ),
-        ]
-    lines += ["", "## Per structure, mean over cases", ""]
-    if compared:
-        lines += [
-            f"| geometry | structure | cases | Dice | {tolerance} | baseline Dice | baseline {tolerance} "
-            "| Dice change |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
-            *(
-                f"| {item['geometry']} | {item['structure']} | {item['cases']} | {item['dice'][CANDIDATE]:.3f} "
-                f"| {item['nsd'][CANDIDATE]:.3f} | {item['dice'][BASELINE]:.3f} | {item['nsd'][BASELINE]:.3f} "
-                f"| {item['dice'][CANDIDATE] - item['dice'][BASELINE]:+.3f} |"
-                for item in means
-            ),
-        ]
-    else:
-        lines += [
-            f"| geometry | structure | cases | Dice | {tolerance} |",
-            "|---|---|---:|---:|---:|",
-            *(
-                f"| {item['geometry']} | {item['structure']} | {item['cases']} | {item['dice'][CANDIDATE]:.3f} "
-                f"| {item['nsd'][CANDIDATE]:.3f} |"
-                for item in means
-            ),
-        ]
-    lines += [
-        "",
-        "## Per case",
-        "",
-        f"| model | case | geometry | structure | Dice | {tolerance} | truth mL | predicted mL |",
-        "|---|---|---|---|---:|---:|---:|---:|",
-        *(
-            f"| {row.get('model', CANDIDATE)} | {row['case']} | {row['geometry']} | {row['structure']} "
-            f"| {row['dice']:.3f} | {row['nsd']:.3f} | {row['truth_ml']:.1f} | {row['predicted_ml']:.1f} |"
-            for row in rows
-        ),
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

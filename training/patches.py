@@ -25,10 +25,10 @@ from torch.utils.data import Dataset
 from satseg.engine.preprocess import prepare
 from satseg.errors import SatInputError
 from satseg.geometry.volume import MODALITIES
+from satseg.phantom import TORSO_ORGANS, centred_affine, make_torso_phantom
 from satseg.text import Vocabulary
 from satseg_training.augment import FieldOfView, SpatialAugmentation, augment_intensity, thicken_slices
 from satseg_training.config import DataSettings
-from satseg_training.data.phantom import TORSO_ORGANS, centred_affine, make_torso_phantom
 from satseg_training.data.standardised import StandardisedDataset
 
 PHANTOM_DATASET = "phantom"

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from satseg.checkpoint import load_checkpoint
+from satseg.engine.options import PRECISIONS, InferenceOptions, check_precision
 from satseg.errors import SatInputError
-from satseg.pipeline import PRECISIONS, InferenceOptions, Segmenter, check_precision
+from satseg.pipeline import Segmenter
 from satseg.runtimes import RUNTIMES
 
 

@@ -13,6 +13,7 @@ from satseg.cli.common import cli_parser, run_cli
 from satseg.cli.runtime_options import add_runtime_arguments, check_runtime_arguments, segmenter_for
 from satseg.contract import MAX_OVERLAP, check_overlap, check_threshold
 from satseg.engine import Outputs
+from satseg.engine.options import InferenceOptions, resolve_device
 from satseg.errors import SatInputError
 from satseg.geometry import load_volume
 from satseg.geometry.io import check_intensities
@@ -20,7 +21,6 @@ from satseg.geometry.volume import MODALITIES, choose_modality
 from satseg.outputs import WARNINGS_KEY, OutputOptions
 from satseg.outputs.run_folder import MANIFEST_FILE, check_output_folder, run_folder
 from satseg.outputs.writer import mask_writer, write_result
-from satseg.pipeline import InferenceOptions, resolve_device
 from satseg.text import Vocabulary, parse_prompt_list
 
 EPILOG = f"""examples:
@@ -131,7 +131,8 @@ def segment(args: argparse.Namespace) -> int:
     segmenter = segmenter_for(args, checkpoint, device, options, vocabulary=vocabulary)
     if segmenter.untrained_weights:
         print(f"warning: {checkpoint} holds untrained weights; the masks are meaningless", file=sys.stderr)
-    warnings = segmenter.plan(terms)[0].warnings
+    planned = segmenter.plan(terms)
+    warnings = planned[0].warnings
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     started = time.perf_counter()
@@ -155,6 +156,7 @@ def segment(args: argparse.Namespace) -> int:
             on_mask=None if args.ml else mask_writer(volume, work, written),
             progress=not args.quiet,
             prepared=prepared,
+            planned=planned,
         )
         files = OutputOptions(
             masks=False, merged_labelmap=args.ml, statistics=args.statistics, preview=args.preview, modality=modality

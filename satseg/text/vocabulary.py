@@ -349,6 +349,19 @@ class Vocabulary:
         """
         return self._by_name[self.resolve(term)].children
 
+    def descendants(self, term: str) -> tuple[str, ...]:
+        """``term`` and every term below it through the children, each once, in the order walked (just
+        ``term`` for free text)."""
+        found = [term]
+        pending = [term]
+        while pending:
+            current = pending.pop()
+            for child in self.children_of(current) if current in self else ():
+                if child not in found:
+                    found.append(child)
+                    pending.append(child)
+        return tuple(found)
+
     def is_single_component(self, term: str) -> bool:
         """Whether ``term`` (a canonical term; free text is not) is one connected body, see :class:`Term`."""
         return term in self._by_name and self._by_name[term].single_component

@@ -23,11 +23,11 @@ import torch
 
 from satseg import contract
 from satseg.engine import Outputs, PromptPlan, segment_prepared
+from satseg.engine.options import InferenceOptions
 from satseg.engine.preprocess import prepare
 from satseg.errors import SatInputError
 from satseg.geometry import Volume
 from satseg.outputs.result import SegmentationResult
-from satseg.pipeline import InferenceOptions
 from satseg.spec import ModelSpec
 from satseg.triton_models import requests
 from satseg.triton_models.prompt_encoder import read_contract
