@@ -20,6 +20,7 @@ from satseg_clients.sat_client import (
     SATClient,
     ServerUnavailable,
 )
+from satseg_clients.tables import STATISTICS_TABLE, VOLUMES_TABLE
 from satseg_clients.tasks import load_tasks, task
 
 PROG = "sat-client"
@@ -147,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     summary = report["summary"]
     print(
         f"{PROG}: {summary['done']} done, {summary['skipped']} skipped, {summary['failed']} failed; "
-        f"report: {args.output / args.shard.report_file}",
+        f"report: {args.output / args.shard.report_file}; tables: {args.shard.table_file(VOLUMES_TABLE)}, "
+        f"{args.shard.table_file(STATISTICS_TABLE)}",
         file=sys.stderr,
     )
     return 1 if summary["failed"] else 0

@@ -4,7 +4,8 @@ Each case is written into a hidden work folder inside the output folder and swap
 every file, and last ``case.json``, is written; a killed run leaves no folder that looks complete. A case is
 skipped only when its folder's ``case.json`` records the same request, the same input (its
 :func:`~satseg_clients.cases.source_identity`) and the same served model (``MODEL``); every other case is done
-again. ``run_report.json`` is rewritten (atomically) after every case.
+again. ``run_report.json`` is rewritten (atomically) after every case; the cohort tables
+(:mod:`satseg_clients.tables`) are rebuilt from every finished case folder at the end.
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ from satseg.outputs import WARNINGS_KEY, write_json
 from satseg.outputs.run_folder import refuse_existing_file, swap_into_place
 from satseg_clients.cases import Case, discover_cases, opened_case, source_identity
 from satseg_clients.sat_client import SATClient, Segmentation, ServerUnavailable
+from satseg_clients.tables import (
+    STATISTICS_TABLE,
+    VOLUMES_TABLE,
+    finished_cases,
+    statistics_rows,
+    volumes_rows,
+    write_table,
+)
 
 CASE_FILE = "case.json"
 REPORT_FILE = "run_report.json"
@@ -69,6 +78,10 @@ class Shard:
     @property
     def work_folder(self) -> str:
         return WORK_FOLDER + self._suffix()
+
+    def table_file(self, name: str) -> str:
+        """``volumes.csv`` of a whole run, ``volumes.shard-2-of-4.csv`` of a shard."""
+        return f"{Path(name).stem}{self._suffix()}{Path(name).suffix}"
 
 
 @dataclass(frozen=True)
@@ -133,6 +146,8 @@ def case_record(
         "model_grid": list(segmentation.result.model_grid),  # the grid the served spec put the windows on
         WARNINGS_KEY: list(segmentation.warnings),
         "source": {"name_sha256": case.name_hash, "identity": identity},
+        # What the cohort tables are rebuilt from, whatever output files the request asked for.
+        "statistics": dict(zip(segmentation.result.terms, segmentation.result.statistics, strict=True)),
     }
 
 
@@ -148,6 +163,7 @@ def case_is_complete(folder: Path, request: RunRequest, identity: str, model: st
         and record.get("model") == model
         and isinstance(source, dict)
         and source.get("identity") == identity
+        and isinstance(record.get("statistics"), dict)  # a folder from before the tables is done again
         and all((folder / name).is_file() for name in record.get("files", []))
     )
 
@@ -163,7 +179,7 @@ def existing_folders(output: Path) -> tuple[dict[str, str], set[str]]:
     """What an earlier run left in ``output``: input name hash -> the case folder recorded for it, and the
     names a case must not take (files, and the run's own report and work folder)."""
     claims: dict[str, str] = {}
-    taken = {REPORT_FILE, WORK_FOLDER}
+    taken = {REPORT_FILE, WORK_FOLDER, VOLUMES_TABLE, STATISTICS_TABLE}
     if not output.is_dir():
         return claims, taken
     for entry in sorted(output.iterdir()):
@@ -315,8 +331,16 @@ def run_folder(
             bar.write(f"case {result.index}: {result.status}" + (f" ({result.error})" if result.error else ""))
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_report(report, output / shard.report_file)
+    write_tables(report, output, shard)
     shutil.rmtree(output / shard.work_folder, ignore_errors=True)
     return report
+
+
+def write_tables(report: dict[str, Any], output: Path, shard: Shard = Shard()) -> None:
+    """``volumes.csv`` and ``statistics.csv`` of ``report``'s finished cases, from their folders' ``case.json``."""
+    cases = finished_cases(report["cases"], lambda folder: (read_record(output / folder) or {}).get("statistics"))
+    write_table(volumes_rows(cases), output / shard.table_file(VOLUMES_TABLE))
+    write_table(statistics_rows(cases), output / shard.table_file(STATISTICS_TABLE))
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:

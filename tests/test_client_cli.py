@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from satseg.text import untrained_warning
 from satseg_clients.cli import main as sat_client
 from satseg_clients.dicom_seg import SEG_FILE, write_dicom_seg
 from satseg_clients.folder_run import CASE_FILE, REPORT_FILE, WORK_FOLDER
+from satseg_clients.tables import STATISTICS_TABLE, VOLUMES_TABLE
 
 pytest.importorskip("tritonclient.grpc")
 PROMPTS = "liver,spleen"
@@ -55,6 +57,23 @@ def make_cases(folder: Path) -> dict[str, Volume]:
     return {"a_ct": ct, "b_lps": mr, "c_series": series, "e_zipped": series}
 
 
+def check_volumes_table(output: Path, expected: dict[str, Volume]) -> None:
+    """``volumes.csv`` has a row per finished case (the broken one has none), each volume the mask's own voxel
+    count times its voxel volume; ``statistics.csv`` holds the same volumes in long format."""
+    with (output / VOLUMES_TABLE).open() as table:
+        rows = list(csv.DictReader(table))
+    assert [row["case"] for row in rows] == list(expected)  # report order; d_broken failed and has no row
+    with (output / STATISTICS_TABLE).open() as table:
+        long = {(row["case"], row["structure"], row["statistic"]): row["value"] for row in csv.DictReader(table)}
+    for row in rows:
+        for organ in ("liver", "spleen"):
+            mask = nib.load(output / row["case"] / f"{organ}.nii.gz")
+            voxel_ml = abs(np.linalg.det(mask.affine[:3, :3])) / 1000.0
+            assert float(row[organ]) == pytest.approx(np.asarray(mask.dataobj).sum() * voxel_ml, abs=2e-3)
+            assert float(long[(row["case"], organ, "volume_ml")]) == float(row[organ])
+            assert (row["case"], organ, "bbox_min_ras_mm_z") in long
+
+
 def test_folder_run_reports_the_bad_case_and_resumes(triton_server: TritonServer, tmp_path: Path) -> None:
     expected = make_cases(tmp_path / "cases")
     output = tmp_path / "out"
@@ -76,9 +95,11 @@ def test_folder_run_reports_the_bad_case_and_resumes(triton_server: TritonServer
             assert image.shape == volume.shape, name
             np.testing.assert_allclose(image.affine, volume.affine, atol=1e-4, err_msg=name)
     assert not (output / WORK_FOLDER).exists()
+    check_volumes_table(output, expected)
     assert sat_client(command) == 1
     again = json.loads((output / REPORT_FILE).read_text())
     assert again["summary"] == {"done": 0, "skipped": 4, "failed": 1, "pending": 0}
+    check_volumes_table(output, expected)  # a rerun that skips every finished case still writes the whole table
     segs = tmp_path / "segs"
     assert sat_client([*command[:3], str(segs), *command[4:], "--output-type", "dicom_seg"]) == 1
     report = json.loads((segs / REPORT_FILE).read_text())

@@ -28,12 +28,14 @@ INTENSITY_PERCENTILES: dict[str, float] = {"intensity_p5": 5.0, "intensity_media
 StructureStatistics = dict[str, int | float | bool | list[float] | None]
 """One structure's entry in ``statistics.json`` (see :func:`mask_statistics`)."""
 
+WORLD_POINT_FIELDS = ("bbox_min_ras_mm", "bbox_max_ras_mm")
+"""The fields that are an ``[x, y, z]`` RAS+ point in mm (``None`` for an empty mask)."""
+
 EMPTY_FIELDS: tuple[str, ...] = (
     "intensity_mean",
     "intensity_std",
     *INTENSITY_PERCENTILES,
-    "bbox_min_ras_mm",
-    "bbox_max_ras_mm",
+    *WORLD_POINT_FIELDS,
     "touches_fov_edge",
 )
 """The fields that are ``None`` (JSON null) for an empty mask: they have no value, not a NaN."""
