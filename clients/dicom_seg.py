@@ -25,6 +25,22 @@ SERIES_DESCRIPTION = "SAT AI segmentation - not for clinical use"
 PRIVATE_SCHEME = "99SATSEG"
 """Coding scheme of terms DICOM's own code dictionary has no concept for (the term itself is the meaning)."""
 SERIES_NUMBER = 9901
+SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+"""The UIDs every DICOM result references its source by (anonymised series sometimes have them empty)."""
+
+
+def missing_uid(dataset: pydicom.Dataset) -> str:
+    """The first of :data:`SOURCE_UIDS` that ``dataset`` has absent or empty, or ``""``."""
+    return next((name for name in SOURCE_UIDS if not str(dataset.get(name, "")).strip()), "")
+
+
+def empty_uid_reason(name: str) -> str:
+    """Why a source whose ``name`` UID is empty gets no DICOM result: the one answer of every path (the node,
+    ``sat-client``, :class:`~satseg_clients.SATClient`); a NIfTI result needs no UID and is still made."""
+    return (
+        f"its {name} is empty; a PACS cannot file it and no SEG could reference it (give the series its UIDs, "
+        "e.g. in the anonymiser, and send it again; NIfTI output needs none)"
+    )
 
 
 def _highdicom() -> Any:
@@ -100,6 +116,11 @@ def write_dicom_seg(
 
     highdicom = _highdicom()
     sources = [pydicom.dcmread(file) for file, _ in sorted_series_headers(series_folder)]
+    for number, source in enumerate(sources, 1):
+        if missing := missing_uid(source):
+            raise SatInputError(
+                f"no DICOM SEG for this series: slice {number} of {len(sources)}: " + empty_uid_reason(missing)
+            )
     if masks.shape[1:] != (sources[0].Columns, sources[0].Rows, len(sources)):
         raise SatInputError(f"masks {list(masks.shape[1:])} do not lie on the source series' grid")
     fill_slice_thickness(sources)

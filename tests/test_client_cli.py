@@ -18,6 +18,7 @@ import pytest
 from dicom_series import write_series
 from served import phantom
 
+from satseg.errors import SatInputError
 from satseg.geometry import Volume, load_volume
 from satseg.geometry.io import sorted_series_headers
 from satseg.outputs import WARNINGS_KEY, write_nifti
@@ -133,10 +134,32 @@ def test_a_killed_run_loses_and_duplicates_nothing(triton_server: TritonServer, 
     skipped = {case["output"] for case in report["cases"] if case["status"] == "skipped"}
     done = {case["output"] for case in report["cases"] if case["status"] == "done"}
     assert skipped == finished_before and skipped | done == {f"case{seed}" for seed in range(4)}
-    assert sorted(path.name for path in output.iterdir()) == ["case0", "case1", "case2", "case3", REPORT_FILE]
+    files = [REPORT_FILE, STATISTICS_TABLE, VOLUMES_TABLE]
+    assert sorted(path.name for path in output.iterdir()) == ["case0", "case1", "case2", "case3", *files]
     for seed in range(4):
         for organ in ("liver", "spleen"):
             assert nib.load(output / f"case{seed}" / f"{organ}.nii.gz").shape == (44, 40, 22)
+
+
+@pytest.mark.parametrize("emptied", [("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"), ("SOPInstanceUID",)])
+def test_a_series_with_empty_uids_is_read_but_gets_no_dicom_seg(tmp_path: Path, emptied: tuple[str, ...]) -> None:
+    """Anonymised series with empty UIDs (the TotalSegmentator example series is one): the volume reads (NIfTI
+    output needs no UID), the SEG is refused in one line naming the empty UID, never a bare KeyError."""
+    pytest.importorskip("highdicom")
+    series = tmp_path / "series"
+    write_series(series, phantom(seed=15, shape=(20, 18, 6)).array, pixel_spacing=(6.0, 6.0), slice_gap=8.0)
+    for path in series.iterdir():
+        dataset = pydicom.dcmread(path)
+        for name in emptied:
+            setattr(dataset, name, "")
+        dataset.save_as(path)
+    volume = load_volume(series)
+    masks = np.ones((1, *volume.shape), np.uint8)
+    with pytest.raises(SatInputError) as refused:
+        write_dicom_seg(masks, ["liver"], series, tmp_path / "seg.dcm")
+    message = str(refused.value)
+    assert len(message.splitlines()) == 1 and f"its {emptied[0]} is empty" in message
+    assert not (tmp_path / "seg.dcm").exists()
 
 
 def test_dicom_seg_segments_overlay_the_source_slices(tmp_path: Path) -> None:

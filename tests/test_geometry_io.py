@@ -204,6 +204,16 @@ def test_dicom_two_series(tmp_path: Path) -> None:
     assert "holds 2 DICOM series" in _error(load_volume, tmp_path)
 
 
+def test_a_series_mixing_two_frames_of_reference_is_refused(tmp_path: Path) -> None:
+    write_series(tmp_path, distinct_hu((4, 4, 4)))
+    moved = sorted(tmp_path.iterdir())[0]
+    dataset = pydicom.dcmread(moved)
+    dataset.FrameOfReferenceUID = pydicom.uid.generate_uid()
+    dataset.save_as(moved)
+    message = _error(load_volume, tmp_path)
+    assert "lie in 2 frames of reference" in message and len(message.splitlines()) == 1
+
+
 def test_folder_without_slices(tmp_path: Path) -> None:
     (tmp_path / "DICOMDIR").write_bytes(b"\0" * 10)
     assert "no DICOM image slices" in _error(load_volume, tmp_path)

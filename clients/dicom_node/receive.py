@@ -17,6 +17,7 @@ import pydicom
 from satseg.atomic import write_bytes_atomically
 from satseg_clients.dicom_node.config import DicomWeb, Receive
 from satseg_clients.dicom_node.jobs import COMPLETE, RECEIVED, JobStore, job_id, uid_hash
+from satseg_clients.dicom_seg import empty_uid_reason, missing_uid
 
 logger = logging.getLogger("sat-dicom-node")
 
@@ -36,18 +37,12 @@ STORAGE_SOP_CLASSES = (
 )
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 """C-STORE statuses (PS3.4 GG.4): success, refused for its size, refused as unusable."""
-UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 NOT_IMAGE_MODALITIES = frozenset({"SEG", "SR", "RTSTRUCT", "RTPLAN", "RTDOSE", "PR", "KO", "DOC", "REG", "OT"})
 """Modalities a DICOMweb series is skipped for without pulling it (the node's own SEG results among them)."""
 
 
 def instance_path(incoming: Path, identifier: str, instance_uid: str) -> Path:
     return incoming / identifier / f"{uid_hash(instance_uid)}.dcm"
-
-
-def missing_uid(dataset: pydicom.Dataset) -> str:
-    """The first of the Study, Series and SOP Instance UIDs that is absent or empty, or ""."""
-    return next((name for name in UIDS if not str(dataset.get(name, "")).strip()), "")
 
 
 def keep_instance(
@@ -58,7 +53,9 @@ def keep_instance(
     The file goes to disk before the database row, so a row always has its file; an instance of a job that is
     past receiving is dropped (logged), which is how a resent series is not segmented twice.
     """
-    series, study, instance = (str(dataset.get(name)) for name in ("SeriesInstanceUID", "StudyInstanceUID", UIDS[2]))
+    series, study, instance = (
+        str(dataset.get(name)) for name in ("SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID")
+    )
     identifier = job_id(series)
     job = store.get(identifier)
     if job is not None and job.state not in (RECEIVED, COMPLETE):
@@ -118,12 +115,7 @@ def handle_store(event: Any, config: Receive, store: JobStore, incoming: Path, v
         return CANNOT_UNDERSTAND
     missing = missing_uid(dataset)
     if missing:
-        logger.warning(
-            "refused an instance from %s: its %s is empty; a PACS cannot file it and no SEG could reference it "
-            "(give the series UIDs, e.g. in the anonymiser, and send it again)",
-            calling,
-            missing,
-        )
+        logger.warning("refused an instance from %s: %s", calling, empty_uid_reason(missing))
         return CANNOT_UNDERSTAND
     identifier = keep_instance(store, incoming, dataset, event.encoded_dataset(), f"dimse:{calling}")
     if verbose:

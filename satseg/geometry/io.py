@@ -214,7 +214,8 @@ def sorted_series_headers(folder: str | os.PathLike[str]) -> list[tuple[Path, py
     :func:`load_dicom_series`): sorted along the slice normal (row cosine x column cosine).
 
     Raises:
-        SatInputError: no image slices, several series, multi-frame files, or slices of different size or plane.
+        SatInputError: no image slices, several series or frames of reference, multi-frame files, or slices of
+            different size or plane.
     """
     folder = Path(folder)
     headers = _read_dicom_headers(folder)
@@ -225,6 +226,11 @@ def sorted_series_headers(folder: str | os.PathLike[str]) -> list[tuple[Path, py
     series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in headers}
     if len(series) > 1:
         raise SatInputError(f"folder {folder} holds {len(series)} DICOM series; put each series in its own folder")
+    frames = {str(ds.get("FrameOfReferenceUID", "")) for _, ds in headers}
+    if len(frames) > 1:  # positions in two frames of reference cannot be put on one grid
+        raise SatInputError(
+            f"the slices of folder {folder} lie in {len(frames)} frames of reference; one series needs one"
+        )
     if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for _, ds in headers):
         raise SatInputError(
             "multi-frame (enhanced) DICOM is not supported; convert it to NIfTI first (e.g. with dcm2niix)"
