@@ -19,11 +19,20 @@ from satseg_clients.sat_client import (
     SHARED_MEMORY_MODES,
     SATClient,
     ServerUnavailable,
+    parse_output_types,
 )
 from satseg_clients.tables import STATISTICS_TABLE, VOLUMES_TABLE
 from satseg_clients.tasks import load_tasks, task
 
 PROG = "sat-client"
+
+
+def output_types_argument(text: str) -> str:
+    """``--output-type``: the types named, in their canonical order, comma-joined (what ``case.json`` records)."""
+    try:
+        return ",".join(parse_output_types(text))
+    except SatInputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def epilog() -> str:
@@ -32,12 +41,14 @@ def epilog() -> str:
   sat-client -i ct.nii.gz -o out/ --prompts "liver,spleen,left kidney" --statistics --preview
   sat-client -i cases/ -o out/ --task abdomen_organs --jobs 2          # a folder: one sub-folder per case
   sat-client -i series/ -o out/ --task brain_structures --output-type dicom_seg --url pacs-ai:8001
+  sat-client -i series/ -o out/ --task abdomen_organs --output-type nifti,dicom_seg,rtstruct
 
 input (-i): a .nii/.nii.gz file, a folder holding one DICOM series, a .zip of one, or a folder of those.
 outputs per case (in OUT/<case>/, on the input's grid with its affine):
   <term>.nii.gz or labelmap.nii.gz (--ml), labels.json, statistics.json (--statistics),
-  preview.png (--preview), segmentation.dcm (--output-type dicom_seg), case.json (written last)
-OUT/run_report.json lists every case: status, error, timings, size, server version and model.
+  preview.png (--preview), segmentation.dcm (dicom_seg), rtstruct.dcm (rtstruct), case.json (last)
+OUT/run_report.json lists every case: status, error, timings, size, server version and model;
+OUT/volumes.csv (a row per case, a column per structure, mL) and OUT/statistics.csv (long format).
 
 A run is resumable: a case is skipped only when its folder is complete for the same request, the
 same input (size, mtime and a hash of its first and last MiB; for DICOM, of every file's header)
@@ -69,7 +80,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ml", action="store_true", help="one merged label map instead of a mask per structure")
     parser.add_argument("--statistics", action="store_true", help="statistics.json: mL and voxels per structure")
     parser.add_argument("--preview", action="store_true", help="preview.png: three slices with coloured overlays")
-    parser.add_argument("--output-type", choices=OUTPUT_TYPES, default="nifti", help="default nifti")
+    parser.add_argument(
+        "--output-type",
+        type=output_types_argument,
+        default="nifti",
+        help=f"one or more of {', '.join(OUTPUT_TYPES)}, comma-separated, each written from the same result "
+        "(default nifti); the DICOM ones need a DICOM source series",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="cases in flight at once (default 1)")
     parser.add_argument(
         "--shard",

@@ -43,6 +43,21 @@ def empty_uid_reason(name: str) -> str:
     )
 
 
+def source_slices(series_folder: Path, masks: np.ndarray, output: str) -> list[pydicom.Dataset]:
+    """The source series' slices in the volume's slice order (:func:`sorted_series_headers`), refused in one line
+    where a UID a DICOM result must reference is empty, or where ``masks`` (``[N, I, J, K]``) are not on their
+    grid; ``output`` names the result in that line."""
+    sources = [pydicom.dcmread(file) for file, _ in sorted_series_headers(series_folder)]
+    for number, source in enumerate(sources, 1):
+        if missing := missing_uid(source):
+            raise SatInputError(
+                f"no {output} for this series: slice {number} of {len(sources)}: " + empty_uid_reason(missing)
+            )
+    if masks.shape[1:] != (sources[0].Columns, sources[0].Rows, len(sources)):
+        raise SatInputError(f"masks {list(masks.shape[1:])} do not lie on the source series' grid")
+    return sources
+
+
 def _highdicom() -> Any:
     try:
         import highdicom
@@ -82,12 +97,14 @@ def fill_slice_thickness(sources: Sequence[pydicom.Dataset]) -> None:
             ds.SliceThickness = spacing
 
 
-def result_uids(source_series_uid: str, model: str) -> tuple[str, str]:
-    """The SEG's series and SOP instance UIDs for one source series and one model: the same every time, so a
-    result sent twice (a crash between sending and recording it) is one instance to the PACS."""
+def result_uids(source_series_uid: str, model: str, output: str = "dicom_seg") -> tuple[str, str]:
+    """The series and SOP instance UIDs of one ``output`` (``dicom_seg`` or ``rtstruct``) for one source series
+    and one model: the same every time, so a result sent twice (a crash between sending and recording it) is one
+    instance to the PACS."""
     from pydicom.uid import generate_uid
 
-    series, instance = (generate_uid(entropy_srcs=[source_series_uid, model, part]) for part in ("series", "instance"))
+    parts = ("series", "instance") if output == "dicom_seg" else (f"{output} series", f"{output} instance")
+    series, instance = (generate_uid(entropy_srcs=[source_series_uid, model, part]) for part in parts)
     return series, instance
 
 
@@ -115,14 +132,7 @@ def write_dicom_seg(
     from pydicom.sr.codedict import codes
 
     highdicom = _highdicom()
-    sources = [pydicom.dcmread(file) for file, _ in sorted_series_headers(series_folder)]
-    for number, source in enumerate(sources, 1):
-        if missing := missing_uid(source):
-            raise SatInputError(
-                f"no DICOM SEG for this series: slice {number} of {len(sources)}: " + empty_uid_reason(missing)
-            )
-    if masks.shape[1:] != (sources[0].Columns, sources[0].Rows, len(sources)):
-        raise SatInputError(f"masks {list(masks.shape[1:])} do not lie on the source series' grid")
+    sources = source_slices(series_folder, masks, "DICOM SEG")
     fill_slice_thickness(sources)
     algorithm = highdicom.AlgorithmIdentificationSequence(
         name="SAT",

@@ -30,7 +30,14 @@ from satseg.geometry.volume import choose_modality
 from satseg.outputs import WARNINGS_KEY, write_json
 from satseg.outputs.run_folder import refuse_existing_file, swap_into_place
 from satseg_clients.cases import Case, discover_cases, opened_case, source_identity
-from satseg_clients.sat_client import SATClient, Segmentation, ServerUnavailable
+from satseg_clients.sat_client import (
+    DICOM_OUTPUTS,
+    SATClient,
+    Segmentation,
+    ServerUnavailable,
+    needs_series,
+    parse_output_types,
+)
 from satseg_clients.tables import (
     STATISTICS_TABLE,
     VOLUMES_TABLE,
@@ -100,9 +107,14 @@ class RunRequest:
         return json.loads(json.dumps(asdict(self)))
 
     @property
+    def dicom_outputs(self) -> list[str]:
+        """The DICOM output types asked for (each needs a DICOM source series)."""
+        return [kind for kind in parse_output_types(self.output_type) if kind in DICOM_OUTPUTS]
+
+    @property
     def server_output(self) -> str:
         """What to ask the server for: masks for files per structure, the label map for ``--ml`` and previews."""
-        wants_masks = not self.ml or self.output_type == "dicom_seg"
+        wants_masks = not self.ml or bool(self.dicom_outputs)
         wants_labelmap = self.ml or self.preview
         if wants_masks and wants_labelmap:
             return contract.OUTPUT_BOTH
@@ -231,8 +243,8 @@ def run_case(
         with opened_case(case, work) as (volume, series):
             report.shape = list(volume.shape)
             report.seconds["load"] = round(time.perf_counter() - started, 3)
-            if request.output_type == "dicom_seg" and series is None:
-                raise SatInputError("DICOM SEG output needs a DICOM source series; this case is NIfTI")
+            if request.dicom_outputs and series is None:
+                raise SatInputError(f"{needs_series(request.dicom_outputs)}; this case is NIfTI")
             modality = choose_modality(request.modality, volume.modality)
             sent = time.perf_counter()
             segmentation = client.segment(volume, request.prompts, modality, output=request.server_output)

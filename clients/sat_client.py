@@ -28,10 +28,14 @@ from satseg.outputs import OutputOptions, SegmentationResult, write_result
 from satseg.spec import ModelSpec
 from satseg.text import check_prompts
 from satseg_clients.dicom_seg import SEG_FILE, write_dicom_seg
+from satseg_clients.rtstruct import RTSTRUCT_FILE, write_rtstruct
 from satseg_clients.shared_memory import Placement, placements, read_output, request_region
 
 PROTOCOLS = ("grpc", "http")
-OUTPUT_TYPES = ("nifti", "dicom_seg")
+DICOM_WRITERS = {"dicom_seg": (write_dicom_seg, SEG_FILE), "rtstruct": (write_rtstruct, RTSTRUCT_FILE)}
+DICOM_OUTPUTS = {"dicom_seg": "DICOM SEG", "rtstruct": "RT Structure Set"}
+"""The DICOM output types, by what they are called in messages; each references its source series."""
+OUTPUT_TYPES = ("nifti", *DICOM_OUTPUTS)
 DEFAULT_PORTS = {"grpc": contract.DEFAULT_GRPC_PORT, "http": contract.DEFAULT_HTTP_PORT}
 DEFAULT_RETRY_BUDGET_S = 60.0
 """How long a request keeps being retried after its first failure: longer than a server restart (about 18 s on
@@ -119,7 +123,7 @@ class Segmentation:
         ml: bool | None = None,
         statistics: bool = True,
         preview: bool = False,
-        output_type: str = "nifti",
+        output_type: str | Sequence[str] = "nifti",
         source_series: Path | None = None,
     ) -> list[Path]:
         """Write the outputs on the input grid (atomically) and return their paths.
@@ -129,20 +133,22 @@ class Segmentation:
                 ``None``: whatever this result holds.
             statistics: also ``statistics.json`` (the server's statistics per structure, and the warnings).
             preview: also ``preview.png`` (needs the label map).
-            output_type: ``"nifti"`` or ``"dicom_seg"`` (``segmentation.dcm``, one segment per mask, referencing
-                the source series).
+            output_type: one or more of :data:`OUTPUT_TYPES` (``"nifti,dicom_seg,rtstruct"`` or a list), each
+                written from this one result: ``nifti`` (the masks or label map), ``dicom_seg``
+                (``segmentation.dcm``, one segment per mask) and ``rtstruct`` (``rtstruct.dcm``, one ROI per
+                mask), the last two referencing the source series.
             source_series: the DICOM series folder the volume came from (default: the one segmented, if any).
         """
-        if output_type not in OUTPUT_TYPES:
-            raise SatInputError(f"output type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
+        types = parse_output_types(output_type)
+        dicom = [kind for kind in types if kind in DICOM_OUTPUTS]
         if ml is True and self.labelmap is None:
             raise SatInputError('this result holds no label map: segment with output="labelmap" or "both"')
-        if (ml is False or output_type == "dicom_seg") and self.masks is None:
+        if (ml is False or dicom) and self.masks is None:
             raise SatInputError('this result holds no masks: segment with output="masks" or "both"')
         if preview and self.labelmap is None:
             raise SatInputError('a preview needs the label map: segment with output="labelmap" or "both"')
         folder = Path(output_dir)
-        nifti = output_type == "nifti"
+        nifti = "nifti" in types
         options = OutputOptions(
             masks=nifti and ml is not True and self.masks is not None,
             merged_labelmap=nifti and ml is not False and self.labelmap is not None,
@@ -150,15 +156,35 @@ class Segmentation:
             preview=preview,
             modality=self.volume.modality,
         )
-        if nifti:
-            return write_result(self.volume, self.result, folder, options)
         series = source_series or self.source_series
-        if series is None:
-            raise SatInputError("DICOM SEG output needs the source DICOM series; this volume did not come from one")
-        folder.mkdir(parents=True, exist_ok=True)
-        assert self.masks is not None  # checked above
-        segmentation = write_dicom_seg(self.masks, self.labels, series, folder / SEG_FILE, model=self.model)
-        return [segmentation, *write_result(self.volume, self.result, folder, options)]
+        if dicom and series is None:
+            raise SatInputError(f"{needs_series(dicom)}; this volume did not come from one")
+        written = []
+        if dicom:
+            folder.mkdir(parents=True, exist_ok=True)
+        for kind in dicom:
+            assert self.masks is not None and series is not None  # checked above
+            writer, name = DICOM_WRITERS[kind]
+            written.append(writer(self.masks, self.labels, series, folder / name, model=self.model))
+        return [*written, *write_result(self.volume, self.result, folder, options)]
+
+
+def parse_output_types(requested: str | Sequence[str]) -> tuple[str, ...]:
+    """``"nifti,dicom_seg"`` (or a list of names) -> those output types in :data:`OUTPUT_TYPES`' order, each
+    once; an unknown or empty one is refused."""
+    names = [name.strip().lower() for name in (requested.split(",") if isinstance(requested, str) else requested)]
+    unknown = [name for name in names if name not in OUTPUT_TYPES]
+    if unknown or not names:
+        raise SatInputError(
+            f"output type {','.join(unknown) or '(none)'!r} is not accepted; use one or more of "
+            f"{', '.join(OUTPUT_TYPES)}, e.g. nifti,dicom_seg"
+        )
+    return tuple(kind for kind in OUTPUT_TYPES if kind in names)
+
+
+def needs_series(dicom: Sequence[str]) -> str:
+    """The reason DICOM outputs cannot be written without a source series."""
+    return f"{' and '.join(DICOM_OUTPUTS[kind] for kind in dicom)} output needs the source DICOM series"
 
 
 class SATClient:

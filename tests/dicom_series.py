@@ -32,18 +32,25 @@ def write_series(
     modality: str = "CT",
     pixel_spacing: tuple[float, float] = PIXEL_SPACING,
     slice_gap: float = SLICE_GAP,
+    orientation: tuple[np.ndarray, np.ndarray] = (ROW_COSINE, COL_COSINE),
+    shuffled_instances: bool = False,
 ) -> None:
     """Single-frame DICOM files of ``hu`` [I=Columns, J=Rows, K] under random names, in random order.
 
-    The patient, study and frame-of-reference tags are there too, as a DICOM SEG of the series needs them.
+    Slice ``k`` lies at ``ORIGIN + k * slice_gap * (row x column cosine)`` (a negative gap runs against the
+    normal); ``orientation`` is the (row, column) direction cosines; ``shuffled_instances`` gives the slices
+    instance numbers that do not follow their position. The patient, study and frame-of-reference tags are
+    there too, as a DICOM SEG of the series needs them.
     """
     folder.mkdir(exist_ok=True)
     series_uid = series_uid or generate_uid()
     study_uid, frame_of_reference = generate_uid(), generate_uid()
-    normal = np.cross(ROW_COSINE, COL_COSINE)
+    row_cosine, column_cosine = (np.asarray(cosine, dtype=np.float64) for cosine in orientation)
+    normal = np.cross(row_cosine, column_cosine)
     stored = np.round((hu - intercept) / slope).astype(np.uint16)
     order = list(range(hu.shape[2])) if slices is None else slices
     random.Random(len(order)).shuffle(order)
+    numbers = {k: (order.index(k) if shuffled_instances else k) + 1 for k in order}
     for k in order:
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
@@ -52,8 +59,8 @@ def write_series(
         ds = pydicom.Dataset()
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = modality, series_uid, k + 1
-        ds.ImageOrientationPatient = [*ROW_COSINE, *COL_COSINE]
+        ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = modality, series_uid, numbers[k]
+        ds.ImageOrientationPatient = [*row_cosine, *column_cosine]
         ds.ImagePositionPatient = list(ORIGIN + k * slice_gap * normal)
         ds.PixelSpacing = list(pixel_spacing)
         ds.StudyInstanceUID, ds.FrameOfReferenceUID, ds.SeriesNumber = study_uid, frame_of_reference, 1

@@ -19,9 +19,11 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+from dicom_readers import dice, read_series, rtstruct_masks, seg_masks
 from dicom_series import write_series
 from served import phantom
 
+from satseg.geometry import load_volume
 from satseg.geometry.io import sorted_series_headers
 from satseg.server.triton import ServerPorts, TritonServer, free_ports
 from satseg_clients.dicom_node.config import NodeConfig, from_document
@@ -122,6 +124,31 @@ def segs_of(orthanc: Orthanc, source: str) -> list[pydicom.Dataset]:
     return found
 
 
+def rtstructs_of(orthanc: Orthanc, source: str) -> list[pydicom.Dataset]:
+    """The RT Structure Sets in Orthanc whose contours lie on the source series ``source``."""
+    found = []
+    for series in orthanc.series_of_modality("RTSTRUCT"):
+        for instance in series["Instances"]:
+            rtstruct = pydicom.dcmread(io.BytesIO(orthanc.instance_file(instance)))
+            study = rtstruct.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
+            if study.RTReferencedSeriesSequence[0].SeriesInstanceUID == source:
+                found.append(rtstruct)
+    return found
+
+
+def check_rtstruct(rtstruct: pydicom.Dataset, seg: pydicom.Dataset, folder: Path) -> None:
+    """The RTSTRUCT sits in the source study beside the SEG, and its contours fill the SEG's segments (read back
+    by readers we did not write, in world coordinates)."""
+    source = sorted_series_headers(folder)[0][1]
+    assert rtstruct.StudyInstanceUID == seg.StudyInstanceUID == source.StudyInstanceUID
+    assert [str(roi.ROIName) for roi in rtstruct.StructureSetROISequence] == list(task(TASK).prompts)
+    volume = load_volume(folder)
+    masks = seg_masks(seg, volume)
+    filled = rtstruct_masks(rtstruct, read_series(folder), volume)
+    for name, mask in zip(task(TASK).prompts, masks, strict=True):
+        assert dice(filled[name], mask) >= 0.95, name
+
+
 def check_seg(seg: pydicom.Dataset, folder: Path, triton_url: str) -> None:
     """The SEG references the series, has one segment per prompt, carries the model's hash and equals the masks
     ``sat-client`` gets for the same series."""
@@ -147,7 +174,7 @@ def test_a_series_c_stored_by_orthanc_comes_back_as_one_seg_of_its_masks(
     orthanc, node_port = orthanc_and_port
     folder = ct_series(tmp_path / "ct", seed=31)
     [metrics_port] = free_ports(1)
-    document = node_document(tmp_path / "node", orthanc, node_port, triton_server.grpc_url)
+    document = node_document(tmp_path / "node", orthanc, node_port, triton_server.grpc_url, send={"rtstruct": True})
     config = from_document({**document, "metrics_port": metrics_port}, tmp_path)
     caplog.set_level(logging.DEBUG)
     node = RunningNode(config)
@@ -163,6 +190,8 @@ def test_a_series_c_stored_by_orthanc_comes_back_as_one_seg_of_its_masks(
     assert series_uid(folder) not in metrics
     [seg] = segs_of(orthanc, series_uid(folder))
     check_seg(seg, folder, triton_server.grpc_url)
+    [rtstruct] = rtstructs_of(orthanc, series_uid(folder))
+    check_rtstruct(rtstruct, seg, folder)
     assert not (tmp_path / "node" / "incoming" / job_id(series_uid(folder))).exists()  # retention: sent, deleted
     logged = caplog.text
     assert PATIENT_NAME not in logged and "PHANTOM-1" not in logged

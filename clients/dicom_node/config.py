@@ -99,7 +99,8 @@ class Segment:
 
 @dataclass(frozen=True)
 class Send:
-    """Where results go: C-STORE to a DICOM AE (``kind = "dimse"``) or STOW-RS to DICOMweb."""
+    """Where results go: C-STORE to a DICOM AE (``kind = "dimse"``) or STOW-RS to DICOMweb. The DICOM SEG always
+    goes; ``rtstruct`` also sends an RT Structure Set of the same result (for radiotherapy systems)."""
 
     kind: str = "dimse"
     ae_title: str = "ORTHANC"
@@ -107,6 +108,7 @@ class Send:
     port: int = 4242
     tls: Tls | None = None
     dicomweb: DicomWeb | None = None
+    rtstruct: bool = False
 
 
 @dataclass(frozen=True)
@@ -220,6 +222,8 @@ def check(config: NodeConfig) -> None:
 
     if config.send.kind not in SEND_KINDS:
         raise SatInputError(f"[send] kind {config.send.kind!r} is not one of {', '.join(SEND_KINDS)}")
+    if not isinstance(config.send.rtstruct, bool):
+        raise SatInputError(f"[send] rtstruct {config.send.rtstruct!r} is not accepted; it must be true or false")
     if config.send.kind == "dicomweb" and config.send.dicomweb is None:
         raise SatInputError('[send] kind = "dicomweb" needs a [send.dicomweb] table with its url')
     if config.jobs.retention not in RETENTIONS:

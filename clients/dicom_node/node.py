@@ -24,6 +24,7 @@ from satseg_clients.dicom_node.receive import dicomweb_client, pull_new_series, 
 from satseg_clients.dicom_node.routing import route
 from satseg_clients.dicom_node.send import DestinationRefused, DestinationUnreachable, send_result
 from satseg_clients.dicom_seg import SEG_FILE, result_uids, write_dicom_seg
+from satseg_clients.rtstruct import RTSTRUCT_FILE, write_rtstruct
 from satseg_clients.sat_client import SATClient, ServerUnavailable, backoff_delay
 from satseg_clients.tasks import task
 
@@ -128,6 +129,17 @@ class Node:
                 series_uid=series_uid,
                 instance_uid=instance_uid,
             )
+            if self.config.send.rtstruct:
+                series_uid, instance_uid = result_uids(job.series_uid, segmentation.model, "rtstruct")
+                write_rtstruct(
+                    segmentation.masks,
+                    segmentation.labels,
+                    folder,
+                    result / RTSTRUCT_FILE,
+                    model=segmentation.model,
+                    series_uid=series_uid,
+                    instance_uid=instance_uid,
+                )
         except SatInputError as error:
             return self._park(job, short(error))
         except ServerUnavailable as error:
@@ -140,12 +152,14 @@ class Node:
 
     def send(self, job: Job) -> Job:
         assert job.model is not None  # set with SEGMENTED
-        path = self.results / job.id / SEG_FILE
+        results = [self.results / job.id / name for name in (SEG_FILE, RTSTRUCT_FILE)]
         if self.store.was_sent(job.series_uid, job.model):
             logger.info("job %s: already sent for this model; not sent again", job.id)
         else:
             try:
-                send_result(path, self.config.send, self.config.receive.ae_title)
+                for path in results:  # each has UIDs of its own that a resend repeats
+                    if path.is_file():
+                        send_result(path, self.config.send, self.config.receive.ae_title)
             except DestinationUnreachable as error:
                 return self._wait(job, SEGMENTED, short(error))
             except (DestinationRefused, OSError) as error:

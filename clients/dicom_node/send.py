@@ -34,10 +34,9 @@ def send_result(path: Path, destination: Send, calling_ae_title: str) -> None:
 
 def c_store(path: Path, destination: Send, calling_ae_title: str) -> None:
     from pynetdicom import AE
-    from pynetdicom.sop_class import SegmentationStorage
 
     ae = AE(ae_title=calling_ae_title)
-    ae.add_requested_context(SegmentationStorage)
+    ae.add_requested_context(pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID)  # a SEG or an RTSTRUCT
     tls = None
     if destination.tls is not None:
         import ssl

@@ -191,6 +191,13 @@ def _display_window(views: tuple[PreviewView, ...]) -> tuple[float, float]:
     return (low, high) if high > low else (low, low + 1.0)
 
 
+def qualitative_palette() -> list[tuple[float, float, float]]:
+    """60 distinct RGB colours in [0, 1]: matplotlib's tab20, tab20b and tab20c, each hue's darker shades first."""
+    shades = [colormaps["tab20"].colors[start::2] for start in (0, 1)]
+    shades += [colormaps[name].colors[start::4] for name in ("tab20b", "tab20c") for start in (0, 2, 1, 3)]
+    return [tuple(float(c) for c in colour[:3]) for group in shades for colour in group]  # type: ignore[misc]
+
+
 def _label_colours(labels: Mapping[int, str]) -> dict[int, tuple[float, float, float]]:
     """A distinct RGB per label value, fixed by the value's rank among all label values.
 
@@ -198,9 +205,7 @@ def _label_colours(labels: Mapping[int, str]) -> dict[int, tuple[float, float, f
     tab20b and tab20c, each hue's darker shades first, give 60 colours; beyond that, turbo.
     """
     values = sorted(labels)
-    shades = [colormaps["tab20"].colors[start::2] for start in (0, 1)]
-    shades += [colormaps[name].colors[start::4] for name in ("tab20b", "tab20c") for start in (0, 2, 1, 3)]
-    palette = [colour for group in shades for colour in group]
+    palette = qualitative_palette()
     if len(values) > len(palette):
         palette = list(colormaps["turbo"](np.linspace(0.0, 1.0, len(values))))
     return {value: tuple(float(c) for c in palette[rank][:3]) for rank, value in enumerate(values)}
