@@ -151,6 +151,8 @@ def write_rtstruct(
     ds.StructureSetLabel = "SAT AI"
     ds.StructureSetDescription = "AI-generated (SAT) - not for clinical use"
     frame_of_reference = first.FrameOfReferenceUID
+    ds.FrameOfReferenceUID = frame_of_reference  # the Frame of Reference module the IOD now includes
+    ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
     series = _item(SeriesInstanceUID=first.SeriesInstanceUID, ContourImageSequence=[_reference(s) for s in sources])
     study = _item(
         ReferencedSOPClassUID=STUDY_COMPONENT_CLASS,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,22 @@ def demo_reference(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from satseg.pipeline import Segmenter
 
     return Segmenter.from_checkpoint(DEMO_CHECKPOINT, cache_dir=tmp_path_factory.mktemp("embeddings"))
+
+
+@pytest.fixture(scope="session")
+def dciodvfy() -> str:
+    """David Clunie's DICOM validator (Debian's dicom3tools): installed here as root (CI), else skipped."""
+    from satseg_clients.dicom_node.orthanc import apt_install
+
+    if shutil.which("dciodvfy") is None and os.geteuid() == 0:
+        try:
+            apt_install(["dicom3tools"], "apt-get install dicom3tools")
+        except RuntimeError as error:
+            pytest.skip(str(error))
+    found = shutil.which("dciodvfy")
+    if found is None:
+        pytest.skip("dciodvfy is not installed (apt-get install dicom3tools)")
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ A negative control mirrors a mask and shows that the check then fails.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,19 @@ def test_the_rtstruct_references_the_series_and_says_what_made_it(tmp_path: Path
         for roi, c in zip(again.StructureSetROISequence, again.ROIContourSequence, strict=True)
     }
     assert colours == colours_again, "a structure's colour depends on its name alone"
+
+
+@pytest.mark.parametrize("name", ["oblique", "sagittal"])
+def test_dciodvfy_finds_no_error_in_the_seg_or_the_rtstruct(tmp_path: Path, dciodvfy: str, name: str) -> None:
+    _, masks = series_and_masks(tmp_path / "series", VARIANTS[name])
+    written = [
+        write_dicom_seg(masks, LABELS, tmp_path / "series", tmp_path / "seg.dcm", model="f" * 64),
+        write_rtstruct(masks, LABELS, tmp_path / "series", tmp_path / "rt.dcm", model="f" * 64),
+    ]
+    for path in written:
+        report = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, check=False)
+        errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, f"{path.name}: {errors}"
 
 
 @pytest.mark.parametrize("name", ["axial", "rows_flipped", "shuffled_instance_numbers"])

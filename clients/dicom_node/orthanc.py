@@ -15,6 +15,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -47,22 +48,31 @@ def orthanc_available() -> str:
     return ""
 
 
+def apt_install(packages: Sequence[str], hint: str) -> None:
+    """``apt-get install`` ``packages`` as root, non-interactively; ``hint`` is the command a user would run.
+
+    Raises:
+        RuntimeError: not root, no apt-get, or apt failed (one line: its last output line).
+    """
+    if os.geteuid() != 0:
+        raise RuntimeError(f"installing {' '.join(packages)} needs root; run: sudo {hint}")
+    if shutil.which("apt-get") is None:
+        raise RuntimeError(f"no apt-get to install {' '.join(packages)} with; install it some other way ({hint})")
+    environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *packages]):
+        done = subprocess.run(command, env=environment, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit code {done.returncode}"]
+            raise RuntimeError(f"`{' '.join(command)}` failed: {lines[-1]}")
+
+
 def install_orthanc() -> None:
     """Install Orthanc and its DICOMweb plugin with apt (as root, non-interactively).
 
     Raises:
         RuntimeError: not root, no apt-get, or apt failed (one line: its last output line).
     """
-    if os.geteuid() != 0:
-        raise RuntimeError(f"installing Orthanc needs root; run: sudo {INSTALL_HINT}")
-    if shutil.which("apt-get") is None:
-        raise RuntimeError(f"no apt-get to install Orthanc with; install it some other way ({INSTALL_HINT})")
-    environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *PACKAGES]):
-        done = subprocess.run(command, env=environment, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit code {done.returncode}"]
-            raise RuntimeError(f"`{' '.join(command)}` failed: {lines[-1]}")
+    apt_install(PACKAGES, INSTALL_HINT)
     if reason := orthanc_available():
         raise RuntimeError(f"apt installed {' '.join(PACKAGES)} but still {reason}")
 
