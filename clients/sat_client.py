@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import pydicom
 
 from satseg import contract
 from satseg.errors import SatInputError, one_line
@@ -28,12 +29,13 @@ from satseg.outputs import OutputOptions, SegmentationResult, write_result
 from satseg.spec import ModelSpec
 from satseg.text import check_prompts
 from satseg_clients.dicom_seg import SEG_FILE, write_dicom_seg
+from satseg_clients.measurement_report import SR_FILE, write_measurement_report
 from satseg_clients.rtstruct import RTSTRUCT_FILE, write_rtstruct
 from satseg_clients.shared_memory import Placement, placements, read_output, request_region
 
 PROTOCOLS = ("grpc", "http")
 DICOM_WRITERS = {"dicom_seg": (write_dicom_seg, SEG_FILE), "rtstruct": (write_rtstruct, RTSTRUCT_FILE)}
-DICOM_OUTPUTS = {"dicom_seg": "DICOM SEG", "rtstruct": "RT Structure Set"}
+DICOM_OUTPUTS = {"dicom_seg": "DICOM SEG", "rtstruct": "RT Structure Set", "sr": "DICOM SR measurement report"}
 """The DICOM output types, by what they are called in messages; each references its source series."""
 OUTPUT_TYPES = ("nifti", *DICOM_OUTPUTS)
 DEFAULT_PORTS = {"grpc": contract.DEFAULT_GRPC_PORT, "http": contract.DEFAULT_HTTP_PORT}
@@ -133,10 +135,11 @@ class Segmentation:
                 ``None``: whatever this result holds.
             statistics: also ``statistics.json`` (the server's statistics per structure, and the warnings).
             preview: also ``preview.png`` (needs the label map).
-            output_type: one or more of :data:`OUTPUT_TYPES` (``"nifti,dicom_seg,rtstruct"`` or a list), each
+            output_type: one or more of :data:`OUTPUT_TYPES` (``"nifti,dicom_seg,rtstruct,sr"`` or a list), each
                 written from this one result: ``nifti`` (the masks or label map), ``dicom_seg``
-                (``segmentation.dcm``, one segment per mask) and ``rtstruct`` (``rtstruct.dcm``, one ROI per
-                mask), the last two referencing the source series.
+                (``segmentation.dcm``, one segment per mask), ``rtstruct`` (``rtstruct.dcm``, one ROI per mask)
+                and ``sr`` (``measurements.dcm``, each structure's volume and mean intensity, referencing the SEG's
+                segments), the DICOM ones referencing the source series.
             source_series: the DICOM series folder the volume came from (default: the one segmented, if any).
         """
         types = parse_output_types(output_type)
@@ -164,14 +167,21 @@ class Segmentation:
             folder.mkdir(parents=True, exist_ok=True)
         for kind in dicom:
             assert self.masks is not None and series is not None  # checked above
-            writer, name = DICOM_WRITERS[kind]
-            written.append(writer(self.masks, self.labels, series, folder / name, model=self.model))
+            if kind in DICOM_WRITERS:
+                writer, name = DICOM_WRITERS[kind]
+                written.append(writer(self.masks, self.labels, series, folder / name, model=self.model))
+        if "sr" in dicom:  # after the SEG, whose segments it reports on
+            seg = pydicom.dcmread(folder / SEG_FILE)
+            report = write_measurement_report(
+                seg, self.result.statistics, self.volume.modality or "", folder / SR_FILE, model=self.model
+            )
+            written.append(report)
         return [*written, *write_result(self.volume, self.result, folder, options)]
 
 
 def parse_output_types(requested: str | Sequence[str]) -> tuple[str, ...]:
     """``"nifti,dicom_seg"`` (or a list of names) -> those output types in :data:`OUTPUT_TYPES`' order, each
-    once; an unknown or empty one is refused."""
+    once; an unknown or empty one is refused, and so is ``sr`` without the ``dicom_seg`` it refers to."""
     names = [name.strip().lower() for name in (requested.split(",") if isinstance(requested, str) else requested)]
     unknown = [name for name in names if name not in OUTPUT_TYPES]
     if unknown or not names:
@@ -179,6 +189,8 @@ def parse_output_types(requested: str | Sequence[str]) -> tuple[str, ...]:
             f"output type {','.join(unknown) or '(none)'!r} is not accepted; use one or more of "
             f"{', '.join(OUTPUT_TYPES)}, e.g. nifti,dicom_seg"
         )
+    if "sr" in names and "dicom_seg" not in names:
+        raise SatInputError("output type sr reports on the DICOM SEG's segments; ask for dicom_seg,sr")
     return tuple(kind for kind in OUTPUT_TYPES if kind in names)
 
 

@@ -107,3 +107,32 @@ def rtstruct_masks(
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def sr_measurements(sr: pydicom.Dataset) -> dict[int, dict[str, object]]:
+    """Per referenced segment number of a TID 1500 report, read from its content tree with pydicom: the SEG and
+    source series it references and each numeric measurement as ``meaning: (value, UCUM unit)``."""
+    found: dict[int, dict[str, object]] = {}
+
+    def walk(items: pydicom.Sequence) -> None:
+        for item in items:
+            if item.ValueType == "CONTAINER" and "ContentSequence" in item:
+                group = {"measurements": {}}
+                for child in item.ContentSequence:
+                    meaning = child.ConceptNameCodeSequence[0].CodeMeaning
+                    if child.ValueType == "IMAGE":
+                        reference = child.ReferencedSOPSequence[0]
+                        group["seg"] = str(reference.ReferencedSOPInstanceUID)
+                        group["segment"] = int(reference.ReferencedSegmentNumber)
+                    elif child.ValueType == "UIDREF":
+                        group["source_series"] = str(child.UID)
+                    elif child.ValueType == "NUM":
+                        value = child.MeasuredValueSequence[0]
+                        unit = value.MeasurementUnitsCodeSequence[0].CodeValue
+                        group["measurements"][meaning] = (float(value.NumericValue), str(unit))
+                if "segment" in group:
+                    found[group["segment"]] = group
+                walk(item.ContentSequence)
+
+    walk(sr.ContentSequence)
+    return found

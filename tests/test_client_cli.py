@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from dicom_readers import dice, read_series, rtstruct_masks, seg_masks
+from dicom_readers import dice, read_series, rtstruct_masks, seg_masks, sr_measurements
 from dicom_series import write_series
 from served import phantom
 
@@ -29,6 +29,7 @@ from satseg.text import untrained_warning
 from satseg_clients.cli import main as sat_client
 from satseg_clients.dicom_seg import SEG_FILE, write_dicom_seg
 from satseg_clients.folder_run import CASE_FILE, REPORT_FILE, WORK_FOLDER
+from satseg_clients.measurement_report import SR_FILE
 from satseg_clients.rtstruct import RTSTRUCT_FILE
 from satseg_clients.tables import STATISTICS_TABLE, VOLUMES_TABLE
 
@@ -116,20 +117,27 @@ def test_folder_run_reports_the_bad_case_and_resumes(triton_server: TritonServer
 
 
 def check_every_output_of_one_result(triton_server: TritonServer, series: Path, output: Path) -> None:
-    """``--output-type nifti,dicom_seg,rtstruct``: the NIfTI masks, the SEG and the RTSTRUCT of one served result
-    lie on each other in world coordinates, read back by readers we did not write."""
+    """``--output-type nifti,dicom_seg,rtstruct,sr``: the NIfTI masks, the SEG and the RTSTRUCT of one served
+    result lie on each other in world coordinates, read back by readers we did not write, and the SR reports the
+    SEG's segments with the volumes of the NIfTI masks."""
     command = ["-i", str(series), "-o", str(output), "--prompts", PROMPTS, "--modality", "ct", "--quiet"]
-    assert sat_client([*command, "--url", triton_server.grpc_url, "--output-type", "rtstruct,nifti,dicom_seg"]) == 0
+    assert sat_client([*command, "--url", triton_server.grpc_url, "--output-type", "sr,rtstruct,nifti,dicom_seg"]) == 0
     (case,) = [path for path in output.iterdir() if path.is_dir()]
     volume = load_volume(series)
     masks = np.stack([np.asarray(nib.load(case / f"{organ}.nii.gz").dataobj) for organ in ("liver", "spleen")])
     assert masks.any(axis=(1, 2, 3)).all(), "the demo model finds both organs on the phantom"
-    np.testing.assert_array_equal(seg_masks(pydicom.dcmread(case / SEG_FILE), volume), masks)
+    seg = pydicom.dcmread(case / SEG_FILE)
+    np.testing.assert_array_equal(seg_masks(seg, volume), masks)
+    reported = sr_measurements(pydicom.dcmread(case / SR_FILE))
+    voxel_ml = abs(np.linalg.det(volume.affine[:3, :3])) / 1000.0
+    for number, mask in enumerate(masks, start=1):
+        assert reported[number]["seg"] == seg.SOPInstanceUID
+        assert reported[number]["measurements"]["Volume"][0] == pytest.approx(mask.sum() * voxel_ml, abs=2e-3)
     filled = rtstruct_masks(pydicom.dcmread(case / RTSTRUCT_FILE), read_series(series), volume)
     for organ, mask in zip(("liver", "spleen"), masks, strict=True):
         assert dice(filled[organ], mask) >= 0.95, organ
     record = json.loads((case / CASE_FILE).read_text())
-    assert record["request"]["output_type"] == "nifti,dicom_seg,rtstruct"
+    assert record["request"]["output_type"] == "nifti,dicom_seg,rtstruct,sr"
 
 
 def test_a_killed_run_loses_and_duplicates_nothing(triton_server: TritonServer, tmp_path: Path) -> None:

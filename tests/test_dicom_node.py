@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from dicom_readers import dice, read_series, rtstruct_masks, seg_masks
+from dicom_readers import dice, read_series, rtstruct_masks, seg_masks, sr_measurements
 from dicom_series import write_series
 from served import phantom
 
@@ -174,7 +174,9 @@ def test_a_series_c_stored_by_orthanc_comes_back_as_one_seg_of_its_masks(
     orthanc, node_port = orthanc_and_port
     folder = ct_series(tmp_path / "ct", seed=31)
     [metrics_port] = free_ports(1)
-    document = node_document(tmp_path / "node", orthanc, node_port, triton_server.grpc_url, send={"rtstruct": True})
+    document = node_document(
+        tmp_path / "node", orthanc, node_port, triton_server.grpc_url, send={"rtstruct": True, "sr": True}
+    )
     config = from_document({**document, "metrics_port": metrics_port}, tmp_path)
     caplog.set_level(logging.DEBUG)
     node = RunningNode(config)
@@ -192,6 +194,15 @@ def test_a_series_c_stored_by_orthanc_comes_back_as_one_seg_of_its_masks(
     check_seg(seg, folder, triton_server.grpc_url)
     [rtstruct] = rtstructs_of(orthanc, series_uid(folder))
     check_rtstruct(rtstruct, seg, folder)
+    [sr] = [
+        pydicom.dcmread(io.BytesIO(orthanc.instance_file(instance)))
+        for series in orthanc.series_of_modality("SR")
+        for instance in series["Instances"]
+    ]
+    assert sr.StudyInstanceUID == seg.StudyInstanceUID  # all three under the source study
+    reported = sr_measurements(sr)
+    assert sorted(reported) == list(range(1, len(task(TASK).prompts) + 1))
+    assert all(group["seg"] == seg.SOPInstanceUID for group in reported.values())
     assert not (tmp_path / "node" / "incoming" / job_id(series_uid(folder))).exists()  # retention: sent, deleted
     logged = caplog.text
     assert PATIENT_NAME not in logged and "PHANTOM-1" not in logged

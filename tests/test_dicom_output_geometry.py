@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicom_readers import dice, pixel_world, place, read_series, rtstruct_masks, seg_masks
+from dicom_readers import dice, pixel_world, place, read_series, rtstruct_masks, seg_masks, sr_measurements
 from dicom_series import COL_COSINE, ROW_COSINE, write_series
 from scipy import ndimage
 
 from satseg.geometry import Volume, load_volume
 from satseg_clients.dicom_seg import write_dicom_seg
+from satseg_clients.measurement_report import write_measurement_report
 from satseg_clients.rtstruct import write_rtstruct
 
 pytest.importorskip("highdicom")
@@ -77,6 +78,27 @@ def test_seg_and_rtstruct_lie_on_the_mask_in_world_coordinates(tmp_path: Path, n
     mirrored = masks[1][::-1]  # negative control: a left-right mirrored box fails the same check
     assert dice(filled["left kidney"], mirrored) < MIN_RTSTRUCT_DICE
     assert not np.array_equal(seg_masks(seg, volume)[1], mirrored)
+    check_measurement_report(seg, masks, volume, tmp_path)
+
+
+def check_measurement_report(seg: pydicom.Dataset, masks: np.ndarray, volume: Volume, tmp_path: Path) -> None:
+    """The SR reports each SEG segment by number, with the source series, its volume in mL (the mask's voxels
+    times the voxel volume) and, where it has voxels, its mean in HU."""
+    voxel_ml = abs(np.linalg.det(volume.affine[:3, :3])) / 1000.0
+    statistics = [
+        {"volume_ml": float(mask.sum()) * voxel_ml, "intensity_mean": 40.0 if mask.any() else None} for mask in masks
+    ]
+    sr = pydicom.dcmread(write_measurement_report(seg, statistics, "ct", tmp_path / "sr.dcm", model="m"))
+    reported = sr_measurements(sr)
+    assert sorted(reported) == [1, 2, 3]
+    for number, mask in enumerate(masks, start=1):
+        group = reported[number]
+        assert group["seg"] == seg.SOPInstanceUID
+        assert group["source_series"] == seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+        volume_ml, unit = group["measurements"]["Volume"]
+        assert unit == "mL" and volume_ml == pytest.approx(mask.sum() * voxel_ml, rel=1e-6)
+        assert ("Mean" in group["measurements"]) == bool(mask.any())
+    assert sr.StudyInstanceUID == seg.StudyInstanceUID
 
 
 def test_the_rtstruct_references_the_series_and_says_what_made_it(tmp_path: Path) -> None:
@@ -108,11 +130,14 @@ def test_the_rtstruct_references_the_series_and_says_what_made_it(tmp_path: Path
 
 
 @pytest.mark.parametrize("name", ["oblique", "sagittal"])
-def test_dciodvfy_finds_no_error_in_the_seg_or_the_rtstruct(tmp_path: Path, dciodvfy: str, name: str) -> None:
+def test_dciodvfy_finds_no_error_in_the_seg_the_rtstruct_or_the_sr(tmp_path: Path, dciodvfy: str, name: str) -> None:
     _, masks = series_and_masks(tmp_path / "series", VARIANTS[name])
+    seg = write_dicom_seg(masks, LABELS, tmp_path / "series", tmp_path / "seg.dcm", model="f" * 64)
+    statistics = [{"volume_ml": float(mask.sum()), "intensity_mean": 40.0 if mask.any() else None} for mask in masks]
     written = [
-        write_dicom_seg(masks, LABELS, tmp_path / "series", tmp_path / "seg.dcm", model="f" * 64),
+        seg,
         write_rtstruct(masks, LABELS, tmp_path / "series", tmp_path / "rt.dcm", model="f" * 64),
+        write_measurement_report(pydicom.dcmread(seg), statistics, "ct", tmp_path / "sr.dcm", model="f" * 64),
     ]
     for path in written:
         report = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, check=False)

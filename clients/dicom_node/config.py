@@ -100,7 +100,8 @@ class Segment:
 @dataclass(frozen=True)
 class Send:
     """Where results go: C-STORE to a DICOM AE (``kind = "dimse"``) or STOW-RS to DICOMweb. The DICOM SEG always
-    goes; ``rtstruct`` also sends an RT Structure Set of the same result (for radiotherapy systems)."""
+    goes; ``rtstruct`` also sends an RT Structure Set of the same result (for radiotherapy systems), ``sr`` a
+    measurement report of its volumes (TID 1500, referencing the SEG's segments)."""
 
     kind: str = "dimse"
     ae_title: str = "ORTHANC"
@@ -109,6 +110,7 @@ class Send:
     tls: Tls | None = None
     dicomweb: DicomWeb | None = None
     rtstruct: bool = False
+    sr: bool = False
 
 
 @dataclass(frozen=True)
@@ -222,8 +224,9 @@ def check(config: NodeConfig) -> None:
 
     if config.send.kind not in SEND_KINDS:
         raise SatInputError(f"[send] kind {config.send.kind!r} is not one of {', '.join(SEND_KINDS)}")
-    if not isinstance(config.send.rtstruct, bool):
-        raise SatInputError(f"[send] rtstruct {config.send.rtstruct!r} is not accepted; it must be true or false")
+    for option in ("rtstruct", "sr"):
+        if not isinstance(value := getattr(config.send, option), bool):
+            raise SatInputError(f"[send] {option} {value!r} is not accepted; it must be true or false")
     if config.send.kind == "dicomweb" and config.send.dicomweb is None:
         raise SatInputError('[send] kind = "dicomweb" needs a [send.dicomweb] table with its url')
     if config.jobs.retention not in RETENTIONS:

@@ -24,6 +24,7 @@ from satseg_clients.dicom_node.receive import dicomweb_client, pull_new_series, 
 from satseg_clients.dicom_node.routing import route
 from satseg_clients.dicom_node.send import DestinationRefused, DestinationUnreachable, send_result
 from satseg_clients.dicom_seg import SEG_FILE, result_uids, write_dicom_seg
+from satseg_clients.measurement_report import SR_FILE, write_measurement_report
 from satseg_clients.rtstruct import RTSTRUCT_FILE, write_rtstruct
 from satseg_clients.sat_client import SATClient, ServerUnavailable, backoff_delay
 from satseg_clients.tasks import task
@@ -129,6 +130,17 @@ class Node:
                 series_uid=series_uid,
                 instance_uid=instance_uid,
             )
+            if self.config.send.sr:
+                series_uid, instance_uid = result_uids(job.series_uid, segmentation.model, "sr")
+                write_measurement_report(
+                    pydicom.dcmread(result / SEG_FILE),
+                    segmentation.result.statistics,
+                    chosen.modality,
+                    result / SR_FILE,
+                    model=segmentation.model,
+                    series_uid=series_uid,
+                    instance_uid=instance_uid,
+                )
             if self.config.send.rtstruct:
                 series_uid, instance_uid = result_uids(job.series_uid, segmentation.model, "rtstruct")
                 write_rtstruct(
@@ -152,7 +164,7 @@ class Node:
 
     def send(self, job: Job) -> Job:
         assert job.model is not None  # set with SEGMENTED
-        results = [self.results / job.id / name for name in (SEG_FILE, RTSTRUCT_FILE)]
+        results = [self.results / job.id / name for name in (SEG_FILE, RTSTRUCT_FILE, SR_FILE)]
         if self.store.was_sent(job.series_uid, job.model):
             logger.info("job %s: already sent for this model; not sent again", job.id)
         else:
