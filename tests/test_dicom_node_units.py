@@ -151,6 +151,27 @@ def test_the_demo_series_lies_on_the_volume_grid_with_its_affine(modality: str, 
     assert back.modality == modality
 
 
+def test_the_demo_series_is_written_as_scanners_write_axial_series(tmp_path: Path) -> None:
+    """A RAS-stored volume goes out with the orientation 1\\0\\0\\0\\1\\0 (rows to the patient's left, columns
+    to the back, slices upward), not -1\\0\\0\\0\\-1\\0, and holds the same world content."""
+    import numpy as np
+    import pydicom
+
+    from satseg.geometry import Volume, load_volume
+    from satseg_clients.dicom_node.demo import scanner_axial, write_dicom_series
+
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])  # RAS+: the NIfTI convention of the shared CT
+    values = np.random.default_rng(4).integers(-1000, 1000, (8, 6, 4)).astype(np.int16)
+    volume = Volume(values, affine, "ct")
+    folder = write_dicom_series(scanner_axial(volume), tmp_path / "series", "test")
+    first = pydicom.dcmread(sorted(folder.iterdir())[0])
+    np.testing.assert_allclose(first.ImageOrientationPatient, [1, 0, 0, 0, 1, 0])
+    back = load_volume(folder)
+    world = back.affine @ [2, 3, 1, 1]  # the voxel (2, 3, 1) of the series lies where the volume's same value lies
+    index = np.rint(np.linalg.inv(affine) @ world).astype(int)[:3]
+    assert back.array[2, 3, 1] == values[tuple(index)]
+
+
 def test_the_scp_speaks_tls_when_configured_and_refuses_plain_associations(tmp_path: Path) -> None:
     """[receive.tls]: a TLS peer with a certificate from the configured CA is served; a plain one is not."""
     import shutil

@@ -12,17 +12,19 @@ import argparse
 import io
 import logging
 import os
+import signal
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from satseg.checkout import BUNDLED_CHECKPOINT, DEFAULT_REPOSITORY
-from satseg.cli.common import cli_parser, run_cli
+from satseg.cli.common import StopRequested, cli_parser, run_cli, stop_on_signals
 from satseg.errors import SatInputError
 from satseg.geometry import Volume, load_volume
 from satseg.outputs.preview import CT_SOFT_TISSUE_WINDOW, save_preview
@@ -104,6 +106,15 @@ def write_dicom_series(volume: Volume, folder: Path, description: str) -> Path:
     return folder
 
 
+def scanner_axial(volume: Volume) -> Volume:
+    """``volume`` with its voxel axes turned to L, P and S (its world content unchanged): rows run to the
+    patient's left, columns to the back, slices upward, as scanners write an axial series, so every viewer shows
+    it in the radiological layout (anterior up, the patient's right on the screen's left)."""
+    transform = ornt_transform(io_orientation(volume.affine), axcodes2ornt(("L", "P", "S")))
+    array = np.ascontiguousarray(apply_orientation(volume.array, transform))
+    return Volume(array, volume.affine @ inv_ornt_aff(transform, volume.shape), volume.modality)
+
+
 ROUTES = [{"modality": "CT", "task": "demo_abdomen", "min_slices": 20}, {"modality": "MR", "task": "demo_brain"}]
 """The demo node's routes: what the demo model was trained on, by modality."""
 
@@ -130,17 +141,21 @@ def run_demo(args: argparse.Namespace) -> int:
     [node_port] = free_ports(1)
     orthanc = Orthanc(output / "orthanc", modalities={"sat": (NODE_AET, "127.0.0.1", node_port)})
     server = TritonServer(DEFAULT_REPOSITORY, log_path=output / "tritonserver.log")
-    with timer.step("start Orthanc and tritonserver"):
-        orthanc.start()
-        server.start()
-    os.environ["SAT_ADMIN_KEY"] = server.admin_key  # the node's SATClient then uses shared memory on this host
-    node = demo_node(output, orthanc, node_port, server.grpc_url)
-    thread = threading.Thread(target=node.run, daemon=True)
-    thread.start()
+    node: Node | None = None
+    thread: threading.Thread | None = None
+    # Whatever stops the demo (Ctrl-C, a script's SIGTERM, a closed terminal) stops all it started, below.
+    stop_on_signals(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     try:
+        with timer.step("start Orthanc and tritonserver"):
+            orthanc.start()
+            server.start()
+        os.environ["SAT_ADMIN_KEY"] = server.admin_key  # the node's SATClient then uses shared memory on this host
+        node = demo_node(output, orthanc, node_port, server.grpc_url)
+        thread = threading.Thread(target=node.run, daemon=True)
+        thread.start()
         series = output / "series"
         with timer.step(f"write {description} ({'x'.join(map(str, volume.shape))}) as DICOM and upload it"):
-            write_dicom_series(volume, series, description)
+            write_dicom_series(scanner_axial(volume), series, description)
             [series_id] = orthanc.upload_folder(series)
         with timer.step("Orthanc C-STOREs it to the node; wait for the SEG in Orthanc"):
             orthanc.store_to("sat", [series_id])
@@ -157,10 +172,15 @@ def run_demo(args: argparse.Namespace) -> int:
                 flush=True,
             )
             threading.Event().wait()
+    except StopRequested as stop:
+        print(f"    {stop} received: stopping", flush=True)
     finally:
+        for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # a second signal must not cut the clean-up
+            signal.signal(handled, signal.SIG_IGN)
         with timer.step("stop the node, tritonserver and Orthanc"):
-            node.stop.set()
-            thread.join(timeout=120)
+            if node is not None and thread is not None:
+                node.stop.set()
+                thread.join(timeout=120)
             server.stop()
             orthanc.stop()
     print(f"timings:\n{timer.table()}")

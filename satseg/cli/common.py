@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
+from types import FrameType
 
 from satseg.errors import CheckpointError, ExportError, SatInputError, one_line
 
 USER_ERRORS = (SatInputError, CheckpointError, ExportError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+class StopRequested(Exception):
+    """SIGTERM, SIGHUP or SIGINT arrived: leave the wait and stop what was started."""
+
+
+def raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise StopRequested(signal.Signals(signum).name)
+
+
+def stop_on_signals(*signals: signal.Signals) -> None:
+    """Make each of ``signals`` raise :class:`StopRequested` in the main thread, so that ``finally`` blocks stop
+    what a long-running command started (a shell starts a background job with SIGINT ignored: set it here)."""
+    for handled in signals:
+        signal.signal(handled, raise_stop)
 
 
 def run_cli(prog: str, body: Callable[[], int]) -> int:

@@ -8,10 +8,9 @@ import os
 import signal
 import sys
 from pathlib import Path
-from types import FrameType
 
 from satseg.checkout import DEFAULT_REPOSITORY, GET_A_REPOSITORY, IN_CHECKOUT
-from satseg.cli.common import cli_parser, run_cli
+from satseg.cli.common import StopRequested, cli_parser, run_cli, stop_on_signals
 from satseg.contract import (
     ADMIN_HEADER,
     ADMIN_KEY_VARIABLE,
@@ -71,10 +70,6 @@ Ctrl-C or SIGTERM stops it gracefully (requests in flight finish).
 """
 
 
-class StopRequested(Exception):
-    """SIGTERM or SIGHUP arrived: leave the wait and stop the server."""
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli_parser(PROG, "Serve the SAT ensemble with the pip tritonserver (CPU, loopback).", EPILOG)
     parser.add_argument(
@@ -119,10 +114,6 @@ def chosen_ports(args: argparse.Namespace) -> ServerPorts:
     return ServerPorts(*(port or next(spare) for port in requested))
 
 
-def raise_stop(signum: int, frame: FrameType | None) -> None:
-    raise StopRequested(signal.Signals(signum).name)
-
-
 def check(url: str, timeout_s: float) -> int:
     """``--check``: 0 if ``url`` answered a tiny inference, else 1 with the reason on one line."""
     problem = probe(url, ENTRY_MODEL, timeout_s)
@@ -160,8 +151,7 @@ def serve(args: argparse.Namespace) -> int:
         log_path=args.log,
         admin_key=admin_key,
     )
-    for handled in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(handled, raise_stop)
+    stop_on_signals(signal.SIGTERM, signal.SIGHUP)
     # The server module logs a dead stub and removed shared memory for library users; sat-serve says both itself.
     logging.getLogger(server_module.__name__).addHandler(logging.NullHandler())
     print(f"{PROG}: starting tritonserver on {server.repository} …", flush=True)
