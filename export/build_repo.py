@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from satseg import __version__
-from satseg.checkout import DEFAULT_REPOSITORY
+from satseg.checkout import DEFAULT_REPOSITORY, IN_CHECKOUT
 from satseg.checkpoint import WEIGHTS_FILE, CheckpointMetadata, load_checkpoint, read_metadata
 from satseg.cli.common import cli_parser, run_cli
 from satseg.contract import CONTRACT_FILE, ENTRY_MODEL, OUTPUT_CHOICES, OUTPUT_MASKS
@@ -432,6 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
+        if not IN_CHECKOUT:  # the versioned configs and model.py files live in the checkout's triton_repo/
+            raise SatInputError(
+                "sat-export builds on the model configs in triton_repo/ of the source repository, which an "
+                "installed wheel does not carry; run it from a clone (or in export/Dockerfile's image)"
+            )
         settings = ExportSettings(
             checkpoint=args.checkpoint,
             repository=args.repository,

@@ -65,7 +65,7 @@ def test_sat_segment_runs_an_explicit_checkpoint_and_says_where_to_get_one(full_
     assert "--checkpoint" in refused.stderr and "models/demo" in refused.stderr
 
 
-def test_sat_serve_asks_for_an_exported_repository_in_one_line(full_venv: Path, elsewhere: Path) -> None:
+def test_sat_serve_and_sat_export_say_in_one_line_what_they_need(full_venv: Path, elsewhere: Path) -> None:
     refused = run(full_venv, "sat-serve", cwd=elsewhere)
     assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1
     assert "sat-export" in refused.stderr
@@ -74,3 +74,6 @@ def test_sat_serve_asks_for_an_exported_repository_in_one_line(full_venv: Path, 
     unexported = run(full_venv, "sat-serve", "repository", cwd=elsewhere)
     assert unexported.returncode != 0 and len(unexported.stderr.strip().splitlines()) == 1
     assert "never exported" in unexported.stderr and "sat-export" in unexported.stderr
+    no_configs = run(full_venv, "sat-export", "demo_checkpoint", "--repository", "repository", cwd=elsewhere)
+    assert no_configs.returncode != 0 and len(no_configs.stderr.strip().splitlines()) == 1
+    assert "triton_repo/" in no_configs.stderr
