@@ -127,6 +127,7 @@ class Segmentation:
         preview: bool = False,
         output_type: str | Sequence[str] = "nifti",
         source_series: Path | None = None,
+        dicom_uids: Callable[[str], tuple[str, str]] | None = None,
     ) -> list[Path]:
         """Write the outputs on the input grid (atomically) and return their paths.
 
@@ -141,6 +142,8 @@ class Segmentation:
                 and ``sr`` (``measurements.dcm``, each structure's volume and mean intensity, referencing the SEG's
                 segments), the DICOM ones referencing the source series.
             source_series: the DICOM series folder the volume came from (default: the one segmented, if any).
+            dicom_uids: output type -> the (series, SOP instance) UIDs of that DICOM output (default: new ones);
+                the node derives them from the source series and the model, so a resent result is one instance.
         """
         types = parse_output_types(output_type)
         dicom = [kind for kind in types if kind in DICOM_OUTPUTS]
@@ -167,15 +170,17 @@ class Segmentation:
             folder.mkdir(parents=True, exist_ok=True)
         for kind in dicom:
             assert self.masks is not None and series is not None  # checked above
+            series_uid, instance_uid = dicom_uids(kind) if dicom_uids else (None, None)
+            uids = {"model": self.model, "series_uid": series_uid, "instance_uid": instance_uid}
             if kind in DICOM_WRITERS:
                 writer, name = DICOM_WRITERS[kind]
-                written.append(writer(self.masks, self.labels, series, folder / name, model=self.model))
-        if "sr" in dicom:  # after the SEG, whose segments it reports on
-            seg = pydicom.dcmread(folder / SEG_FILE)
-            report = write_measurement_report(
-                seg, self.result.statistics, self.volume.modality or "", folder / SR_FILE, model=self.model
-            )
-            written.append(report)
+                written.append(writer(self.masks, self.labels, series, folder / name, **uids))
+            else:  # the SR, after the SEG whose segments it reports on
+                seg = pydicom.dcmread(folder / SEG_FILE)
+                modality = self.volume.modality or ""
+                written.append(
+                    write_measurement_report(seg, self.result.statistics, modality, folder / SR_FILE, **uids)
+                )
         return [*written, *write_result(self.volume, self.result, folder, options)]
 
 

@@ -23,9 +23,9 @@ from satseg_clients.dicom_node.metrics import Metrics
 from satseg_clients.dicom_node.receive import dicomweb_client, pull_new_series, storage_scp
 from satseg_clients.dicom_node.routing import route
 from satseg_clients.dicom_node.send import DestinationRefused, DestinationUnreachable, send_result
-from satseg_clients.dicom_seg import SEG_FILE, result_uids, write_dicom_seg
-from satseg_clients.measurement_report import SR_FILE, write_measurement_report
-from satseg_clients.rtstruct import RTSTRUCT_FILE, write_rtstruct
+from satseg_clients.dicom_seg import SEG_FILE, result_uids
+from satseg_clients.measurement_report import SR_FILE
+from satseg_clients.rtstruct import RTSTRUCT_FILE
 from satseg_clients.sat_client import SATClient, ServerUnavailable, backoff_delay
 from satseg_clients.tasks import task
 
@@ -117,41 +117,14 @@ class Node:
         job = self.store.move(job.id, SEGMENTING, task=chosen.name, started=time.time())
         try:
             segmentation = client.segment(folder, chosen.prompts, chosen.modality)
-            assert segmentation.masks is not None  # masks are what was asked for
-            series_uid, instance_uid = result_uids(job.series_uid, segmentation.model)
-            result = self.results / job.id
-            result.mkdir(parents=True, exist_ok=True)
-            write_dicom_seg(
-                segmentation.masks,
-                segmentation.labels,
-                folder,
-                result / SEG_FILE,
-                model=segmentation.model,
-                series_uid=series_uid,
-                instance_uid=instance_uid,
+            outputs = ["dicom_seg", *(kind for kind in ("rtstruct", "sr") if getattr(self.config.send, kind))]
+            segmentation.save(
+                self.results / job.id,
+                statistics=False,
+                output_type=outputs,
+                source_series=folder,
+                dicom_uids=lambda kind: result_uids(job.series_uid, segmentation.model, kind),
             )
-            if self.config.send.sr:
-                series_uid, instance_uid = result_uids(job.series_uid, segmentation.model, "sr")
-                write_measurement_report(
-                    pydicom.dcmread(result / SEG_FILE),
-                    segmentation.result.statistics,
-                    chosen.modality,
-                    result / SR_FILE,
-                    model=segmentation.model,
-                    series_uid=series_uid,
-                    instance_uid=instance_uid,
-                )
-            if self.config.send.rtstruct:
-                series_uid, instance_uid = result_uids(job.series_uid, segmentation.model, "rtstruct")
-                write_rtstruct(
-                    segmentation.masks,
-                    segmentation.labels,
-                    folder,
-                    result / RTSTRUCT_FILE,
-                    model=segmentation.model,
-                    series_uid=series_uid,
-                    instance_uid=instance_uid,
-                )
         except SatInputError as error:
             return self._park(job, short(error))
         except ServerUnavailable as error:
