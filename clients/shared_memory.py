@@ -7,6 +7,7 @@ requests never share a region and nothing outlives the request.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,9 @@ import numpy as np
 from satseg import contract
 
 OUTPUT_DTYPES = {contract.MASKS: np.uint8, contract.LABELMAP: np.uint16}
+RELEASE_WAIT_S = 10.0
+"""How long an unregister waits for the server to let go of a region its answered request still held."""
+IN_USE = "currently in use"
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,25 @@ def request_region(
         try:
             yield name, handle
         finally:
-            connection.unregister_system_shared_memory(name, headers=headers)
+            unregister_when_released(connection, name, headers)
     finally:
         system_shm.destroy_shared_memory_region(handle)
+
+
+def unregister_when_released(connection: Any, name: str, headers: dict[str, str]) -> None:
+    """Unregister region ``name``. Triton lets go of a region a request used only after it has sent the answer,
+    so an unregister right after the answer can find it "currently in use" (seen on a loaded 2-core host):
+    that one refusal is retried, with growing pauses, for up to :data:`RELEASE_WAIT_S`."""
+    deadline, pause = time.monotonic() + RELEASE_WAIT_S, 0.01
+    while True:
+        try:
+            connection.unregister_system_shared_memory(name, headers=headers)
+            return
+        except Exception as error:  # tritonclient's InferenceServerException, over gRPC or HTTP
+            if IN_USE not in str(error) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
 
 
 def read_output(handle: Any, placement: Placement) -> np.ndarray:
