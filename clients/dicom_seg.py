@@ -58,11 +58,12 @@ def source_slices(series_folder: Path, masks: np.ndarray, output: str) -> list[p
     return sources
 
 
-def _highdicom() -> Any:
+def highdicom_module() -> Any:
+    """highdicom, imported on first use; a one-line refusal where the install lacks it."""
     try:
         import highdicom
     except ImportError:
-        raise SatInputError('DICOM SEG output needs highdicom: pip install -e ".[client]"') from None
+        raise SatInputError('DICOM SEG and SR output need highdicom: pip install ".[client]"') from None
     return highdicom
 
 
@@ -71,7 +72,7 @@ def property_type(term: str) -> Any:
     one ("left kidney" -> ``codes.SCT.LeftKidney``), else a private code whose meaning is the term."""
     from pydicom.sr.codedict import codes
 
-    highdicom = _highdicom()
+    highdicom = highdicom_module()
     keyword = "".join(word.capitalize() for word in re.split(r"[^a-z0-9]+", term.lower()) if word)
     try:
         code = getattr(codes.SCT, keyword)
@@ -131,7 +132,7 @@ def write_dicom_seg(
     """
     from pydicom.sr.codedict import codes
 
-    highdicom = _highdicom()
+    highdicom = highdicom_module()
     sources = source_slices(series_folder, masks, "DICOM SEG")
     fill_slice_thickness(sources)
     algorithm = highdicom.AlgorithmIdentificationSequence(

@@ -13,7 +13,7 @@ import pydicom
 
 from satseg import __version__
 from satseg.atomic import atomic_file
-from satseg_clients.dicom_seg import SERIES_DESCRIPTION, _highdicom, property_type
+from satseg_clients.dicom_seg import SERIES_DESCRIPTION, highdicom_module, property_type
 
 SR_FILE = "measurements.dcm"
 SERIES_NUMBER = 9903
@@ -52,7 +52,7 @@ def write_measurement_report(
     """
     from pydicom.sr.codedict import codes
 
-    highdicom = _highdicom()
+    highdicom = highdicom_module()
     source_series = str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
     device = highdicom.sr.DeviceObserverIdentifyingAttributes(
         uid=highdicom.UID(),
