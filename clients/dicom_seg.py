@@ -19,6 +19,7 @@ from satseg import __version__
 from satseg.atomic import atomic_file
 from satseg.errors import SatInputError
 from satseg.geometry.io import sorted_series_headers
+from satseg.outputs.preview import term_colour
 
 SEG_FILE = "segmentation.dcm"
 SERIES_DESCRIPTION = "SAT AI segmentation - not for clinical use"
@@ -149,6 +150,7 @@ def write_dicom_seg(
             segmented_property_type=property_type(label),
             algorithm_type=highdicom.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
+            display_color=highdicom.color.CIELabColor.from_rgb(*term_colour(label)),
         )
         for number, label in enumerate(labels, start=1)
     ]

@@ -15,7 +15,6 @@ where two voxels of a structure touch only at a corner.
 from __future__ import annotations
 
 import datetime
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_
 
 from satseg import __version__
 from satseg.atomic import atomic_file
-from satseg.outputs.preview import qualitative_palette
+from satseg.outputs.preview import term_colour
 from satseg_clients.dicom_seg import SERIES_DESCRIPTION, source_slices
 
 RTSTRUCT_FILE = "rtstruct.dcm"
@@ -76,13 +75,6 @@ def patient_points(points: np.ndarray, source: pydicom.Dataset) -> np.ndarray:
         + np.outer(points[:, 0] * between_columns, row_cosine)
         + np.outer(points[:, 1] * between_rows, column_cosine)
     )
-
-
-def roi_colour(term: str) -> list[int]:
-    """A colour of its own for ``term``, the same in every structure set (from its name's hash)."""
-    palette = qualitative_palette()
-    colour = palette[int.from_bytes(hashlib.sha256(term.encode()).digest()[:4], "big") % len(palette)]
-    return [round(255 * channel) for channel in colour]
 
 
 def _item(**values: object) -> pydicom.Dataset:
@@ -175,7 +167,7 @@ def write_rtstruct(
     ]
     ds.ROIContourSequence = []
     for number, (label, mask) in enumerate(zip(labels, masks, strict=True), start=1):
-        roi = _item(ReferencedROINumber=number, ROIDisplayColor=roi_colour(label))
+        roi = _item(ReferencedROINumber=number, ROIDisplayColor=list(term_colour(label)))
         if contours := _contours(mask, sources):  # an empty structure has an ROI and no contour
             roi.ContourSequence = contours
         ds.ROIContourSequence.append(roi)

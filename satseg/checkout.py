@@ -24,3 +24,5 @@ GET_A_REPOSITORY = (
     "pass a model repository built by `sat-export CHECKPOINT --repository DIR` (in the source repository: "
     "`just export`, which fills triton_repo/)"
 )
+VIEWER_DEPLOYMENT = _ROOT / "deploy" / "k8s" / "viewer"
+"""The OHIF viewer's deployment: its npm pin (``ohif.json``) and ``app-config.js``, which the demo serves too."""

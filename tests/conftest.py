@@ -113,3 +113,21 @@ def orthanc_ready() -> None:
         install_orthanc()
     if reason := orthanc_available():
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The system's Chromium, for the viewer test: installed here as root (CI, Debian's chromium), else skipped."""
+    pytest.importorskip("playwright", reason="the browser test needs the dev extra (playwright)")
+    from satseg_clients.dicom_node.orthanc import apt_install
+    from satseg_clients.viewer_browser import CHROMIUM_INSTALL_HINT, chromium_executable
+
+    if chromium_executable() is None and os.geteuid() == 0:
+        try:
+            apt_install(["chromium"], CHROMIUM_INSTALL_HINT)
+        except RuntimeError as error:
+            pytest.skip(str(error))
+    found = chromium_executable()
+    if found is None:
+        pytest.skip(f"no Chromium ({CHROMIUM_INSTALL_HINT})")
+    return found

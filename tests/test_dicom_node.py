@@ -3,6 +3,7 @@ a kill -9 mid-job, Triton stopped mid-run, unsegmentable series, files with empt
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import logging
@@ -234,6 +235,37 @@ def test_a_series_pulled_over_dicomweb_goes_back_by_stow(
     check_seg(seg, folder, triton_server.grpc_url)
     assert node.store.counts()[SKIPPED] == 1  # the SEG series
     assert node.store.counts()[SENT] == 1
+
+
+def test_a_series_still_arriving_in_the_pacs_is_pulled_only_once_its_count_holds(
+    orthanc_and_port: tuple[Orthanc, int], tmp_path: Path
+) -> None:
+    """A DICOMweb search that sees a series mid-upload must not take it with the slices it has so far (seen in
+    ``just pacs-demo``: a series uploaded by a user was pulled with 3 of its 24 slices, then skipped)."""
+    from satseg_clients.dicom_node.receive import dicomweb_client, pull_new_series
+
+    orthanc, _ = orthanc_and_port
+    folder = ct_series(tmp_path / "ct", seed=5)
+    files = sorted(folder.iterdir())
+    document = node_document(tmp_path / "node", orthanc, 0, "unused:1")
+    document["receive"] = {"port": 0, "dicomweb": {"url": orthanc.dicomweb_url}, "lookback_days": 0}
+    receive = from_document(document, tmp_path).receive
+    store, incoming = JobStore(tmp_path / "jobs.sqlite"), tmp_path / "incoming"
+    client, counts = dicomweb_client(receive.dicomweb), {}
+
+    def poll() -> int:
+        return pull_new_series(receive, store, incoming, client, datetime.date.today, counts)
+
+    for path in files[:4]:
+        orthanc.upload(path)
+    assert poll() == 0  # first seen: 4 instances
+    for path in files[4:]:
+        orthanc.upload(path)
+    assert poll() == 0  # grown to 12 since the last search
+    assert store.get(job_id(series_uid(folder))) is None
+    assert poll() == 1  # unchanged: pulled whole
+    job = store.get(job_id(series_uid(folder)))
+    assert job is not None and job.instances == len(files) == 12
 
 
 def sr_document(folder: Path, study: str) -> Path:

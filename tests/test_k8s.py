@@ -8,10 +8,12 @@ cover the server's exit timeout. A broken field fails (the negative control)."""
 from __future__ import annotations
 
 import copy
+import ipaddress
 import re
 import shutil
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,9 @@ BATCH = "batch"
 """The sharded sat-client Indexed Job (deploy/k8s/batch), rendered and validated like the overlays."""
 PACS = "pacs"
 """sat-dicom-node's StatefulSet (deploy/k8s/pacs), rendered and validated like the overlays."""
-APPS = (BATCH, PACS)
+VIEWER = "viewer"
+"""The OHIF viewer's Deployment (deploy/k8s/viewer), rendered and validated like the overlays."""
+APPS = (BATCH, PACS, VIEWER)
 KUBERNETES_VERSION = "1.32.0"
 """The oldest Kubernetes the manifests support (kubectl here is 1.32)."""
 ADAPTER_RULES = K8S / "monitoring" / "prometheus-adapter-rules.yaml"
@@ -297,3 +301,38 @@ def test_the_dicom_node_config_in_the_cluster_loads_and_matches_its_pod(rendered
     (namespace,) = kinds(documents, "Namespace")
     assert namespace["metadata"]["labels"]["sat.example.org/client"] == "true"  # admitted by sat-triton's policy
     assert stateful_set["spec"]["replicas"] == 1  # one writer of the SQLite job database
+
+
+def test_the_viewer_serves_the_demo_s_config_and_gets_every_site_variable(rendered: Rendered) -> None:
+    """The viewer's pod mounts app-config.js and the nginx site from files the demo's viewer uses too, its
+    environment sets every ``${VARIABLE}`` of the site, and its NetworkPolicy lets it reach the PACS's port."""
+    from satseg_clients.viewer import APP_CONFIG
+
+    documents = rendered[VIEWER]
+    (deployment,) = kinds(documents, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    maps = {document["metadata"]["name"]: document for document in kinds(documents, "ConfigMap")}
+    secrets = {document["metadata"]["name"]: document for document in kinds(documents, "Secret")}
+    environment_keys = set()
+    for source in container["envFrom"]:
+        if "configMapRef" in source:
+            environment_keys |= set(maps[source["configMapRef"]["name"]]["data"])
+        else:
+            environment_keys |= set(secrets[source["secretRef"]["name"]]["data"])
+    files = {
+        mount["mountPath"]: next(volume for volume in pod["volumes"] if volume["name"] == mount["name"])
+        for mount in container["volumeMounts"]
+    }
+    config_map = maps[files["/usr/share/nginx/html/app-config.js"]["configMap"]["name"]]
+    assert config_map["data"]["app-config.js"] == APP_CONFIG.read_text()
+    site = config_map["data"][files["/etc/nginx/templates"]["configMap"]["items"][0]["key"]]
+    assert set(re.findall(r"\$\{(\w+)\}", site)) == environment_keys == {"PACS_DICOMWEB_URL", "PACS_AUTHORIZATION"}
+    pacs = urllib.parse.urlsplit(maps[container["envFrom"][0]["configMapRef"]["name"]]["data"]["PACS_DICOMWEB_URL"])
+    (policy,) = kinds(documents, "NetworkPolicy")
+    assert any(
+        pacs.port in [port["port"] for port in rule["ports"]] and ipaddress.ip_address(pacs.hostname) in network
+        for rule in policy["spec"]["egress"]
+        for network in [ipaddress.ip_network(peer["ipBlock"]["cidr"]) for peer in rule["to"] if "ipBlock" in peer]
+    )
+    assert {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]} == {8080}

@@ -12,6 +12,7 @@ import argparse
 import io
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -34,20 +35,25 @@ from satseg_clients.dicom_node.config import from_document
 from satseg_clients.dicom_node.node import Node
 from satseg_clients.dicom_node.orthanc import Orthanc, orthanc_available
 from satseg_clients.dicom_seg import read_dicom_seg
+from satseg_clients.viewer import ViewerFront, fetch_viewer
 from satseg_export.build_repo import ExportSettings, build_repository, repository_is_current
 
 PROG = "sat-pacs-demo"
 NODE_AET = "SATNODE"
 SEG_TIMEOUT_S = 900.0
+SEND_TIMEOUT_S = 60.0
 LPS = np.diag([-1.0, -1.0, 1.0])
 """RAS+ (our affines) to DICOM's patient LPS+ coordinates."""
 EPILOG = """what it does (each step is timed):
   1. sat-export the bundled checkpoint into triton_repo/, unless it is already current
   2. start Orthanc (OUTPUT/orthanc/), tritonserver and sat-dicom-node (log in OUTPUT/dicom_node.log)
   3. write the demo CT (../shared/data; else the MNI152 T1) as a DICOM series and upload it into Orthanc
-  4. Orthanc C-STOREs the series to the node (AE SATNODE); the node segments it and C-STOREs a DICOM SEG back
+  4. Orthanc C-STOREs the series to the node (AE SATNODE); the node segments it and C-STOREs a DICOM SEG and
+     an RT Structure Set back
   5. read the SEG back from Orthanc -> OUTPUT/seg_preview.png; print the Orthanc Explorer URL
-  6. stop everything (--keep-running: wait for Ctrl-C first; meanwhile the node also segments any CT or MR
+  6. serve the OHIF web viewer on loopback, reading Orthanc's DICOMweb (its files come once from the npm
+     registry, pinned, into ~/.cache/satseg); print the URL of the study with its SEG
+  7. stop everything (--keep-running: wait for Ctrl-C first; meanwhile the node also segments any CT or MR
      series uploaded into this Orthanc, which it watches over DICOMweb)
 Needs Debian's orthanc and orthanc-dicomweb. Not for clinical use.
 """
@@ -57,6 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli_parser(PROG, "Orthanc, the served model and sat-dicom-node: DICOM in, DICOM SEG back.", EPILOG)
     parser.add_argument("-o", "--output", type=Path, default=Path("pacs_demo_output"), help="default pacs_demo_output")
     parser.add_argument("--keep-running", action="store_true", help="keep Orthanc up until Ctrl-C")
+    parser.add_argument("--viewer-port", type=int, default=0, help="the viewer's loopback port (default: a free one)")
     return parser.parse_args(argv)
 
 
@@ -139,9 +146,11 @@ def run_demo(args: argparse.Namespace) -> int:
             build_repository(settings)
     volume, description = demo_volume()
     [node_port] = free_ports(1)
+    shutil.rmtree(output / "orthanc", ignore_errors=True)  # each run's PACS starts empty: its SEG is this run's
     orthanc = Orthanc(output / "orthanc", modalities={"sat": (NODE_AET, "127.0.0.1", node_port)})
     server = TritonServer(DEFAULT_REPOSITORY, log_path=output / "tritonserver.log")
     node: Node | None = None
+    viewer: ViewerFront | None = None
     thread: threading.Thread | None = None
     # Whatever stops the demo (Ctrl-C, a script's SIGTERM, a closed terminal) stops all it started, below.
     stop_on_signals(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -160,11 +169,18 @@ def run_demo(args: argparse.Namespace) -> int:
         with timer.step("Orthanc C-STOREs it to the node; wait for the SEG in Orthanc"):
             orthanc.store_to("sat", [series_id])
             [seg_series] = orthanc.wait_for_series("SEG", timeout_s=SEG_TIMEOUT_S)
+            orthanc.wait_for_series("RTSTRUCT", timeout_s=SEND_TIMEOUT_S)  # sent right after the SEG
         with timer.step("read the SEG back from Orthanc and draw it"):
             seg = pydicom.dcmread(io.BytesIO(orthanc.instance_file(seg_series["Instances"][0])))
             preview = draw(seg, series, output / "seg_preview.png")
         print(f"    look at {preview}")
         print(f"    Orthanc Explorer: {orthanc.url}/app/explorer.html#series?uuid={seg_series['ID']}")
+        with timer.step("start the OHIF viewer on this Orthanc"):
+            viewer = start_viewer(orthanc, args.viewer_port)
+        if viewer is not None:
+            study = viewer.study_url(seg.StudyInstanceUID, seg.SeriesInstanceUID)
+            print(f"    viewer, the CT with its SEG (and RT Structure Set in the study panel): {study}")
+            print(f"    viewer's study list (series uploaded into this Orthanc, with their results): {viewer.url}")
         if args.keep_running:
             print(
                 f"    all stays up until Ctrl-C: upload a CT or MR series at {orthanc.url}/app/explorer.html "
@@ -182,9 +198,22 @@ def run_demo(args: argparse.Namespace) -> int:
                 node.stop.set()
                 thread.join(timeout=120)
             server.stop()
+            if viewer is not None:
+                viewer.stop()
             orthanc.stop()
     print(f"timings:\n{timer.table()}")
     return 0
+
+
+def start_viewer(orthanc: Orthanc, port: int) -> ViewerFront | None:
+    """The OHIF viewer on loopback, reading this Orthanc's DICOMweb; None (and why, in one line) when its
+    files cannot be fetched: the rest of the demo does not need it."""
+    try:
+        dist = fetch_viewer()
+    except RuntimeError as error:
+        print(f"    (no viewer: {error})")
+        return None
+    return ViewerFront(dist, orthanc.dicomweb_url, port=port).start()
 
 
 def demo_node(output: Path, orthanc: Orthanc, port: int, triton_url: str) -> Node:
@@ -209,7 +238,7 @@ def demo_node(output: Path, orthanc: Orthanc, port: int, triton_url: str) -> Nod
             "lookback_days": 0,
         },
         "segment": {"triton_urls": [triton_url]},
-        "send": {"kind": "dimse", "ae_title": orthanc.aet, "port": orthanc.dicom_port},
+        "send": {"kind": "dimse", "ae_title": orthanc.aet, "port": orthanc.dicom_port, "rtstruct": True},
         "route": ROUTES,
     }
     return Node(from_document(document, output))

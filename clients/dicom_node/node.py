@@ -49,6 +49,7 @@ class Node:
         self.results = self.data / "results"
         self.metrics = Metrics(self.store, self.config.metrics_port, self.config.metrics_host)
         self._clients: dict[str, SATClient] = {}
+        self._dicomweb_counts: dict[str, int] = {}  # instances per series at the last DICOMweb search
         self._waits = 0  # consecutive times a peer was unreachable: the backoff's exponent, never a failure
 
     def run(self) -> None:
@@ -83,7 +84,9 @@ class Node:
 
     def _poll(self, web: Any) -> None:
         try:
-            pull_new_series(self.config.receive, self.store, self.incoming, web, datetime.date.today)
+            pull_new_series(
+                self.config.receive, self.store, self.incoming, web, datetime.date.today, self._dicomweb_counts
+            )
         except Exception as error:  # the DICOMweb source is down or answered badly: try again at the next poll
             logger.warning("DICOMweb source not polled: %s", short(error))
 

@@ -135,11 +135,19 @@ def dicomweb_client(server: DicomWeb) -> Any:
 
 
 def pull_new_series(
-    config: Receive, store: JobStore, incoming: Path, client: Any, today: Callable[[], datetime.date]
+    config: Receive,
+    store: JobStore,
+    incoming: Path,
+    client: Any,
+    today: Callable[[], datetime.date],
+    last_counts: dict[str, int],
 ) -> int:
     """One QIDO-RS search for series, then WADO-RS pulls of those not pulled yet; returns how many were pulled.
 
-    A series whose modality is never a volume (a SEG, our own results among them) gets a skipped job at once.
+    A series is pulled only once the server reports the same number of instances as at the previous search
+    (``last_counts``, series UID -> count, replaced by this search's): a series still arriving in the PACS
+    would otherwise be taken with the slices it had so far. A series whose modality is never a volume (a SEG,
+    our own results among them) gets a skipped job at once.
     """
     filters = {}
     if config.lookback_days > 0:
@@ -147,7 +155,8 @@ def pull_new_series(
     found = client.search_for_series(
         fields=["NumberOfSeriesRelatedInstances", "Modality"], search_filters=filters, get_remaining=True
     )
-    pulled = 0
+    pulled, previous_counts = 0, dict(last_counts)
+    last_counts.clear()
     for item in found:
         header = pydicom.Dataset.from_json(item)
         series, study = str(header.get("SeriesInstanceUID", "")), str(header.get("StudyInstanceUID", ""))
@@ -161,6 +170,9 @@ def pull_new_series(
         if modality in NOT_IMAGE_MODALITIES:
             store.skip_series(series, study, "dicomweb", f"skipped: a {modality} series, not an image volume")
             continue
+        last_counts[series] = expected or 0
+        if previous_counts.get(series) != last_counts[series]:
+            continue  # new, or still growing: looked at again at the next search
         for dataset in client.iter_series(study, series):
             if missing_uid(dataset) or store.has_instance(job_id(series), str(dataset.SOPInstanceUID)):
                 continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,15 @@ def qualitative_palette() -> list[tuple[float, float, float]]:
     shades = [colormaps["tab20"].colors[start::2] for start in (0, 1)]
     shades += [colormaps[name].colors[start::4] for name in ("tab20b", "tab20c") for start in (0, 2, 1, 3)]
     return [tuple(float(c) for c in colour[:3]) for group in shades for colour in group]  # type: ignore[misc]
+
+
+def term_colour(term: str) -> tuple[int, int, int]:
+    """A colour of its own for ``term`` as 8-bit RGB, the same in every DICOM result (SEG, RT Structure Set):
+    :func:`qualitative_palette`'s colour at the hash of its name, so it does not depend on the other prompts."""
+    palette = qualitative_palette()
+    colour = palette[int.from_bytes(hashlib.sha256(term.encode()).digest()[:4], "big") % len(palette)]
+    red, green, blue = (round(255 * channel) for channel in colour)
+    return red, green, blue
 
 
 def _label_colours(labels: Mapping[int, str]) -> dict[int, tuple[float, float, float]]:

@@ -1,0 +1,226 @@
+"""The OHIF web viewer beside a DICOMweb PACS: its prebuilt files from the pinned npm package, and a small
+same-origin front that serves them and proxies ``/dicom-web`` to the PACS (the demo's; production uses nginx,
+deploy/k8s/viewer).
+
+Same origin is the point: the browser then needs no CORS from the PACS, and one login proxy in front covers
+both. The front tells the PACS its own origin (a ``Forwarded`` header), so the BulkData URLs the PACS writes
+point back through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tarfile
+import tempfile
+import threading
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
+
+from satseg.checkout import VIEWER_DEPLOYMENT
+from satseg.errors import one_line
+from satseg.server.front import body_stream, forwarded_headers
+
+OHIF_PIN = VIEWER_DEPLOYMENT / "ohif.json"
+"""The npm package of OHIF's prebuilt viewer: name, version and the registry's integrity of its tarball (the
+viewer's image, deploy/viewer.Dockerfile, reads the same file)."""
+APP_CONFIG = VIEWER_DEPLOYMENT / "app-config.js"
+NPM_REGISTRY = "https://registry.npmjs.org"
+"""npm's default registry; ``npm_config_registry`` (a hospital's mirror) overrides it, as it does for npm."""
+DICOMWEB_PATH = "/dicom-web"
+"""Where the viewer's config (deploy/k8s/viewer/app-config.js) looks for DICOMweb: its own origin."""
+APP_CONFIG_PATH = "/app-config.js"
+FETCH_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class NpmPackage:
+    """One pinned npm package (``ohif.json``): what is served is exactly what was pinned."""
+
+    package: str
+    version: str
+    integrity: str
+
+    @classmethod
+    def load(cls, path: Path = OHIF_PIN) -> NpmPackage:
+        return cls(**json.loads(path.read_text()))
+
+    @property
+    def tarball_url(self) -> str:
+        registry = os.environ.get("npm_config_registry") or NPM_REGISTRY  # noqa: SIM112 (npm's own name)
+        return f"{registry.rstrip('/')}/{self.package}/-/{self.package.split('/')[-1]}-{self.version}.tgz"
+
+    def cache(self) -> Path:
+        """Where its files are kept between runs (``$XDG_CACHE_HOME/satseg``, else ``~/.cache/satseg``)."""
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return root / "satseg" / f"{self.package.strip('@').replace('/', '-')}-{self.version}"
+
+
+def fetch_viewer(pin: NpmPackage | None = None, cache: Path | None = None) -> Path:
+    """The folder of OHIF's prebuilt viewer (``index.html`` and its bundles), fetched once into ``cache``.
+
+    The package's tarball (about 50 MB; 200 MB unpacked) comes from the npm registry and is checked against
+    the pinned integrity before anything is unpacked.
+
+    Raises:
+        RuntimeError: the registry did not answer, or the tarball is not the pinned one (one line).
+    """
+    pin = pin or NpmPackage.load()
+    cache = cache or pin.cache()
+    dist = cache / "dist"
+    if (dist / "index.html").is_file():
+        return dist
+    cache.mkdir(parents=True, exist_ok=True)
+    algorithm, expected = pin.integrity.split("-", 1)
+    digest = hashlib.new(algorithm)
+    with tempfile.TemporaryDirectory(dir=cache) as scratch:
+        archive = Path(scratch) / "package.tgz"
+        try:
+            with urllib.request.urlopen(pin.tarball_url, timeout=FETCH_TIMEOUT_S) as answer, archive.open("wb") as out:
+                while chunk := answer.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+        except OSError as error:
+            raise RuntimeError(f"could not fetch {pin.package}@{pin.version}: {one_line(str(error))}") from None
+        if base64.b64encode(digest.digest()).decode() != expected:
+            raise RuntimeError(f"{pin.tarball_url} is not the pinned {pin.package}@{pin.version} (integrity)")
+        unpacked = Path(scratch) / "unpacked"
+        with tarfile.open(archive) as tar:
+            members = [member for member in tar.getmembers() if member.name.startswith("package/dist/")]
+            tar.extractall(unpacked, members=members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        shutil.rmtree(dist, ignore_errors=True)  # a half-unpacked folder from an interrupted run
+        (unpacked / "package" / "dist").rename(dist)
+    return dist
+
+
+class ViewerFront:
+    """The viewer's files and a same-origin proxy of a DICOMweb root, served by its own event loop in a thread.
+
+    Args:
+        dist: the viewer's files (:func:`fetch_viewer`).
+        dicomweb_url: the PACS's DICOMweb root, e.g. Orthanc's ``http://127.0.0.1:8042/dicom-web``.
+        config: the viewer's ``app-config.js``, served in place of the package's.
+        host, port: where to listen; loopback by default (the demo's front has no login), port 0 picks one.
+    """
+
+    def __init__(
+        self,
+        dist: Path,
+        dicomweb_url: str,
+        config: Path = APP_CONFIG,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.dist = dist.resolve()
+        self.dicomweb_url = dicomweb_url.rstrip("/")
+        self.config = config
+        self.listening = socket.create_server((host, port))
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._session: ClientSession | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sat-viewer-front", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.listening.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def study_url(self, study_uid: str, seg_series_uid: str = "") -> str:
+        """The viewer's page for one study, every series of it (SEG, RT Structure Set...) in the study panel;
+        with ``seg_series_uid``, that SEG is shown at once, drawn over the series it segments."""
+        query = {
+            "StudyInstanceUIDs": study_uid,
+            **({"initialSeriesInstanceUID": seg_series_uid} if seg_series_uid else {}),
+        }
+        return f"{self.url}/viewer?{urllib.parse.urlencode(query)}"
+
+    def start(self) -> ViewerFront:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._setup(), self._loop).result(STOP_TIMEOUT_S)
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._cleanup(), self._loop).result(STOP_TIMEOUT_S * 2)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(STOP_TIMEOUT_S)
+        self.listening.close()
+
+    def __enter__(self) -> ViewerFront:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    async def _setup(self) -> None:
+        self._session = ClientSession(
+            connector=TCPConnector(limit=0), timeout=ClientTimeout(total=None, sock_connect=10), auto_decompress=False
+        )
+        app = web.Application()
+        app.router.add_route("*", DICOMWEB_PATH + "{tail:(/.*)?}", self._proxy)
+        app.router.add_get(APP_CONFIG_PATH, self._config)
+        app.router.add_get("/{tail:.*}", self._static)
+        self._runner = web.AppRunner(app, auto_decompress=False, access_log=None, shutdown_timeout=STOP_TIMEOUT_S)
+        await self._runner.setup()
+        await web.SockSite(self._runner, self.listening).start()
+
+    async def _cleanup(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _config(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(self.config, headers={"Cache-Control": "no-cache"})
+
+    async def _static(self, request: web.Request) -> web.StreamResponse:
+        """A file of the viewer, else its ``index.html``: the viewer routes its own paths (``/viewer``...)."""
+        path = (self.dist / request.match_info["tail"]).resolve()
+        if not path.is_file() or not path.is_relative_to(self.dist):
+            path = self.dist / "index.html"
+        return web.FileResponse(path)
+
+    async def _proxy(self, request: web.Request) -> web.StreamResponse:
+        assert self._session is not None
+        headers = forwarded_headers(request.headers)
+        # RFC 7239: the PACS (Orthanc's DICOMweb plugin among others) then writes BulkData URLs on this origin.
+        headers["Forwarded"] = f"host={request.host};proto={request.scheme}"
+        target = f"{self.dicomweb_url}{request.match_info['tail']}"
+        if request.query_string:
+            target += f"?{request.query_string}"
+        response: web.StreamResponse | None = None
+        try:
+            async with self._session.request(
+                request.method,
+                target,
+                headers=headers,
+                data=body_stream(b"", request.content) if request.body_exists else None,
+                allow_redirects=False,
+            ) as upstream:
+                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                response.headers.extend(forwarded_headers(upstream.headers))
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+        except (ClientError, ConnectionError, asyncio.TimeoutError) as error:
+            if response is not None and response.prepared:
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            reason = one_line(str(error)) or type(error).__name__
+            return web.Response(status=502, text=f"the PACS's DICOMweb is not answering ({reason})\n")
