@@ -123,8 +123,9 @@ bench-train: (env "dev")
 demo: (env "dev")
     {{bin}}/sat-demo -o {{demo_dir}}
 
-# Orthanc, the served demo model and sat-dicom-node: the demo CT goes into Orthanc as DICOM, its DICOM SEG
-# comes back there; writes pacs_demo_output/seg_preview.png. Installs Debian's orthanc first when root.
+# Orthanc, the served demo model, sat-dicom-node and the OHIF viewer: the demo CT goes into Orthanc as DICOM,
+# its DICOM SEG comes back there; writes pacs_demo_output/seg_preview.png and prints the viewer's URL.
+# Installs Debian's orthanc first when root.
 pacs-demo *args="": (env "dev")
     #!/usr/bin/env bash
     set -euo pipefail

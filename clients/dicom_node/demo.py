@@ -64,6 +64,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-o", "--output", type=Path, default=Path("pacs_demo_output"), help="default pacs_demo_output")
     parser.add_argument("--keep-running", action="store_true", help="keep Orthanc up until Ctrl-C")
     parser.add_argument("--viewer-port", type=int, default=0, help="the viewer's loopback port (default: a free one)")
+    parser.add_argument(
+        "--screenshot",
+        type=Path,
+        help="also open the viewer in headless Chromium (needs it and playwright) and save the page as this PNG",
+    )
     return parser.parse_args(argv)
 
 
@@ -108,6 +113,9 @@ def write_dicom_series(volume: Volume, folder: Path, description: str) -> Path:
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, int(ct)
         ds.RescaleSlope, ds.RescaleIntercept = slope, 0.0 if ct else low
+        if ct:  # what a viewer shows first: the abdominal soft-tissue window, as a scanner's protocol sets it
+            low_hu, high_hu = CT_SOFT_TISSUE_WINDOW
+            ds.WindowCenter, ds.WindowWidth = (low_hu + high_hu) / 2, high_hu - low_hu
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
         ds.save_as(folder / f"slice{k:04d}.dcm", enforce_file_format=True)
     return folder
@@ -181,10 +189,15 @@ def run_demo(args: argparse.Namespace) -> int:
             study = viewer.study_url(seg.StudyInstanceUID, seg.SeriesInstanceUID)
             print(f"    viewer, the CT with its SEG (and RT Structure Set in the study panel): {study}")
             print(f"    viewer's study list (series uploaded into this Orthanc, with their results): {viewer.url}")
+            if args.screenshot is not None:
+                with timer.step("open the viewer in headless Chromium and take a screenshot"):
+                    screenshot(study, busiest_slice(seg, series), args.screenshot)
+                print(f"    look at {args.screenshot}")
         if args.keep_running:
             print(
                 f"    all stays up until Ctrl-C: upload a CT or MR series at {orthanc.url}/app/explorer.html "
-                f"(or storescu to 127.0.0.1:{orthanc.dicom_port}); the node pulls it and its SEG appears there",
+                f"(or storescu to 127.0.0.1:{orthanc.dicom_port}); the node pulls it, and its SEG appears in "
+                "Orthanc and in the viewer's study list",
                 flush=True,
             )
             threading.Event().wait()
@@ -214,6 +227,39 @@ def start_viewer(orthanc: Orthanc, port: int) -> ViewerFront | None:
         print(f"    (no viewer: {error})")
         return None
     return ViewerFront(dist, orthanc.dicomweb_url, port=port).start()
+
+
+def busiest_slice(seg: pydicom.Dataset, series: Path) -> np.ndarray:
+    """The centre (patient LPS mm) of the series' slice where the SEG's segments cover the most voxels."""
+    masks, _ = read_dicom_seg(seg, series)
+    volume = load_volume(series)
+    k = int(np.argmax(np.sum(masks > 0, axis=(0, 1, 2))))
+    centre = [(volume.shape[0] - 1) / 2, (volume.shape[1] - 1) / 2, k, 1.0]
+    return LPS @ (volume.affine @ centre)[:3]
+
+
+def screenshot(url: str, world_lps: np.ndarray, path: Path) -> None:
+    """The viewer at ``url`` in headless Chromium, on the image through ``world_lps``, saved as a PNG.
+
+    Raises:
+        SatInputError: no Chromium, or no playwright (one line each).
+    """
+    from satseg_clients.viewer_browser import CHROMIUM_INSTALL_HINT, ViewerBrowser, chromium_executable
+
+    executable = chromium_executable()
+    if executable is None:
+        raise SatInputError(f"--screenshot needs Chromium: {CHROMIUM_INSTALL_HINT}")
+    try:
+        browser = ViewerBrowser(executable)
+    except ImportError:
+        raise SatInputError(
+            "--screenshot needs playwright (pip install playwright; it drives the system's Chromium)"
+        ) from None
+    with browser:
+        browser.open(url)
+        browser.show_slice_at(world_lps)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        browser.screenshot(path)
 
 
 def demo_node(output: Path, orthanc: Orthanc, port: int, triton_url: str) -> Node:
