@@ -9,7 +9,6 @@ point back through it.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
@@ -18,18 +17,17 @@ import shutil
 import socket
 import tarfile
 import tempfile
-import threading
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp import web
 
 from satseg.checkout import VIEWER_DEPLOYMENT
 from satseg.errors import one_line
-from satseg.server.front import body_stream, forwarded_headers
+from satseg.server.front import ProxyServer, forwarded_headers, relay
 
 OHIF_PIN = VIEWER_DEPLOYMENT / "ohif.json"
 """The npm package of OHIF's prebuilt viewer: name, version and the registry's integrity of its tarball (the
@@ -41,7 +39,6 @@ DICOMWEB_PATH = "/dicom-web"
 """Where the viewer's config (deploy/k8s/viewer/app-config.js) looks for DICOMweb: its own origin."""
 APP_CONFIG_PATH = "/app-config.js"
 FETCH_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -104,8 +101,8 @@ def fetch_viewer(pin: NpmPackage | None = None, cache: Path | None = None) -> Pa
     return dist
 
 
-class ViewerFront:
-    """The viewer's files and a same-origin proxy of a DICOMweb root, served by its own event loop in a thread.
+class ViewerFront(ProxyServer):
+    """The viewer's files and a same-origin proxy of a DICOMweb root (a context manager).
 
     Args:
         dist: the viewer's files (:func:`fetch_viewer`).
@@ -122,19 +119,14 @@ class ViewerFront:
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
+        super().__init__(socket.create_server((host, port)), "sat-viewer-front")
         self.dist = dist.resolve()
         self.dicomweb_url = dicomweb_url.rstrip("/")
         self.config = config
-        self.listening = socket.create_server((host, port))
-        self._loop = asyncio.new_event_loop()
-        self._runner: web.AppRunner | None = None
-        self._session: ClientSession | None = None
-        self._thread = threading.Thread(target=self._loop.run_forever, name="sat-viewer-front", daemon=True)
 
     @property
     def url(self) -> str:
-        host, port = self.listening.getsockname()[:2]
-        return f"http://{host}:{port}"
+        return f"http://{self.listening.getsockname()[0]}:{self.port}"
 
     def study_url(self, study_uid: str, seg_series_uid: str = "") -> str:
         """The viewer's page for one study, every series of it (SEG, RT Structure Set...) in the study panel;
@@ -145,18 +137,6 @@ class ViewerFront:
         }
         return f"{self.url}/viewer?{urllib.parse.urlencode(query)}"
 
-    def start(self) -> ViewerFront:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._setup(), self._loop).result(STOP_TIMEOUT_S)
-        return self
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(self._cleanup(), self._loop).result(STOP_TIMEOUT_S * 2)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(STOP_TIMEOUT_S)
-        self.listening.close()
-
     def __enter__(self) -> ViewerFront:
         return self.start()
 
@@ -165,23 +145,10 @@ class ViewerFront:
     ) -> None:
         self.stop()
 
-    async def _setup(self) -> None:
-        self._session = ClientSession(
-            connector=TCPConnector(limit=0), timeout=ClientTimeout(total=None, sock_connect=10), auto_decompress=False
-        )
-        app = web.Application()
-        app.router.add_route("*", DICOMWEB_PATH + "{tail:(/.*)?}", self._proxy)
-        app.router.add_get(APP_CONFIG_PATH, self._config)
-        app.router.add_get("/{tail:.*}", self._static)
-        self._runner = web.AppRunner(app, auto_decompress=False, access_log=None, shutdown_timeout=STOP_TIMEOUT_S)
-        await self._runner.setup()
-        await web.SockSite(self._runner, self.listening).start()
-
-    async def _cleanup(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
+    def routes(self, router: web.UrlDispatcher) -> None:
+        router.add_route("*", DICOMWEB_PATH + "{tail:(/.*)?}", self._proxy)
+        router.add_get(APP_CONFIG_PATH, self._config)
+        router.add_get("/{tail:.*}", self._static)
 
     async def _config(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(self.config, headers={"Cache-Control": "no-cache"})
@@ -194,33 +161,17 @@ class ViewerFront:
         return web.FileResponse(path)
 
     async def _proxy(self, request: web.Request) -> web.StreamResponse:
-        assert self._session is not None
         headers = forwarded_headers(request.headers)
         # RFC 7239: the PACS (Orthanc's DICOMweb plugin among others) then writes BulkData URLs on this origin.
         headers["Forwarded"] = f"host={request.host};proto={request.scheme}"
         target = f"{self.dicomweb_url}{request.match_info['tail']}"
         if request.query_string:
             target += f"?{request.query_string}"
-        response: web.StreamResponse | None = None
-        try:
-            async with self._session.request(
-                request.method,
-                target,
-                headers=headers,
-                data=body_stream(b"", request.content) if request.body_exists else None,
-                allow_redirects=False,
-            ) as upstream:
-                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                response.headers.extend(forwarded_headers(upstream.headers))
-                await response.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
-                return response
-        except (ClientError, ConnectionError, asyncio.TimeoutError) as error:
-            if response is not None and response.prepared:
-                if request.transport is not None:
-                    request.transport.close()
-                return response
-            reason = one_line(str(error)) or type(error).__name__
-            return web.Response(status=502, text=f"the PACS's DICOMweb is not answering ({reason})\n")
+        return await relay(
+            self.session,
+            request,
+            target,
+            headers,
+            b"",
+            lambda reason: web.Response(status=502, text=f"the PACS's DICOMweb is not answering ({reason})\n"),
+        )

@@ -7,10 +7,8 @@ WebGL2 (Cornerstone3D's renderer) runs there on SwiftShader, the CPU rasteriser.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,8 +30,12 @@ CHROMIUM_FLAGS = (
     "--disable-quic",
 )
 LOAD_TIMEOUT_S = 120.0
-DIALOGS = (re.compile("^skip all$", re.IGNORECASE), re.compile("^confirm and hide$", re.IGNORECASE))
-"""OHIF's first-visit tour and its investigational-use notice: dismissed so they do not cover the image."""
+ACKNOWLEDGED = """
+    sessionStorage.setItem('investigationalUseDialog', 'hidden');
+    localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']));
+"""
+"""What OHIF stores once a user has confirmed its investigational-use notice and seen its first-visit tour:
+set before the page loads, so neither covers the image in a screenshot (a person still sees both)."""
 
 _VIEWPORT = "window.cornerstone.getRenderingEngines()[0].getViewports()[0]"
 _SEGMENTATION = "window.services.segmentationService"
@@ -65,6 +67,7 @@ class ViewerBrowser:
             self._playwright.stop()
             raise
         self.page = self._browser.new_page(viewport={"width": width, "height": height})
+        self.page.add_init_script(ACKNOWLEDGED)
         self.failed_requests: list[str] = []
         self.page.on("response", lambda answer: answer.status >= 400 and self.failed_requests.append(answer.url))
 
@@ -82,7 +85,7 @@ class ViewerBrowser:
 
     def open(self, url: str, timeout_s: float = LOAD_TIMEOUT_S) -> list[str]:
         """Open ``url`` (a study with its SEG, :meth:`ViewerFront.study_url`) and wait until the viewer has
-        loaded a segmentation and drawn it; dismiss OHIF's first-visit dialogs. The loaded segments' labels.
+        loaded a segmentation and drawn it. The loaded segments' labels.
 
         Raises:
             playwright.sync_api.TimeoutError: no segmentation after ``timeout_s``.
@@ -91,9 +94,6 @@ class ViewerBrowser:
         self.page.wait_for_function(
             f"() => window.services && {_SEGMENTATION}.getSegmentations().length > 0", timeout=timeout_s * 1000
         )
-        for dialog in DIALOGS:
-            with contextlib.suppress(Exception):  # shown once per browser profile; absent is fine
-                self.page.get_by_text(dialog).click(timeout=3000)
         self.page.evaluate(_FRAME)
         return self.segment_labels()
 

@@ -24,7 +24,7 @@ import socket
 import threading
 import zlib
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, StreamReader, TCPConnector, web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -212,29 +212,69 @@ async def body_stream(prefix: bytes, content: StreamReader) -> AsyncIterator[byt
         yield chunk
 
 
-class HttpFront:
-    """The front on an already bound socket, run by its own event loop in a daemon thread.
+async def relay(
+    session: ClientSession,
+    request: web.Request,
+    url: str,
+    headers: CIMultiDict[str],
+    prefix: bytes,
+    unreachable: Callable[[str], web.StreamResponse],
+) -> web.StreamResponse:
+    """``request`` sent on to ``url`` (``prefix``, the body bytes already read, first) and the upstream's answer
+    streamed back, headers included; ``unreachable(reason)`` answers when the upstream cannot be reached."""
+    body = body_stream(prefix, request.content) if request.body_exists else None
+    response: web.StreamResponse | None = None
+    try:
+        async with session.request(request.method, url, headers=headers, data=body, allow_redirects=False) as upstream:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            response.headers.extend(forwarded_headers(upstream.headers))
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+    except (ClientError, ConnectionError, asyncio.TimeoutError) as error:
+        if response is not None and response.prepared:
+            # The answer has begun (or the client left): only a closed connection can tell the client.
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        return unreachable(one_line(str(error)) or type(error).__name__)
+
+
+Server = TypeVar("Server", bound="ProxyServer")
+
+
+class ProxyServer:
+    """An aiohttp application on an already bound socket, run by its own event loop in a daemon thread, with
+    one client session to its upstream (compressed bodies pass through both ways as they were sent).
+    Subclasses add their routes in :meth:`routes`.
 
     Args:
         listening: the bound public socket (bound by the caller, so a busy port fails before anything starts).
-        upstream: ``http://127.0.0.1:PORT`` of tritonserver's private HTTP endpoint.
-        failure: why the server can no longer answer, or ``None``; health endpoints answer 503 with it.
+        name: the thread's name.
     """
 
-    def __init__(self, listening: socket.socket, upstream: str, failure: Callable[[], str | None]) -> None:
+    def __init__(self, listening: socket.socket, name: str) -> None:
         self.listening = listening
-        self.upstream = upstream.rstrip("/")
-        self.failure = failure
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._session: ClientSession | None = None
-        self._thread = threading.Thread(target=self._loop.run_forever, name="sat-http-front", daemon=True)
+        self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
 
     @property
     def port(self) -> int:
         return int(self.listening.getsockname()[1])
 
-    def start(self) -> HttpFront:
+    @property
+    def session(self) -> ClientSession:
+        assert self._session is not None, "not started"
+        return self._session
+
+    def routes(self, router: web.UrlDispatcher) -> None:
+        raise NotImplementedError
+
+    def start(self: Server) -> Server:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._setup(), self._loop).result(STOP_TIMEOUT_S)
         return self
@@ -248,7 +288,6 @@ class HttpFront:
         self.listening.close()
 
     async def _setup(self) -> None:
-        # auto_decompress off on both sides: compressed bodies pass through as the client sent them.
         self._session = ClientSession(
             connector=TCPConnector(limit=0),
             timeout=ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S),
@@ -256,7 +295,7 @@ class HttpFront:
             skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
         )
         app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self.routes(app.router)
         self._runner = web.AppRunner(app, auto_decompress=False, access_log=None, shutdown_timeout=STOP_TIMEOUT_S)
         await self._runner.setup()
         await web.SockSite(self._runner, self.listening).start()
@@ -266,6 +305,24 @@ class HttpFront:
             await self._runner.cleanup()
         if self._session is not None:
             await self._session.close()
+
+
+class HttpFront(ProxyServer):
+    """The front of ``sat-serve``.
+
+    Args:
+        listening: the bound public socket.
+        upstream: ``http://127.0.0.1:PORT`` of tritonserver's private HTTP endpoint.
+        failure: why the server can no longer answer, or ``None``; health endpoints answer 503 with it.
+    """
+
+    def __init__(self, listening: socket.socket, upstream: str, failure: Callable[[], str | None]) -> None:
+        super().__init__(listening, "sat-http-front")
+        self.upstream = upstream.rstrip("/")
+        self.failure = failure
+
+    def routes(self, router: web.UrlDispatcher) -> None:
+        router.add_route("*", "/{tail:.*}", self._handle)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if HEALTH_PATH.match(request.path):
@@ -304,28 +361,11 @@ class HttpFront:
         return prefix
 
     async def _forward(self, request: web.Request, prefix: bytes) -> web.StreamResponse:
-        assert self._session is not None
-        body = body_stream(prefix, request.content) if request.body_exists else None
-        response: web.StreamResponse | None = None
-        try:
-            async with self._session.request(
-                request.method,
-                f"{self.upstream}{request.rel_url}",
-                headers=forwarded_headers(request.headers),
-                data=body,
-                allow_redirects=False,
-            ) as upstream:
-                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                response.headers.extend(forwarded_headers(upstream.headers))
-                await response.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
-                return response
-        except (ClientError, ConnectionError, asyncio.TimeoutError) as error:
-            if response is not None and response.prepared:
-                # The answer has begun (or the client left): only a closed connection can tell the client.
-                if request.transport is not None:
-                    request.transport.close()
-                return response
-            return refusal(503, f"tritonserver is not answering ({one_line(str(error)) or type(error).__name__})")
+        return await relay(
+            self.session,
+            request,
+            f"{self.upstream}{request.rel_url}",
+            forwarded_headers(request.headers),
+            prefix,
+            lambda reason: refusal(503, f"tritonserver is not answering ({reason})"),
+        )
