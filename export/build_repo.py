@@ -21,7 +21,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,15 @@ from satseg.errors import ExportError, SatInputError
 from satseg.geometry import MODALITIES, Volume, load_volume
 from satseg.model import SAT
 from satseg.onnx_graphs import ExportedGraph, export_text_encoder, export_vision, file_sha256
-from satseg.runtimes import openvino_has_native_bf16
+from satseg.runtimes import INT8_GRAPH, int8_acceleration, openvino_has_native_bf16
 from satseg.spec import ModelSpec
 from satseg.text import PromptTokenizer, Vocabulary, resolve_text_encoder
 from satseg_export.fp16 import convert_to_fp16
+from satseg_export.int8 import offer_int8
 from satseg_export.parity import (
     BF16_MIN_DICE,
     DEFAULT_MIN_DICE,
+    INT8_MIN_DICE,
     ParityReport,
     compare_text,
     compare_vision,
@@ -91,6 +93,8 @@ class ExportSettings:
     seed: int = 0
     random_patches: int = RANDOM_PATCHES
     real_patches: int = REAL_PATCHES
+    int8: bool = False
+    int8_windows: int | None = None
 
 
 def build_repository(settings: ExportSettings) -> list[ParityReport]:
@@ -113,6 +117,9 @@ def build_repository(settings: ExportSettings) -> list[ParityReport]:
         failed = [report for report in reports if report.blocking and not report.passed]
         if failed:
             raise ExportError("parity gate failed, nothing installed: " + "; ".join(r.summary() for r in failed))
+        int8 = graphs["vision"].path.with_name(INT8_GRAPH)
+        if int8.is_file():
+            graphs["vision int8"] = replace(graphs["vision"], path=int8, sha256=file_sha256(int8))
         write_prompt_assets(sat, vocabulary, staging / "prompt_encoder" / "1")
         (staging / "sat").mkdir()
         write_metadata(staging / ENTRY_MODEL / CONTRACT_FILE, sat, metadata, vocabulary, graphs, settings)
@@ -190,6 +197,21 @@ def check_parity(
                 reports.append(
                     compare_vision(expected[label], logits, prompts, graph=checked, inputs=label, min_dice=gate)
                 )
+    if settings.int8:
+        # Every window of the volume by default (the organs must be in the gate), most textured first:
+        # calibrated on every other one, gated on the rest, which it never saw.
+        windows = volume_patches(volume, settings.modality, spec, count=settings.int8_windows)
+        calibration, held_out = windows[0::2], windows[1::2]
+        _, int8_reports = offer_int8(
+            graphs["vision"].path,
+            calibration.numpy(),
+            held_out.numpy(),
+            torch_logits(sat.vision, held_out, queries),
+            queries.numpy(),
+            prompts,
+            f"{source} windows (not the {len(calibration)} calibration windows)",
+        )
+        reports += int8_reports
     return reports
 
 
@@ -421,6 +443,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--real-patches", type=int, default=REAL_PATCHES, help=f"windows of the real volume checked ({REAL_PATCHES})"
     )
     parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also offer an INT8 OpenVINO graph of vision (NNCF), installed only if it holds the Dice gate "
+        f"({INT8_MIN_DICE}) on real windows it was not calibrated on; needs a CPU with VNNI or AMX",
+    )
+    parser.add_argument(
+        "--int8-windows",
+        type=int,
+        help="with --int8: the volume's most textured windows used, half to calibrate, half to gate (default all)",
+    )
+    parser.add_argument(
         "--if-stale",
         action="store_true",
         help="do nothing when the repository was already exported from these exact weights by this version",
@@ -448,9 +481,18 @@ def main(argv: list[str] | None = None) -> int:
             keep_norms_fp32=args.keep_norms_fp32,
             random_patches=args.random_patches,
             real_patches=args.real_patches,
+            int8=args.int8,
+            int8_windows=args.int8_windows,
         )
+        if settings.int8 and not int8_acceleration():
+            raise SatInputError(
+                "--int8: this CPU has no INT8 instructions (AVX512-VNNI, AVX-VNNI or AMX), so an INT8 graph would "
+                "not run faster than FP32 here; export on the serving CPU class, or leave --int8 out"
+            )
         if min(settings.random_patches, settings.real_patches) < 1:
             raise SatInputError("--random-patches and --real-patches must be at least 1")
+        if settings.int8_windows is not None and settings.int8_windows < 2:
+            raise SatInputError("--int8-windows must be at least 2: one to calibrate on, one to gate on")
         if args.if_stale and repository_is_current(settings):
             print(f"{settings.repository} is current for {settings.checkpoint} (nothing to do)")
             return 0

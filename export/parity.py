@@ -27,6 +27,9 @@ DEFAULT_MIN_DICE = 0.99
 """FP32 ONNX must agree with PyTorch at least this well on every prompt's thresholded mask, in every runtime."""
 BF16_MIN_DICE = 0.98
 """OpenVINO BF16 is offered only where it agrees with PyTorch at least this well on the real windows."""
+INT8_MIN_DICE = 0.98
+"""The INT8 graph is installed only where it agrees with PyTorch FP32 at least this well on real windows that
+were not its calibration windows."""
 MIN_GATED_VOXELS = 100
 """A prompt whose masks hold fewer voxels than this in both runs is reported, not gated: one flipped voxel of
 a 10-voxel speck is Dice 0.95, which says nothing about the graph's arithmetic."""
@@ -202,9 +205,9 @@ def compare_text(
     return ParityReport(graph, inputs, worst, p99, {}, 0.0, worst <= max_abs_error)
 
 
-def volume_patches(volume: Volume, modality: str, spec: ModelSpec, count: int) -> torch.Tensor:
-    """Up to ``count`` windows ``[B, 1, H, W, D]`` of a real volume as inference prepares it (the model
-    ``spec``'s grid and window), the most textured first.
+def volume_patches(volume: Volume, modality: str, spec: ModelSpec, count: int | None) -> torch.Tensor:
+    """Up to ``count`` (``None``: all) windows ``[B, 1, H, W, D]`` of a real volume as inference prepares it
+    (the model ``spec``'s grid and window), the most textured first.
 
     Windows are ranked by intensity spread, so the comparison sees anatomy rather than air.
     """

@@ -20,10 +20,16 @@ from satseg.errors import SatInputError
 RUNTIMES = ("torch", "onnxruntime", "openvino")
 """``torch``: the checkpoint's own PyTorch model; the others run its exported ONNX graph."""
 GRAPH_RUNTIMES = RUNTIMES[1:]
-GRAPH_PRECISIONS = ("fp32", "bf16")
-"""Arithmetic of a graph runtime: FP32, or BF16 (OpenVINO only, on a CPU with native BF16)."""
-OPENVINO_PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
-"""Always stated: OpenVINO would otherwise pick BF16 by itself on a CPU that has it."""
+GRAPH_PRECISIONS = ("fp32", "bf16", "int8")
+"""Arithmetic of a graph runtime: FP32; BF16 (OpenVINO only, on a CPU with native BF16); INT8 (OpenVINO only,
+on the gated INT8 graph ``sat-export`` writes beside the FP32 one, :data:`INT8_GRAPH`)."""
+OPENVINO_PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+"""Always stated: OpenVINO would otherwise pick BF16 by itself on a CPU that has it. An INT8 graph's quantized
+layers run in INT8 whatever the hint; the layers left in float run FP32, as they were gated."""
+INT8_GRAPH = "model.int8.xml"
+"""The INT8 OpenVINO graph (NNCF post-training quantisation) in a vision version folder, beside model.onnx."""
+INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+"""The x86 instructions that make INT8 convolutions fast (/proc/cpuinfo names)."""
 
 
 def check_runtime(runtime: str, precision: str = "fp32") -> None:
@@ -36,6 +42,22 @@ def check_runtime(runtime: str, precision: str = "fp32") -> None:
         raise SatInputError(f"bf16 runs on openvino only, not {runtime}")
     if precision == "bf16" and not openvino_has_native_bf16():
         raise SatInputError("bf16 needs a CPU with native BF16 (AVX512-BF16 or AMX); this one has none, use fp32")
+    if precision == "int8" and runtime != "openvino":
+        raise SatInputError(f"int8 runs on openvino only, not {runtime}")
+
+
+def int8_acceleration() -> str:
+    """The INT8 instructions this CPU has (:data:`INT8_CPU_FLAGS`, comma-separated), or ``""``: INT8 graphs still
+    run there, but there is no reason to expect them faster than FP32."""
+    try:
+        flags = next(
+            set(line.split(":", 1)[1].split())
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        )
+    except (OSError, StopIteration):
+        return ""
+    return ", ".join(flag for flag in INT8_CPU_FLAGS if flag in flags)
 
 
 def openvino_has_native_bf16() -> bool:

@@ -16,12 +16,14 @@ from satseg.errors import ExportError
 from satseg.geometry import MODALITIES
 from satseg.onnx_graphs import file_sha256
 from satseg.pipeline import Segmenter
-from satseg.runtimes import openvino_has_native_bf16
+from satseg.runtimes import INT8_GRAPH, int8_acceleration, openvino_has_native_bf16
 from satseg.text import Vocabulary
 from satseg_export.build_repo import ExportSettings, build_repository, main, write_report
+from satseg_export.int8 import CANDIDATES
 from satseg_export.isolated import run_isolated
 from satseg_export.parity import (
     BF16_MIN_DICE,
+    INT8_MIN_DICE,
     absolute_errors,
     compare_vision,
     graph_vision_logits,
@@ -48,9 +50,12 @@ pytest.importorskip("onnx", reason="onnx (the export extra) writes and checks th
 
 @pytest.fixture(scope="module")
 def exported(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
-    """One export of the random tiny checkpoint into a fresh repository (the slow part: about a minute)."""
+    """One export of the random tiny checkpoint into a fresh repository (the slow part: about a minute), with the
+    INT8 graph offered where this CPU has INT8 instructions (sat-export --int8)."""
     repository = tmp_path_factory.mktemp("triton_repo")
-    reports = build_repository(ExportSettings(checkpoint=tiny_checkpoint, repository=repository))
+    int8 = bool(int8_acceleration())
+    settings = ExportSettings(checkpoint=tiny_checkpoint, repository=repository, int8=int8, int8_windows=8)
+    reports = build_repository(settings)
     return repository, reports
 
 
@@ -96,6 +101,38 @@ def test_every_graph_passes_its_parity_gate(exported: tuple[Path, list]) -> None
         assert bf16.min_dice == BF16_MIN_DICE and not bf16.blocking
     written = json.loads((repository / "sat" / "export_report.json").read_text())
     assert len(written) == len(reports)
+
+
+def test_int8_is_installed_only_where_it_holds_its_gate(exported: tuple[Path, list]) -> None:
+    """Each candidate tried is reported beside the others, gated on windows it was not calibrated on, never
+    blocking; the graph is installed, and listed in the contract, exactly when the last one tried passed."""
+    if not int8_acceleration():
+        pytest.skip("this CPU has no VNNI or AMX: sat-export refuses --int8 here (the next test)")
+    repository, reports = exported
+    tried = [report for report in reports if report.graph.startswith("vision · openvino int8")]
+    assert tried and len(tried) <= len(CANDIDATES)
+    for report in tried:
+        assert report.min_dice == INT8_MIN_DICE and not report.blocking
+        assert report.inputs == "phantom CT windows (not the 4 calibration windows)"
+    assert all(not report.passed for report in tried[:-1])
+    graph = repository / "vision" / "1" / INT8_GRAPH
+    assert graph.is_file() == tried[-1].passed == graph.with_suffix(".bin").is_file()
+    listed = json.loads((repository / "sat" / "metadata.json").read_text())["graphs"].get("vision int8")
+    assert (listed is not None) == tried[-1].passed
+    if listed is not None:
+        assert listed["file"] == f"vision/1/{INT8_GRAPH}" and listed["sha256"] == file_sha256(graph)
+
+
+def test_int8_export_is_refused_in_one_line_on_a_cpu_without_int8_instructions(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from satseg_export import build_repo
+
+    monkeypatch.setattr(build_repo, "int8_acceleration", lambda: "")
+    assert main([str(tiny_checkpoint), "--repository", str(tmp_path / "repo"), "--int8"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("sat-export: error: --int8: this CPU has no INT8 instructions")
+    assert not (tmp_path / "repo").exists()
 
 
 def test_graphs_take_any_batch_and_prompt_count(exported: tuple[Path, list], tiny_checkpoint: Path) -> None:

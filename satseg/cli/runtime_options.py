@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 
 import torch
 
-from satseg.checkpoint import load_checkpoint
+from satseg.checkout import DEFAULT_REPOSITORY
+from satseg.checkpoint import WEIGHTS_FILE, load_checkpoint
+from satseg.contract import CONTRACT_FILE, ENTRY_MODEL
 from satseg.engine.options import PRECISIONS, InferenceOptions, check_precision
 from satseg.errors import SatInputError
+from satseg.onnx_graphs import file_sha256
 from satseg.pipeline import Segmenter
-from satseg.runtimes import RUNTIMES
+from satseg.runtimes import INT8_GRAPH, RUNTIMES, int8_acceleration
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +38,8 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision",
         default="fp32",
         choices=PRECISIONS,
-        help="vision model arithmetic: fp32 (default), fp16 (torch on CUDA, autocast) or bf16 (openvino on a CPU "
-        "with native BF16)",
+        help="vision model arithmetic: fp32 (default), fp16 (torch on CUDA, autocast), bf16 (openvino on a CPU "
+        "with native BF16) or int8 (openvino on the INT8 graph `sat-export --int8` gated)",
     )
 
 
@@ -43,7 +48,28 @@ def check_runtime_arguments(args: argparse.Namespace) -> None:
     if args.graph is not None and args.runtime == "torch":
         raise SatInputError("--graph is for --runtime onnxruntime or openvino; torch runs the checkpoint itself")
     if args.graph is not None and not args.graph.is_file():
-        raise SatInputError(f"--graph {args.graph} is not a file; expected a vision model.onnx")
+        raise SatInputError(f"--graph {args.graph} is not a file; expected a vision model.onnx (or model.int8.xml)")
+
+
+def default_int8_graph(checkpoint: Path) -> Path:
+    """The INT8 graph that ``sat-export --int8`` gated for ``checkpoint`` in the checkout's repository.
+
+    Raises:
+        SatInputError: there is none for these weights (one line: how to make one, or pass ``--graph``).
+    """
+    graph = DEFAULT_REPOSITORY / "vision" / "1" / INT8_GRAPH
+    try:
+        contract = json.loads((DEFAULT_REPOSITORY / ENTRY_MODEL / CONTRACT_FILE).read_text())
+        exported_from = contract["checkpoint"]["weights_sha256"]
+    except (OSError, ValueError, KeyError):
+        exported_from = None
+    if not graph.is_file() or exported_from != file_sha256(checkpoint / WEIGHTS_FILE):
+        raise SatInputError(
+            f"--precision int8 needs an INT8 graph gated for these weights: `sat-export {checkpoint} --int8` "
+            "installs one where it holds its Dice gate (see its report), or pass --graph REPOSITORY/vision/1/"
+            f"{INT8_GRAPH}"
+        )
+    return graph
 
 
 def segmenter_for(
@@ -59,5 +85,12 @@ def segmenter_for(
     if options.runtime != "torch":
         from satseg.graph_cache import cached_vision_graph  # torch.onnx and onnxscript: only for a graph runtime
 
-        graph = args.graph or cached_vision_graph(checkpoint, model)
+        graph = args.graph or (
+            default_int8_graph(checkpoint) if options.precision == "int8" else cached_vision_graph(checkpoint, model)
+        )
+        if options.precision == "int8" and not int8_acceleration():
+            print(
+                "warning: this CPU has no AVX512-VNNI, AVX-VNNI or AMX: INT8 may be no faster than FP32",
+                file=sys.stderr,
+            )
     return Segmenter(model, device=device, options=options, metadata=metadata, graph=graph, **kwargs)  # type: ignore[arg-type]

@@ -24,7 +24,8 @@ class InferenceOptions:
     of the model grid (2 bytes per voxel each); more prompts take more passes over the windows.
     ``runtime`` runs the vision model: ``torch`` (the checkpoint), or ``onnxruntime`` or ``openvino`` on its
     exported graph (CPU; :mod:`satseg.runtimes`). ``precision`` is its arithmetic: ``fp32``; ``fp16`` (torch on
-    CUDA, autocast); ``bf16`` (openvino on a CPU with native BF16). Logits come back float32.
+    CUDA, autocast); ``bf16`` (openvino on a CPU with native BF16); ``int8`` (openvino on the INT8 graph that
+    ``sat-export`` gated). Logits come back float32.
     ``keep_largest_component``: a structure the spec lists as one connected body keeps only the largest
     connected piece of its ``> threshold`` mask (its other pieces get probability 0).
     """
@@ -51,7 +52,7 @@ class InferenceOptions:
         return WindowRun(self.batch_size, self.prompts_per_pass, self.accumulator_dtype, device, progress)
 
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 def check_precision(precision: str, device: torch.device, runtime: str = "torch") -> None:
@@ -68,8 +69,8 @@ def check_precision(precision: str, device: torch.device, runtime: str = "torch"
         return
     if precision == "fp16" and device.type != "cuda":
         raise SatInputError(f"precision fp16 needs a CUDA device, not {device}; the CPU runs fp32")
-    if precision == "bf16":
-        raise SatInputError("precision bf16 is for --runtime openvino; torch runs fp32 (fp16 on CUDA)")
+    if precision in ("bf16", "int8"):
+        raise SatInputError(f"precision {precision} is for --runtime openvino; torch runs fp32 (fp16 on CUDA)")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -3,8 +3,9 @@ OpenVINO (:mod:`satseg.runtimes`).
 
 It is the CPU stand-in for a TensorRT plan (``configs/cpu.pbtxt`` of ``text_encoder`` and ``vision``): same
 inputs and outputs, read from the model config, so the ensemble above it cannot tell them apart. The config's
-parameters choose ``runtime`` (``onnxruntime`` or ``openvino``), ``precision`` (``fp32``, or ``bf16`` for
-OpenVINO on a CPU with native BF16) and ``intra_op_threads`` (0: the runtime's choice).
+parameters choose ``runtime`` (``onnxruntime`` or ``openvino``), ``precision`` (``fp32``; ``bf16`` for
+OpenVINO on a CPU with native BF16; ``int8`` for OpenVINO on the INT8 graph ``sat-export --int8`` gated)
+and ``intra_op_threads`` (0: the runtime's choice).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from satseg.runtimes import GraphSession
+from satseg.runtimes import INT8_GRAPH, GraphSession
 
 ONNX_FILE = "model.onnx"
 
@@ -22,14 +23,16 @@ class OnnxTritonModel:
     """Lifecycle: ``initialize`` once per instance, ``execute`` per batch of requests, ``finalize`` at unload."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        """Open ``<model>/<version>/model.onnx`` with the runtime, precision and threads the config names."""
+        """Open ``<model>/<version>/model.onnx`` (``model.int8.xml`` for precision int8) with the runtime, precision
+        and threads the config names."""
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        path = Path(args["model_repository"]) / args["model_version"] / ONNX_FILE
+        precision = parameters.get("precision", "fp32")
+        graph = INT8_GRAPH if precision == "int8" else ONNX_FILE  # sat-export --int8 installs it where it gated
         self.session: GraphSession | None = GraphSession(
-            path,
+            Path(args["model_repository"]) / args["model_version"] / graph,
             parameters.get("runtime", "onnxruntime"),
-            parameters.get("precision", "fp32"),
+            precision,
             threads=int(parameters.get("intra_op_threads", "0")),
         )
         self.input_names = [item["name"] for item in config["input"]]
