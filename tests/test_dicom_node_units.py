@@ -68,10 +68,11 @@ ROUTES = (
     [
         ({}, 40, "abdomen_organs", "route 3"),
         ({}, 2, None, "no route matches"),
-        ({"BodyPartExamined": "HEAD"}, 40, None, "skipped by route 2"),
+        ({"BodyPartExamined": "HEAD"}, 40, None, "route 2 skips it"),
         ({"Modality": "MR", "SeriesDescription": "Sag T1 MPRAGE"}, 176, "brain_structures", "route 1"),
         ({"Modality": "MR", "SeriesDescription": "T2 FLAIR"}, 176, None, "no route matches"),
         ({"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}, 40, None, "localizer series"),
+        ({"ImageType": ["LOCALIZER"]}, 40, None, "localizer series"),  # one value: pydicom gives a str
         ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.88.67"}, 1, None, "structured report"),
         ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}, 40, None, "secondary capture"),
     ],
@@ -81,7 +82,21 @@ def test_routing_takes_the_first_matching_rule_and_skips_what_is_no_volume(
 ) -> None:
     decision = route(header(**values), instances, ROUTES)
     assert decision.task == task
-    assert reason in decision.reason
+    assert reason in decision.reason and "skipped" not in decision.reason  # the job's state says it
+
+
+def test_status_names_each_state_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``status`` printed ``skipped: skipped: no route matches``: the state, then a reason that repeated it."""
+    from satseg_clients.dicom_node.cli import main
+
+    config = tmp_path / "node.toml"
+    deployed = (Path(__file__).parents[1] / "deploy" / "dicom_node.toml").read_text()
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n' + deployed.replace("data_dir =", "# data_dir ="))
+    store = JobStore(tmp_path / "data" / "jobs.sqlite")
+    store.skip_series("9.9", "8.8", "dicomweb", route(header(**{"ImageType": ["LOCALIZER"]}), 3, ROUTES).reason)
+    assert main(["status", "--config", str(config)]) == 0
+    [last] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("last")]
+    assert last == f"last    {job_id('9.9')}  skipped: a localizer series"
 
 
 def test_an_instance_counts_once_and_a_quiet_series_becomes_complete(tmp_path: Path) -> None:

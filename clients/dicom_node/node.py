@@ -107,7 +107,7 @@ class Node:
         header = pydicom.dcmread(files[0], stop_before_pixels=True)
         routing = route(header, len(files), self.config.routes)
         if routing.task is None:
-            logger.info("job %s: %s", job.id, routing.reason)
+            logger.info("job %s: skipped: %s", job.id, routing.reason)
             self.metrics.skipped.inc()
             if self.config.jobs.retention == "delete_when_sent":
                 self._retire(job.id)

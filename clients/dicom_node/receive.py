@@ -168,7 +168,7 @@ def pull_new_series(
             continue
         modality = str(header.get("Modality", "")).upper()
         if modality in NOT_IMAGE_MODALITIES:
-            store.skip_series(series, study, "dicomweb", f"skipped: a {modality} series, not an image volume")
+            store.skip_series(series, study, "dicomweb", f"a {modality} series, not an image volume")
             continue
         last_counts[series] = expected or 0
         if previous_counts.get(series) != last_counts[series]:

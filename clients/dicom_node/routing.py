@@ -24,7 +24,8 @@ SCOUT_IMAGE_TYPES = frozenset({"LOCALIZER", "SCOUT", "SCANOGRAM"})
 
 @dataclass(frozen=True)
 class Routing:
-    """The decision for one series: the task to run, or ``None`` and the reason it is skipped."""
+    """The decision for one series: the task to run, or ``None`` and the reason it is skipped (without the word
+    "skipped", which the job's state already says)."""
 
     task: str | None
     reason: str
@@ -35,16 +36,17 @@ def route(header: pydicom.Dataset, instances: int, routes: Sequence[Route]) -> R
     sop_class = str(header.get("SOPClassUID", ""))
     for prefix, kind in NOT_VOLUME_SOP_CLASS_PREFIXES.items():
         if sop_class.startswith(prefix):
-            return Routing(None, f"skipped: {kind}, not an image volume")
-    image_type = {str(value).upper() for value in header.get("ImageType", [])}
+            return Routing(None, f"{kind}, not an image volume")
+    values = header.get("ImageType", [])
+    image_type = {str(value).upper() for value in ([values] if isinstance(values, str) else values)}  # VM 1: a str
     if image_type & SCOUT_IMAGE_TYPES:
-        return Routing(None, f"skipped: a {'/'.join(sorted(image_type & SCOUT_IMAGE_TYPES)).lower()} series")
+        return Routing(None, f"a {'/'.join(sorted(image_type & SCOUT_IMAGE_TYPES)).lower()} series")
     for index, rule in enumerate(routes, 1):
         if matches(rule, header, instances):
             if rule.skip:
-                return Routing(None, f"skipped by route {index}")
+                return Routing(None, f"route {index} skips it")
             return Routing(rule.task, f"route {index}: task {rule.task}")
-    return Routing(None, "skipped: no route matches")
+    return Routing(None, "no route matches")
 
 
 def matches(rule: Route, header: pydicom.Dataset, instances: int) -> bool:
