@@ -342,6 +342,9 @@ def test_empty_uids_and_strangers_are_refused_and_the_node_stays_up(
         stranger = AE(ae_title="STRANGER")
         stranger.add_requested_context(Verification)
         assert not stranger.associate("127.0.0.1", node_port, ae_title=NODE_AET).is_established
+        misdirected = AE(ae_title="ORTHANC")  # an allowed peer, set up for another node's AE title
+        misdirected.add_requested_context(Verification)
+        assert not misdirected.associate("127.0.0.1", node_port, ae_title="NOTNODE").is_established
         modality = AE(ae_title="ORTHANC")
         modality.add_requested_context(CTImageStorage)
         association = modality.associate("127.0.0.1", node_port, ae_title=NODE_AET)
@@ -353,6 +356,9 @@ def test_empty_uids_and_strangers_are_refused_and_the_node_stays_up(
     finally:
         node.stop()
     assert "its SeriesInstanceUID is empty" in caplog.text
+    assert "refused an association from 127.0.0.1:" in caplog.text
+    assert "calling AE title 'STRANGER' is not in allowed_calling_ae_titles" in caplog.text
+    assert f"it called AE title 'NOTNODE', not this node's '{NODE_AET}'" in caplog.text
     assert node.store.counts()[SENT] == 1 and sum(node.store.counts().values()) == 1
 
 

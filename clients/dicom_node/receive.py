@@ -76,6 +76,7 @@ def storage_scp(config: Receive, store: JobStore, incoming: Path, verbose: bool 
 
     ae = AE(ae_title=config.ae_title)
     ae.require_calling_aet = list(config.allowed_calling_ae_titles)
+    ae.require_called_aet = True  # a peer that addresses another AE title was set up for another node
     for name in STORAGE_SOP_CLASSES:
         ae.add_supported_context(getattr(sop_class, name))
     ae.add_supported_context(sop_class.Verification)
@@ -88,11 +89,23 @@ def storage_scp(config: Receive, store: JobStore, incoming: Path, verbose: bool 
         import ssl
 
         ssl_context = config.tls.context(ssl.Purpose.CLIENT_AUTH)
-    server = ae.start_server(
-        (config.host, config.port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)], ssl_context=ssl_context
-    )
+    handlers = [(evt.EVT_C_STORE, on_store), (evt.EVT_REJECTED, lambda event: log_rejected(event, config))]
+    server = ae.start_server((config.host, config.port), block=False, evt_handlers=handlers, ssl_context=ssl_context)
     logger.info("storage SCP %s listening on %s:%d", config.ae_title, config.host, config.port)
     return server
+
+
+def log_rejected(event: Any, config: Receive) -> None:
+    """One line per refused association: who called, from where, and why (AE titles and addresses only)."""
+    requestor = event.assoc.requestor
+    calling, called = (str(title).strip() for title in (requestor.ae_title, requestor.primitive.called_ae_title))
+    if calling not in config.allowed_calling_ae_titles:
+        reason = f"calling AE title {calling!r} is not in allowed_calling_ae_titles"
+    elif called != config.ae_title:
+        reason = f"it called AE title {called!r}, not this node's {config.ae_title!r}"
+    else:
+        reason = "pynetdicom refused it (see --verbose)"
+    logger.warning("refused an association from %s:%s: %s", requestor.address, requestor.port, reason)
 
 
 def handle_store(event: Any, config: Receive, store: JobStore, incoming: Path, verbose: bool) -> int:
