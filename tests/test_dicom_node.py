@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -472,3 +473,55 @@ def test_triton_stopped_mid_run_then_restarted_and_the_job_completes(
     job = node.store.get(job_id(series_uid(folder)))
     assert job.attempts == 0  # waiting for a server is not a failure
     assert len(segs_of(orthanc, series_uid(folder))) == 1
+
+
+def test_random_bytes_are_refused_as_such_and_only_the_node_s_lines_reach_its_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A storage request whose data set is random bytes behind a valid file meta (what a fuzzer or a broken
+    sender makes) is refused as not DICOM, not as "StudyInstanceUID is empty"; and without --verbose the log
+    of the real ``sat-dicom-node run`` holds the node's own lines only, none of pydicom's or pynetdicom's."""
+    from pydicom.uid import CTImageStorage as CT_STORAGE
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE, _config
+    from pynetdicom.sop_class import CTImageStorage
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # the file's bytes as they are, unparsed
+    [port] = free_ports(1)
+    document = {
+        "data_dir": str(tmp_path / "node"),
+        "receive": {"port": port, "allowed_calling_ae_titles": ["ORTHANC"], "settle_s": 1.0},
+        "segment": {"triton_urls": ["127.0.0.1:1"]},
+        "send": {"kind": "dimse", "ae_title": "ORTHANC", "port": 1},
+        "route": [{"modality": "CT", "task": TASK}],
+    }
+    config_path = write_toml(from_document(document, tmp_path), tmp_path)
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CT_STORAGE, "1.2.3.4"
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    noise = tmp_path / "noise.dcm"
+    buffer = io.BytesIO()
+    pydicom.filewriter.write_file_meta_info(buffer, meta)
+    noise.write_bytes(b"\0" * 128 + b"DICM" + buffer.getvalue() + np.random.default_rng(0).bytes(4096))
+    log = tmp_path / "node.log"
+    process = start_node(config_path, log)
+    try:
+        modality = AE(ae_title="ORTHANC")
+        modality.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        association = wait_for(
+            lambda: (a := modality.associate("127.0.0.1", port, ae_title=NODE_AET)).is_established and a,
+            "association",
+            timeout_s=60,
+        )
+        assert association.send_c_store(noise).Status == CANNOT_UNDERSTAND
+        association.release()
+        with socket.create_connection(("127.0.0.1", port)) as stray:  # not even DICOM's upper layer
+            stray.sendall(b"GET / HTTP/1.1\r\n\r\n" + np.random.default_rng(1).bytes(512))
+            time.sleep(1.0)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    assert any("it is not a DICOM data set" in line for line in lines), lines
+    assert not any("is empty" in line for line in lines)
+    assert lines and all(" sat-dicom-node: " in line for line in lines), lines

@@ -52,10 +52,13 @@ def run(args: argparse.Namespace) -> int:
 
     # Only the node's own lines, unless --verbose: pynetdicom's, highdicom's and pydicom's (warnings included)
     # quote UIDs and header values, which identify patients.
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.ERROR,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # A library that sets its own logger's level (pydicom does) reaches the root handler whatever the root's
+    # level, so the handler itself lets only the node's lines through.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if not args.verbose:
+        handler.addFilter(lambda record: record.name.split(".")[0] == "sat-dicom-node")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR, handlers=[handler])
     logging.captureWarnings(True)
     logging.getLogger("sat-dicom-node").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     node = Node(NodeConfig.load(args.config), verbose=args.verbose)

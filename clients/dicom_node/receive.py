@@ -17,7 +17,7 @@ import pydicom
 from satseg.atomic import write_bytes_atomically
 from satseg_clients.dicom_node.config import DicomWeb, Receive
 from satseg_clients.dicom_node.jobs import COMPLETE, RECEIVED, JobStore, job_id, uid_hash
-from satseg_clients.dicom_seg import empty_uid_reason, missing_uid
+from satseg_clients.dicom_seg import SOURCE_UIDS, empty_uid_reason, missing_uid
 
 logger = logging.getLogger("sat-dicom-node")
 
@@ -125,6 +125,9 @@ def handle_store(event: Any, config: Receive, store: JobStore, incoming: Path, v
         dataset.file_meta = event.file_meta
     except Exception as error:  # any decoding failure: the peer sent something unreadable
         logger.warning("refused an instance from %s: it does not decode (%s)", calling, type(error).__name__)
+        return CANNOT_UNDERSTAND
+    if not any(keyword in dataset for keyword in ("SOPClassUID", *SOURCE_UIDS)):
+        logger.warning("refused an instance from %s: it is not a DICOM data set (no SOP Class UID, no UIDs)", calling)
         return CANNOT_UNDERSTAND
     missing = missing_uid(dataset)
     if missing:
