@@ -525,3 +525,42 @@ def test_random_bytes_are_refused_as_such_and_only_the_node_s_lines_reach_its_lo
     assert any("it is not a DICOM data set" in line for line in lines), lines
     assert not any("is empty" in line for line in lines)
     assert lines and all(" sat-dicom-node: " in line for line in lines), lines
+
+
+def test_a_series_sent_again_after_its_job_is_done_is_said_once_per_series(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Resending a sent (or parked) series through the real storage SCP: every instance is acknowledged and
+    dropped, and the log says so once for the series, with what to do about it; no line per instance."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    from satseg_clients.dicom_node.config import Receive
+    from satseg_clients.dicom_node.receive import storage_scp
+
+    caplog.set_level(logging.INFO, logger="sat-dicom-node")
+    folder = ct_series(tmp_path / "ct", seed=36, shape=(24, 20, 6))
+    [port] = free_ports(1)
+    store = JobStore(tmp_path / "jobs.sqlite")
+    server = storage_scp(Receive(port=port, allowed_calling_ae_titles=("ORTHANC",)), store, tmp_path / "incoming")
+    modality = AE(ae_title="ORTHANC")
+    modality.add_requested_context(CTImageStorage)
+    identifier = job_id(series_uid(folder))
+    try:
+        for state in (None, SENT, FAILED):
+            if state is not None:
+                store.move(identifier, state, reason="parked for the test" if state == FAILED else None)
+            association = modality.associate("127.0.0.1", port, ae_title=NODE_AET)
+            statuses = [association.send_c_store(pydicom.dcmread(path)).Status for path in sorted(folder.iterdir())]
+            association.release()
+            assert statuses == [0x0000] * 6
+    finally:
+        server.shutdown()
+    again = [record.getMessage() for record in caplog.records if "came again" in record.getMessage()]
+    assert again == [
+        f"job {identifier}: the series came again after it was taken; its result was sent; its instances are dropped",
+        f"job {identifier}: the series came again after it was taken; it is parked; its instances are dropped "
+        "(`sat-dicom-node replay <job>` takes it again)",
+    ]
+    job = store.get(identifier)
+    assert job is not None and job.state == FAILED and job.instances == 6

@@ -16,7 +16,18 @@ import pydicom
 
 from satseg.atomic import write_bytes_atomically
 from satseg_clients.dicom_node.config import DicomWeb, Receive
-from satseg_clients.dicom_node.jobs import COMPLETE, RECEIVED, JobStore, job_id, uid_hash
+from satseg_clients.dicom_node.jobs import (
+    COMPLETE,
+    FAILED,
+    RECEIVED,
+    SEGMENTED,
+    SEGMENTING,
+    SENT,
+    SKIPPED,
+    JobStore,
+    job_id,
+    uid_hash,
+)
 from satseg_clients.dicom_seg import SOURCE_UIDS, empty_uid_reason, missing_uid
 
 logger = logging.getLogger("sat-dicom-node")
@@ -41,17 +52,34 @@ NOT_IMAGE_MODALITIES = frozenset({"SEG", "SR", "RTSTRUCT", "RTPLAN", "RTDOSE", "
 """Modalities a DICOMweb series is skipped for without pulling it (the node's own SEG results among them)."""
 
 
+AGAIN = {
+    SENT: "its result was sent; its instances are dropped",
+    SKIPPED: "it was skipped; its instances are dropped (`sat-dicom-node replay <job>` takes it again)",
+    FAILED: "it is parked; its instances are dropped (`sat-dicom-node replay <job>` takes it again)",
+    SEGMENTING: "it is being segmented; its instances are dropped",
+    SEGMENTED: "its result is being sent; its instances are dropped",
+}
+"""What happens to the instances of a series that arrive once its job is past receiving, by the job's state."""
+
+
 def instance_path(incoming: Path, identifier: str, instance_uid: str) -> Path:
     return incoming / identifier / f"{uid_hash(instance_uid)}.dcm"
 
 
 def keep_instance(
-    store: JobStore, incoming: Path, dataset: pydicom.Dataset, data: bytes, origin: str, expected: int | None = None
+    store: JobStore,
+    incoming: Path,
+    dataset: pydicom.Dataset,
+    data: bytes,
+    origin: str,
+    expected: int | None = None,
+    told: set[tuple[str, str]] | None = None,
 ) -> str:
     """Write one instance (its encoded file) and record it; returns its job id.
 
     The file goes to disk before the database row, so a row always has its file; an instance of a job that is
-    past receiving is dropped (logged), which is how a resent series is not segmented twice.
+    past receiving is dropped, which is how a resent series is not segmented twice. That is logged once per
+    job, state and process (``told`` holds those already logged), with what to do about it.
     """
     series, study, instance = (
         str(dataset.get(name)) for name in ("SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID")
@@ -59,7 +87,10 @@ def keep_instance(
     identifier = job_id(series)
     job = store.get(identifier)
     if job is not None and job.state not in (RECEIVED, COMPLETE):
-        logger.info("job %s: an instance arrived after the series was taken (%s); not added", identifier, job.state)
+        if told is None or (identifier, job.state) not in told:
+            logger.info("job %s: the series came again after it was taken; %s", identifier, AGAIN[job.state])
+            if told is not None:
+                told.add((identifier, job.state))
         return identifier
     path = instance_path(incoming, identifier, instance)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,8 +112,10 @@ def storage_scp(config: Receive, store: JobStore, incoming: Path, verbose: bool 
         ae.add_supported_context(getattr(sop_class, name))
     ae.add_supported_context(sop_class.Verification)
 
+    told: set[tuple[str, str]] = set()  # (job, state) whose late instances were already logged
+
     def on_store(event: Any) -> int:
-        return handle_store(event, config, store, incoming, verbose)
+        return handle_store(event, config, store, incoming, verbose, told)
 
     ssl_context = None
     if config.tls is not None:
@@ -108,7 +141,14 @@ def log_rejected(event: Any, config: Receive) -> None:
     logger.warning("refused an association from %s:%s: %s", requestor.address, requestor.port, reason)
 
 
-def handle_store(event: Any, config: Receive, store: JobStore, incoming: Path, verbose: bool) -> int:
+def handle_store(
+    event: Any,
+    config: Receive,
+    store: JobStore,
+    incoming: Path,
+    verbose: bool,
+    told: set[tuple[str, str]] | None = None,
+) -> int:
     """One C-STORE: refuse what cannot be filed (one logged line), else keep it and answer success."""
     calling = event.assoc.requestor.ae_title
     size = len(event.request.DataSet.getvalue())
@@ -133,7 +173,7 @@ def handle_store(event: Any, config: Receive, store: JobStore, incoming: Path, v
     if missing:
         logger.warning("refused an instance from %s: %s", calling, empty_uid_reason(missing))
         return CANNOT_UNDERSTAND
-    identifier = keep_instance(store, incoming, dataset, event.encoded_dataset(), f"dimse:{calling}")
+    identifier = keep_instance(store, incoming, dataset, event.encoded_dataset(), f"dimse:{calling}", told=told)
     if verbose:
         logger.debug("job %s: instance %s of series %s", identifier, dataset.SOPInstanceUID, dataset.SeriesInstanceUID)
     return SUCCESS
