@@ -214,6 +214,29 @@ def test_a_series_mixing_two_frames_of_reference_is_refused(tmp_path: Path) -> N
     assert "lie in 2 frames of reference" in message and len(message.splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("tag", "bad", "message"),
+    [
+        ("ImagePositionPatient", b"abc", "ImagePositionPatient is 'abc"),
+        ("PixelSpacing", b"0.0", "PixelSpacing is '0.0"),
+    ],
+)
+def test_a_geometry_tag_that_is_no_number_is_refused_naming_file_and_tag(
+    tmp_path: Path, tag: str, bad: bytes, message: str
+) -> None:
+    """A slice whose position or spacing is not a number can never be placed: one line naming the file and the
+    tag (it was ``could not convert string to float: 'abc'``, naming neither, and the node retried it)."""
+    write_series(tmp_path, distinct_hu((8, 6, 3)))
+    broken = sorted(tmp_path.iterdir())[1]
+    raw = broken.read_bytes()
+    text = bytes(pydicom.dcmread(broken).get_item(tag).value)
+    assert raw.count(text) == 1
+    broken.write_bytes(raw.replace(text, bad + text[len(bad) :]))  # same length: the file stays well-formed
+    with pytest.raises(SatInputError, match=f"DICOM file '{broken.name}': {message}") as refused:
+        load_volume(tmp_path)
+    assert "\n" not in str(refused.value) and "valid number" in str(refused.value)
+
+
 def test_folder_without_slices(tmp_path: Path) -> None:
     (tmp_path / "DICOMDIR").write_bytes(b"\0" * 10)
     assert "no DICOM image slices" in _error(load_volume, tmp_path)

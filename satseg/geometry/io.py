@@ -214,8 +214,8 @@ def sorted_series_headers(folder: str | os.PathLike[str]) -> list[tuple[Path, py
     :func:`load_dicom_series`): sorted along the slice normal (row cosine x column cosine).
 
     Raises:
-        SatInputError: no image slices, several series or frames of reference, multi-frame files, or slices of
-            different size or plane.
+        SatInputError: no image slices, a geometry tag that is not a number, several series or frames of
+            reference, multi-frame files, or slices of different size or plane.
     """
     folder = Path(folder)
     headers = _read_dicom_headers(folder)
@@ -223,6 +223,8 @@ def sorted_series_headers(folder: str | os.PathLike[str]) -> list[tuple[Path, py
         raise SatInputError(
             f"no DICOM image slices in folder {folder}; expected the files of one series directly in it"
         )
+    for path, ds in headers:
+        check_geometry_tags(path, ds)
     series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in headers}
     if len(series) > 1:
         raise SatInputError(f"folder {folder} holds {len(series)} DICOM series; put each series in its own folder")
@@ -246,6 +248,29 @@ def sorted_series_headers(folder: str | os.PathLike[str]) -> list[tuple[Path, py
     positions = np.array([ds.ImagePositionPatient for _, ds in headers], dtype=np.float64)
     order = np.argsort(positions @ np.cross(row_cosine, col_cosine), kind="stable")
     return [headers[i] for i in order]
+
+
+GEOMETRY_TAGS = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2, "Rows": 1, "Columns": 1}
+"""The tags that place a slice in the world, and how many numbers each holds."""
+
+
+def check_geometry_tags(path: Path, ds: pydicom.Dataset) -> None:
+    """Refuse a slice whose geometry tags are not finite numbers (or not positive, for sizes), naming the file and
+    the tag: such a slice can never be placed, so there is nothing to retry."""
+    for tag, count in GEOMETRY_TAGS.items():
+        try:
+            raw = ds.get(tag)  # pydicom converts DS and IS values here, and raises on text that is no number
+            values = [raw] if raw is None or isinstance(raw, (str, int, float)) else list(raw)
+            numbers = [float(value) for value in values]
+        except (TypeError, ValueError):
+            item = ds.get_item(tag)
+            value = item.value if item is not None else None
+            text = value.decode("latin-1") if isinstance(value, bytes) else value
+            values, numbers = (text.split("\\") if isinstance(text, str) else list(text or [])), []
+        finite = len(numbers) == count and all(np.isfinite(numbers))
+        if not finite or (tag not in ("ImagePositionPatient", "ImageOrientationPatient") and min(numbers) <= 0):
+            shown = "\\".join(str(value) for value in values)[:40]
+            raise SatInputError(f"DICOM file {path.name!r}: {tag} is {shown!r}, not {count} valid number(s)")
 
 
 def check_declared_pixels(headers: list[tuple[Path, pydicom.Dataset]], max_voxels: int) -> None:
