@@ -564,3 +564,41 @@ def test_a_series_sent_again_after_its_job_is_done_is_said_once_per_series(
     ]
     job = store.get(identifier)
     assert job is not None and job.state == FAILED and job.instances == 6
+
+
+@pytest.mark.parametrize("syntax", ["JPEG2000Lossless", "JPEGLSLossless", "RLELossless"])
+def test_a_compressed_series_is_accepted_and_reads_back_voxel_for_voxel(tmp_path: Path, syntax: str) -> None:
+    """Many PACS send CT compressed: a series compressed losslessly (pydicom's encoders) and C-STOREd in that
+    transfer syntax by pynetdicom is accepted by the real storage SCP, and the received files read back into
+    exactly the original voxels (storescu saw JPEG 2000 and JPEG-LS refused at association, 0006:020e)."""
+    from pydicom import uid
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    from satseg.geometry import load_volume
+    from satseg_clients.dicom_node.config import Receive
+    from satseg_clients.dicom_node.receive import storage_scp
+
+    folder = ct_series(tmp_path / "ct", seed=37, shape=(64, 64, 4))  # JPEG 2000 needs 32+ pixels a side
+    original = load_volume(folder)
+    transfer_syntax = getattr(uid, syntax)
+    for path in folder.iterdir():
+        dataset = pydicom.dcmread(path)
+        dataset.compress(transfer_syntax)
+        dataset.save_as(path, enforce_file_format=True)
+    [port] = free_ports(1)
+    store = JobStore(tmp_path / "jobs.sqlite")
+    server = storage_scp(Receive(port=port, allowed_calling_ae_titles=("ORTHANC",)), store, tmp_path / "incoming")
+    try:
+        modality = AE(ae_title="ORTHANC")
+        modality.add_requested_context(CTImageStorage, [transfer_syntax])
+        association = modality.associate("127.0.0.1", port, ae_title=NODE_AET)
+        assert association.is_established
+        assert [association.send_c_store(pydicom.dcmread(p)).Status for p in sorted(folder.iterdir())] == [0] * 4
+        association.release()
+    finally:
+        server.shutdown()
+    received = tmp_path / "incoming" / job_id(series_uid(folder))
+    assert {str(pydicom.dcmread(p).file_meta.TransferSyntaxUID) for p in received.iterdir()} == {transfer_syntax}
+    volume = load_volume(received)
+    assert np.array_equal(volume.array, original.array) and np.allclose(volume.affine, original.affine)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom import uid
 
 from satseg.atomic import write_bytes_atomically
 from satseg_clients.dicom_node.config import DicomWeb, Receive
@@ -32,6 +33,24 @@ from satseg_clients.dicom_seg import SOURCE_UIDS, empty_uid_reason, missing_uid
 
 logger = logging.getLogger("sat-dicom-node")
 
+ACCEPTED_TRANSFER_SYNTAXES = [
+    uid.ImplicitVRLittleEndian,
+    uid.ExplicitVRLittleEndian,
+    uid.DeflatedExplicitVRLittleEndian,
+    uid.ExplicitVRBigEndian,
+    # Compressed, as many PACS send CT: decoded by pydicom with pylibjpeg's openjpeg and libjpeg plugins (the
+    # pacs extra) and pydicom's own RLE decoder.
+    uid.JPEG2000Lossless,
+    uid.JPEG2000,
+    uid.JPEGLSLossless,
+    uid.JPEGLSNearLossless,
+    uid.JPEGBaseline8Bit,
+    uid.JPEGExtended12Bit,
+    uid.JPEGLossless,
+    uid.JPEGLosslessSV1,
+    uid.RLELossless,
+]
+"""Every transfer syntax the storage SCP accepts, the same for each SOP class."""
 STORAGE_SOP_CLASSES = (
     "CTImageStorage",
     "MRImageStorage",
@@ -109,7 +128,7 @@ def storage_scp(config: Receive, store: JobStore, incoming: Path, verbose: bool 
     ae.require_calling_aet = list(config.allowed_calling_ae_titles)
     ae.require_called_aet = True  # a peer that addresses another AE title was set up for another node
     for name in STORAGE_SOP_CLASSES:
-        ae.add_supported_context(getattr(sop_class, name))
+        ae.add_supported_context(getattr(sop_class, name), ACCEPTED_TRANSFER_SYNTAXES)
     ae.add_supported_context(sop_class.Verification)
 
     told: set[tuple[str, str]] = set()  # (job, state) whose late instances were already logged
