@@ -602,3 +602,43 @@ def test_a_compressed_series_is_accepted_and_reads_back_voxel_for_voxel(tmp_path
     assert {str(pydicom.dcmread(p).file_meta.TransferSyntaxUID) for p in received.iterdir()} == {transfer_syntax}
     volume = load_volume(received)
     assert np.array_equal(volume.array, original.array) and np.allclose(volume.affine, original.affine)
+
+
+def test_an_instance_under_a_uid_already_held_is_kept_once_or_refused_if_it_differs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same SOP Instance UID twice through the real storage SCP: identical content is acknowledged and kept
+    once; other content is refused and the first file kept; each logged once, naming the job, not the UID (a
+    different instance silently replaced the earlier file before)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    from satseg_clients.dicom_node.config import Receive
+    from satseg_clients.dicom_node.receive import instance_path, storage_scp
+
+    caplog.set_level(logging.INFO, logger="sat-dicom-node")
+    folder = ct_series(tmp_path / "ct", seed=38, shape=(24, 20, 4))
+    first = pydicom.dcmread(sorted(folder.iterdir())[0])
+    other = pydicom.dcmread(sorted(folder.iterdir())[0])
+    other.PixelData = bytes(len(other.PixelData))  # the same UIDs, other pixels
+    [port] = free_ports(1)
+    store = JobStore(tmp_path / "jobs.sqlite")
+    server = storage_scp(Receive(port=port, allowed_calling_ae_titles=("ORTHANC",)), store, tmp_path / "incoming")
+    try:
+        modality = AE(ae_title="ORTHANC")
+        modality.add_requested_context(CTImageStorage)
+        association = modality.associate("127.0.0.1", port, ae_title=NODE_AET)
+        statuses = [association.send_c_store(dataset).Status for dataset in (first, first, first, other)]
+        association.release()
+    finally:
+        server.shutdown()
+    assert statuses == [0x0000, 0x0000, 0x0000, CANNOT_UNDERSTAND]
+    identifier = job_id(str(first.SeriesInstanceUID))
+    kept = pydicom.dcmread(instance_path(tmp_path / "incoming", identifier, str(first.SOPInstanceUID)))
+    assert kept.PixelData == first.PixelData
+    job = store.get(identifier)
+    assert job is not None and job.instances == 1
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith(f"job {identifier}")]
+    assert sum("came again with the same content; kept once" in line for line in lines) == 1
+    assert sum("with other content; the first is kept and this one refused" in line for line in lines) == 1
+    assert str(first.SOPInstanceUID) not in caplog.text

@@ -81,6 +81,14 @@ AGAIN = {
 """What happens to the instances of a series that arrive once its job is past receiving, by the job's state."""
 
 
+class ConflictingInstance(Exception):
+    """An instance whose SOP Instance UID the job already holds, with other content."""
+
+    def __init__(self, job: str) -> None:
+        super().__init__(job)
+        self.job = job
+
+
 def instance_path(incoming: Path, identifier: str, instance_uid: str) -> Path:
     return incoming / identifier / f"{uid_hash(instance_uid)}.dcm"
 
@@ -98,7 +106,11 @@ def keep_instance(
 
     The file goes to disk before the database row, so a row always has its file; an instance of a job that is
     past receiving is dropped, which is how a resent series is not segmented twice. That is logged once per
-    job, state and process (``told`` holds those already logged), with what to do about it.
+    job, state and process (``told`` holds those already logged), with what to do about it. An instance whose
+    SOP Instance UID the job already holds is kept once if its content is the same.
+
+    Raises:
+        ConflictingInstance: the job holds that SOP Instance UID with other content (the first is kept).
     """
     series, study, instance = (
         str(dataset.get(name)) for name in ("SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID")
@@ -112,6 +124,14 @@ def keep_instance(
                 told.add((identifier, job.state))
         return identifier
     path = instance_path(incoming, identifier, instance)
+    if path.is_file():  # the same SOP Instance UID again: the same instance, or another under its name
+        if pydicom.dcmread(path) != dataset:
+            raise ConflictingInstance(identifier)
+        if told is None or (identifier, "duplicate") not in told:
+            logger.info("job %s: an instance came again with the same content; kept once", identifier)
+            if told is not None:
+                told.add((identifier, "duplicate"))
+        return identifier
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomically(path, data)
     job, new = store.add_instance(series, study, instance, origin, expected)
@@ -192,7 +212,15 @@ def handle_store(
     if missing:
         logger.warning("refused an instance from %s: %s", calling, empty_uid_reason(missing))
         return CANNOT_UNDERSTAND
-    identifier = keep_instance(store, incoming, dataset, event.encoded_dataset(), f"dimse:{calling}", told=told)
+    try:
+        identifier = keep_instance(store, incoming, dataset, event.encoded_dataset(), f"dimse:{calling}", told=told)
+    except ConflictingInstance as conflict:
+        logger.warning(
+            "job %s: an instance came again under a SOP Instance UID it already holds, with other content; "
+            "the first is kept and this one refused (the sender reuses UIDs: fix it there)",
+            conflict.job,
+        )
+        return CANNOT_UNDERSTAND
     if verbose:
         logger.debug("job %s: instance %s of series %s", identifier, dataset.SOPInstanceUID, dataset.SeriesInstanceUID)
     return SUCCESS
