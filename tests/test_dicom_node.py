@@ -642,3 +642,43 @@ def test_an_instance_under_a_uid_already_held_is_kept_once_or_refused_if_it_diff
     assert sum("came again with the same content; kept once" in line for line in lines) == 1
     assert sum("with other content; the first is kept and this one refused" in line for line in lines) == 1
     assert str(first.SOPInstanceUID) not in caplog.text
+
+
+def test_past_its_limits_the_spool_answers_out_of_resources_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With max_open_series 1 a second series is refused with A700 (a PACS retries it later) while the first
+    one's instances are still taken; under min_free_bytes every instance is refused; each refusal is one log
+    line and a count in the node's metrics, by limit (thirty series were all acknowledged before)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    from satseg_clients.dicom_node.config import Receive
+    from satseg_clients.dicom_node.metrics import Metrics
+    from satseg_clients.dicom_node.receive import OUT_OF_RESOURCES, storage_scp
+
+    first = sorted(ct_series(tmp_path / "first", seed=39, shape=(24, 20, 3)).iterdir())
+    second = sorted(ct_series(tmp_path / "second", seed=40, shape=(24, 20, 3)).iterdir())
+    port, metrics_port = free_ports(2)
+    store = JobStore(tmp_path / "jobs.sqlite")
+    metrics = Metrics(store, metrics_port)
+    statuses = {}
+    for name, limits in (("open", {"max_open_series": 1}), ("disk", {"min_free_bytes": 1 << 60})):
+        receive = Receive(port=port, allowed_calling_ae_titles=("ORTHANC",), **limits)
+        server = storage_scp(receive, store, tmp_path / "incoming", metrics=metrics)
+        try:
+            modality = AE(ae_title="ORTHANC")
+            modality.add_requested_context(CTImageStorage)
+            association = modality.associate("127.0.0.1", port, ae_title=NODE_AET)
+            order = [first[0], second[0], first[1]] if name == "open" else [first[2]]
+            statuses[name] = [association.send_c_store(pydicom.dcmread(path)).Status for path in order]
+            association.release()
+        finally:
+            server.shutdown()
+    assert statuses == {"open": [0x0000, OUT_OF_RESOURCES, 0x0000], "disk": [OUT_OF_RESOURCES]}
+    assert store.get(job_id(series_uid(tmp_path / "second"))) is None
+    assert "max_open_series is 1" in caplog.text and "min_free_bytes is" in caplog.text
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as answer:
+        exported = answer.read().decode()
+    assert 'sat_dicom_node_instances_refused_total{limit="open_series"} 1.0' in exported
+    assert 'sat_dicom_node_instances_refused_total{limit="free_disk"} 1.0' in exported

@@ -70,6 +70,10 @@ class Receive:
         allowed_calling_ae_titles: only these may associate; anyone else is refused at association.
         settle_s: a series is complete once no instance has come for this long (or its count is known).
         max_instance_bytes: a larger instance is refused (a memory bomb, or not an image slice).
+        max_open_series: a new series is refused (status A700, which a PACS retries later) while this many are
+            received and not yet done; instances of series already taken are still accepted.
+        min_free_bytes: instances are refused (A700) while the data folder's disk has less free space than
+            this plus the instance.
         dicomweb: the DICOMweb server to watch for new series, or ``None``.
         poll_s: seconds between two QIDO-RS searches of it.
         lookback_days: search only studies of the last this many days (0: every study).
@@ -81,6 +85,8 @@ class Receive:
     allowed_calling_ae_titles: tuple[str, ...] = ()
     settle_s: float = 30.0
     max_instance_bytes: int = 256 << 20
+    max_open_series: int = 100
+    min_free_bytes: int = 2 << 30
     tls: Tls | None = None
     dicomweb: DicomWeb | None = None
     poll_s: float = 30.0

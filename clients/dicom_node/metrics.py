@@ -20,6 +20,9 @@ class _Off:
     def observe(self, value: float) -> None:
         pass
 
+    def labels(self, *values: str) -> _Off:
+        return self
+
 
 class Metrics:
     """``sat_dicom_node_*``: instances received (counted by the database), series sent, failed and skipped,
@@ -30,6 +33,7 @@ class Metrics:
         self.failed: Any = _Off()
         self.skipped: Any = _Off()
         self.job_seconds: Any = _Off()
+        self.refused: Any = _Off()
         if port:
             self._serve(store, port, host)
 
@@ -44,6 +48,12 @@ class Metrics:
             "sat_dicom_node_job_seconds",
             "From taking a complete series to its result being sent",
             buckets=(5, 15, 30, 60, 120, 300, 600, 1200, 3600),
+            registry=registry,
+        )
+        self.refused = Counter(
+            "sat_dicom_node_instances_refused",
+            "Instances refused with A700 (out of resources), by limit: instance_size, free_disk, open_series",
+            ["limit"],
             registry=registry,
         )
         queue = Gauge("sat_dicom_node_queue_length", "Series received and not yet done", registry=registry)

@@ -57,7 +57,7 @@ class Node:
         for identifier in self.store.recover():
             logger.info("job %s: was being segmented when the node stopped; segmenting it again", identifier)
         scp = (
-            storage_scp(self.config.receive, self.store, self.incoming, self.verbose)
+            storage_scp(self.config.receive, self.store, self.incoming, self.verbose, self.metrics)
             if self.config.receive.port
             else None
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from satseg.atomic import write_bytes_atomically
 from satseg_clients.dicom_node.config import DicomWeb, Receive
 from satseg_clients.dicom_node.jobs import (
     COMPLETE,
+    DONE,
     FAILED,
     RECEIVED,
     SEGMENTED,
@@ -29,6 +31,7 @@ from satseg_clients.dicom_node.jobs import (
     job_id,
     uid_hash,
 )
+from satseg_clients.dicom_node.metrics import Metrics
 from satseg_clients.dicom_seg import SOURCE_UIDS, empty_uid_reason, missing_uid
 
 logger = logging.getLogger("sat-dicom-node")
@@ -140,7 +143,9 @@ def keep_instance(
     return identifier
 
 
-def storage_scp(config: Receive, store: JobStore, incoming: Path, verbose: bool = False) -> Any:
+def storage_scp(
+    config: Receive, store: JobStore, incoming: Path, verbose: bool = False, metrics: Metrics | None = None
+) -> Any:
     """Start the storage SCP in its own threads; returns the server (``.shutdown()`` stops it)."""
     from pynetdicom import AE, evt, sop_class
 
@@ -154,7 +159,7 @@ def storage_scp(config: Receive, store: JobStore, incoming: Path, verbose: bool 
     told: set[tuple[str, str]] = set()  # (job, state) whose late instances were already logged
 
     def on_store(event: Any) -> int:
-        return handle_store(event, config, store, incoming, verbose, told)
+        return handle_store(event, config, store, incoming, verbose, told, metrics)
 
     ssl_context = None
     if config.tls is not None:
@@ -180,6 +185,28 @@ def log_rejected(event: Any, config: Receive) -> None:
     logger.warning("refused an association from %s:%s: %s", requestor.address, requestor.port, reason)
 
 
+def spool_full(
+    config: Receive, store: JobStore, incoming: Path, dataset: pydicom.Dataset, size: int
+) -> tuple[str, str] | None:
+    """Why the spool cannot take this instance now (the limit's name and one line), or None."""
+    folder = incoming if incoming.is_dir() else incoming.parent
+    free = shutil.disk_usage(folder).free
+    if free - size < config.min_free_bytes:
+        floor = config.min_free_bytes >> 20
+        return "free_disk", f"{free >> 20} MiB free under the data folder, min_free_bytes is {floor} MiB"
+    if store.get(job_id(str(dataset.get("SeriesInstanceUID", "")))) is None:  # a new series
+        open_series = sum(count for state, count in store.counts().items() if state not in DONE)
+        if open_series >= config.max_open_series:
+            limit = config.max_open_series
+            return "open_series", f"{open_series} series received and not yet done, max_open_series is {limit}"
+    return None
+
+
+def refused(metrics: Metrics | None, limit: str) -> None:
+    if metrics is not None:
+        metrics.refused.labels(limit).inc()
+
+
 def handle_store(
     event: Any,
     config: Receive,
@@ -187,6 +214,7 @@ def handle_store(
     incoming: Path,
     verbose: bool,
     told: set[tuple[str, str]] | None = None,
+    metrics: Metrics | None = None,
 ) -> int:
     """One C-STORE: refuse what cannot be filed (one logged line), else keep it and answer success."""
     calling = event.assoc.requestor.ae_title
@@ -198,6 +226,7 @@ def handle_store(
             size,
             config.max_instance_bytes,
         )
+        refused(metrics, "instance_size")
         return OUT_OF_RESOURCES
     try:
         dataset = event.dataset
@@ -212,6 +241,11 @@ def handle_store(
     if missing:
         logger.warning("refused an instance from %s: %s", calling, empty_uid_reason(missing))
         return CANNOT_UNDERSTAND
+    if reason := spool_full(config, store, incoming, dataset, size):
+        limit, line = reason
+        logger.warning("refused an instance from %s (status A700, the PACS retries later): %s", calling, line)
+        refused(metrics, limit)
+        return OUT_OF_RESOURCES
     try:
         identifier = keep_instance(store, incoming, dataset, event.encoded_dataset(), f"dimse:{calling}", told=told)
     except ConflictingInstance as conflict:
