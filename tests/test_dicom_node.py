@@ -682,3 +682,51 @@ def test_past_its_limits_the_spool_answers_out_of_resources_and_says_so(
         exported = answer.read().decode()
     assert 'sat_dicom_node_instances_refused_total{limit="open_series"} 1.0' in exported
     assert 'sat_dicom_node_instances_refused_total{limit="free_disk"} 1.0' in exported
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_refused_large_instance_never_sits_in_the_node_s_memory(tmp_path: Path) -> None:
+    """A 160 MB instance over max_instance_bytes (32 MiB), sent by pynetdicom to the real ``sat-dicom-node run``:
+    refused with A700, and the node's peak RSS grows by far less than the instance (it went to disk as it came;
+    a refused 300 MB instance raised the node from 331 to 630 MB before)."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    from satseg_clients.dicom_node.receive import OUT_OF_RESOURCES
+
+    [port] = free_ports(1)
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "node"}"\n[receive]\nport = {port}\nallowed_calling_ae_titles = ["ORTHANC"]\n'
+        f'max_instance_bytes = {32 << 20}\n[segment]\ntriton_urls = ["127.0.0.1:1"]\n'
+        f'[send]\nae_title = "ORTHANC"\nport = 1\n[[route]]\nmodality = "CT"\ntask = "{TASK}"\n'
+    )
+    large = pydicom.dcmread(sorted(ct_series(tmp_path / "ct", seed=41, shape=(24, 20, 3)).iterdir())[0])
+    large.Rows, large.Columns = 8960, 8960  # 160 MB of 16-bit pixels
+    large.PixelData = bytes(8960 * 8960 * 2)
+    process = start_node(config, tmp_path / "node.log")
+    try:
+        modality = AE(ae_title="ORTHANC")
+        modality.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        association = wait_for(
+            lambda: (a := modality.associate("127.0.0.1", port, ae_title=NODE_AET)).is_established and a,
+            "association",
+            timeout_s=60,
+        )
+        before = peak_rss_mb(process.pid)
+        assert association.send_c_store(large).Status == OUT_OF_RESOURCES
+        after = peak_rss_mb(process.pid)
+        association.release()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    assert after - before < 32, f"peak RSS {before:.0f} -> {after:.0f} MB for a refused 160 MB instance"
+    assert "more than max_instance_bytes" in (tmp_path / "node.log").read_text()

@@ -7,6 +7,7 @@ it counts as received: the SCP answers a C-STORE only after both, so an acknowle
 from __future__ import annotations
 
 import datetime
+import io
 import logging
 import shutil
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from typing import Any
 import pydicom
 from pydicom import uid
 
-from satseg.atomic import write_bytes_atomically
+from satseg.atomic import atomic_file, write_bytes_atomically
 from satseg_clients.dicom_node.config import DicomWeb, Receive
 from satseg_clients.dicom_node.jobs import (
     COMPLETE,
@@ -100,12 +101,13 @@ def keep_instance(
     store: JobStore,
     incoming: Path,
     dataset: pydicom.Dataset,
-    data: bytes,
+    data: bytes | Path,
     origin: str,
     expected: int | None = None,
     told: set[tuple[str, str]] | None = None,
 ) -> str:
-    """Write one instance (its encoded file) and record it; returns its job id.
+    """Write one instance (its encoded file: ``data``, or the file at that path, copied) and record it; returns
+    its job id (``dataset`` needs only its header).
 
     The file goes to disk before the database row, so a row always has its file; an instance of a job that is
     past receiving is dropped, which is how a resent series is not segmented twice. That is logged once per
@@ -128,7 +130,8 @@ def keep_instance(
         return identifier
     path = instance_path(incoming, identifier, instance)
     if path.is_file():  # the same SOP Instance UID again: the same instance, or another under its name
-        if pydicom.dcmread(path) != dataset:
+        again = pydicom.dcmread(data if isinstance(data, Path) else io.BytesIO(data))
+        if pydicom.dcmread(path) != again:
             raise ConflictingInstance(identifier)
         if told is None or (identifier, "duplicate") not in told:
             logger.info("job %s: an instance came again with the same content; kept once", identifier)
@@ -136,7 +139,11 @@ def keep_instance(
                 told.add((identifier, "duplicate"))
         return identifier
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomically(path, data)
+    if isinstance(data, Path):
+        with atomic_file(path) as file, data.open("rb") as source:
+            shutil.copyfileobj(source, file)
+    else:
+        write_bytes_atomically(path, data)
     job, new = store.add_instance(series, study, instance, origin, expected)
     if new and job.instances == 1:
         logger.info("job %s: first instance, from %s", identifier, origin)
@@ -147,7 +154,11 @@ def storage_scp(
     config: Receive, store: JobStore, incoming: Path, verbose: bool = False, metrics: Metrics | None = None
 ) -> Any:
     """Start the storage SCP in its own threads; returns the server (``.shutdown()`` stops it)."""
-    from pynetdicom import AE, evt, sop_class
+    from pynetdicom import AE, _config, evt, sop_class
+
+    # Each received data set goes to a temporary file as its fragments arrive, so an instance is never held
+    # whole in memory (a 200 MB one peaked the node at 982 MB); handle_store reads its header only.
+    _config.STORE_RECV_CHUNKED_DATASET = True
 
     ae = AE(ae_title=config.ae_title)
     ae.require_calling_aet = list(config.allowed_calling_ae_titles)
@@ -218,7 +229,8 @@ def handle_store(
 ) -> int:
     """One C-STORE: refuse what cannot be filed (one logged line), else keep it and answer success."""
     calling = event.assoc.requestor.ae_title
-    size = len(event.request.DataSet.getvalue())
+    received: Path = event.dataset_path  # on disk as it arrived (STORE_RECV_CHUNKED_DATASET), never whole in memory
+    size = received.stat().st_size
     if size > config.max_instance_bytes:
         logger.warning(
             "refused an instance from %s: %d bytes, more than max_instance_bytes %d",
@@ -229,8 +241,7 @@ def handle_store(
         refused(metrics, "instance_size")
         return OUT_OF_RESOURCES
     try:
-        dataset = event.dataset
-        dataset.file_meta = event.file_meta
+        dataset = pydicom.dcmread(received, stop_before_pixels=True)  # the header: all the checks need
     except Exception as error:  # any decoding failure: the peer sent something unreadable
         logger.warning("refused an instance from %s: it does not decode (%s)", calling, type(error).__name__)
         return CANNOT_UNDERSTAND
@@ -247,7 +258,7 @@ def handle_store(
         refused(metrics, limit)
         return OUT_OF_RESOURCES
     try:
-        identifier = keep_instance(store, incoming, dataset, event.encoded_dataset(), f"dimse:{calling}", told=told)
+        identifier = keep_instance(store, incoming, dataset, received, f"dimse:{calling}", told=told)
     except ConflictingInstance as conflict:
         logger.warning(
             "job %s: an instance came again under a SOP Instance UID it already holds, with other content; "
@@ -320,8 +331,6 @@ def pull_new_series(
 
 def encoded(dataset: pydicom.Dataset) -> bytes:
     """A dataset as a DICOM file's bytes (preamble, file meta, data set)."""
-    from io import BytesIO
-
-    buffer = BytesIO()
+    buffer = io.BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
