@@ -475,6 +475,22 @@ def test_triton_stopped_mid_run_then_restarted_and_the_job_completes(
     assert len(segs_of(orthanc, series_uid(folder))) == 1
 
 
+def associate_when_up(port: int) -> Any:
+    """An association of the allowed peer (AE ORTHANC) for CT in explicit VR little endian with a node started in
+    its own process, once it listens."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    modality = AE(ae_title="ORTHANC")
+    modality.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    return wait_for(
+        lambda: (a := modality.associate("127.0.0.1", port, ae_title=NODE_AET)).is_established and a,
+        "association",
+        timeout_s=60,
+    )
+
+
 def test_random_bytes_are_refused_as_such_and_only_the_node_s_lines_reach_its_log(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -483,8 +499,7 @@ def test_random_bytes_are_refused_as_such_and_only_the_node_s_lines_reach_its_lo
     of the real ``sat-dicom-node run`` holds the node's own lines only, none of pydicom's or pynetdicom's."""
     from pydicom.uid import CTImageStorage as CT_STORAGE
     from pydicom.uid import ExplicitVRLittleEndian
-    from pynetdicom import AE, _config
-    from pynetdicom.sop_class import CTImageStorage
+    from pynetdicom import _config
 
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # the file's bytes as they are, unparsed
     [port] = free_ports(1)
@@ -506,13 +521,7 @@ def test_random_bytes_are_refused_as_such_and_only_the_node_s_lines_reach_its_lo
     log = tmp_path / "node.log"
     process = start_node(config_path, log)
     try:
-        modality = AE(ae_title="ORTHANC")
-        modality.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-        association = wait_for(
-            lambda: (a := modality.associate("127.0.0.1", port, ae_title=NODE_AET)).is_established and a,
-            "association",
-            timeout_s=60,
-        )
+        association = associate_when_up(port)
         assert association.send_c_store(noise).Status == CANNOT_UNDERSTAND
         association.release()
         with socket.create_connection(("127.0.0.1", port)) as stray:  # not even DICOM's upper layer
@@ -696,9 +705,6 @@ def test_a_refused_large_instance_never_sits_in_the_node_s_memory(tmp_path: Path
     """A 160 MB instance over max_instance_bytes (32 MiB), sent by pynetdicom to the real ``sat-dicom-node run``:
     refused with A700, and the node's peak RSS grows by far less than the instance (it went to disk as it came;
     a refused 300 MB instance raised the node from 331 to 630 MB before)."""
-    from pydicom.uid import ExplicitVRLittleEndian
-    from pynetdicom import AE
-    from pynetdicom.sop_class import CTImageStorage
 
     from satseg_clients.dicom_node.receive import OUT_OF_RESOURCES
 
@@ -714,13 +720,7 @@ def test_a_refused_large_instance_never_sits_in_the_node_s_memory(tmp_path: Path
     large.PixelData = bytes(8960 * 8960 * 2)
     process = start_node(config, tmp_path / "node.log")
     try:
-        modality = AE(ae_title="ORTHANC")
-        modality.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-        association = wait_for(
-            lambda: (a := modality.associate("127.0.0.1", port, ae_title=NODE_AET)).is_established and a,
-            "association",
-            timeout_s=60,
-        )
+        association = associate_when_up(port)
         before = peak_rss_mb(process.pid)
         assert association.send_c_store(large).Status == OUT_OF_RESOURCES
         after = peak_rss_mb(process.pid)
