@@ -40,6 +40,13 @@ set before the page loads, so neither covers the image in a screenshot (a person
 _VIEWPORT = "window.cornerstone.getRenderingEngines()[0].getViewports()[0]"
 _SEGMENTATION = "window.services.segmentationService"
 _FRAME = "() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))"
+_DRAWN = f"""() => {{
+    const engine = window.cornerstone && window.cornerstone.getRenderingEngines()[0];
+    const viewport = engine && engine.getViewports()[0];
+    const loaded = window.services && {_SEGMENTATION}.getSegmentations()[0];
+    return Boolean(viewport && loaded && {_SEGMENTATION}.getSegmentationRepresentations(
+        viewport.id, {{segmentationId: loaded.segmentationId}}).length);
+}}"""
 
 
 def chromium_executable() -> str | None:
@@ -91,9 +98,9 @@ class ViewerBrowser:
             playwright.sync_api.TimeoutError: no segmentation after ``timeout_s``.
         """
         self.page.goto(url)
-        self.page.wait_for_function(
-            f"() => window.services && {_SEGMENTATION}.getSegmentations().length > 0", timeout=timeout_s * 1000
-        )
+        # Loaded is not drawn: OHIF replaces the SEG's viewport by its source series' while it hydrates the SEG,
+        # so wait for a viewport that shows the segmentation (seen missing once on a loaded 2-core CI host).
+        self.page.wait_for_function(_DRAWN, timeout=timeout_s * 1000)
         self.page.evaluate(_FRAME)
         return self.segment_labels()
 
