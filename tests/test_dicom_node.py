@@ -87,6 +87,7 @@ class RunningNode:
         self.node = Node(config)
         self.thread = threading.Thread(target=self.node.run, daemon=True)
         self.thread.start()
+        assert self.node.listening.wait(timeout=60), "the node did not start listening"
 
     @property
     def store(self) -> JobStore:

@@ -41,6 +41,8 @@ class Node:
     config: NodeConfig
     verbose: bool = False
     stop: threading.Event = field(default_factory=threading.Event)
+    listening: threading.Event = field(default_factory=threading.Event)
+    """Set once the node takes associations and polls (for whoever embeds it, e.g. a test sending at once)."""
 
     def __post_init__(self) -> None:
         self.data = self.config.data_dir
@@ -63,6 +65,7 @@ class Node:
         )
         web = dicomweb_client(self.config.receive.dicomweb) if self.config.receive.dicomweb else None
         next_poll = 0.0
+        self.listening.set()
         try:
             while not self.stop.is_set():
                 if web is not None and time.monotonic() >= next_poll:
