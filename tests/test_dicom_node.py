@@ -673,25 +673,93 @@ def test_past_its_limits_the_spool_answers_out_of_resources_and_says_so(
     store = JobStore(tmp_path / "jobs.sqlite")
     metrics = Metrics(store, metrics_port)
     statuses = {}
-    for name, limits in (("open", {"max_open_series": 1}), ("disk", {"min_free_bytes": 1 << 60})):
+    for name, order in (("open", [first[0], second[0], first[1]]), ("spool", [first[2]]), ("disk", [first[2]])):
+        limits = {
+            "open": {"max_open_series": 1},
+            "spool": {"max_spool_bytes": store.spool_bytes() + first[2].stat().st_size // 2},
+            "disk": {"min_free_bytes": 1 << 60},
+        }[name]
         receive = Receive(port=port, allowed_calling_ae_titles=("ORTHANC",), **limits)
         server = storage_scp(receive, store, tmp_path / "incoming", metrics=metrics)
         try:
             modality = AE(ae_title="ORTHANC")
             modality.add_requested_context(CTImageStorage)
             association = modality.associate("127.0.0.1", port, ae_title=NODE_AET)
-            order = [first[0], second[0], first[1]] if name == "open" else [first[2]]
             statuses[name] = [association.send_c_store(pydicom.dcmread(path)).Status for path in order]
             association.release()
         finally:
             server.shutdown()
-    assert statuses == {"open": [0x0000, OUT_OF_RESOURCES, 0x0000], "disk": [OUT_OF_RESOURCES]}
+    assert statuses == {
+        "open": [0x0000, OUT_OF_RESOURCES, 0x0000],
+        "spool": [OUT_OF_RESOURCES],
+        "disk": [OUT_OF_RESOURCES],
+    }
     assert store.get(job_id(series_uid(tmp_path / "second"))) is None
-    assert "max_open_series is 1" in caplog.text and "min_free_bytes is" in caplog.text
+    spooled = sum(path.stat().st_size for path in (tmp_path / "incoming").rglob("*.dcm"))
+    assert store.spool_bytes() == spooled > 0  # the files of the two instances taken, counted as kept
+    for limit in ("max_open_series is 1", "max_spool_bytes is", "min_free_bytes is"):
+        assert limit in caplog.text
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as answer:
         exported = answer.read().decode()
-    assert 'sat_dicom_node_instances_refused_total{limit="open_series"} 1.0' in exported
-    assert 'sat_dicom_node_instances_refused_total{limit="free_disk"} 1.0' in exported
+    for limit in ("open_series", "spool_bytes", "free_disk"):
+        assert f'sat_dicom_node_instances_refused_total{{limit="{limit}"}} 1.0' in exported
+    assert f"sat_dicom_node_spool_bytes {float(spooled)}" in exported
+
+
+def test_truncated_slices_and_series_past_the_slice_cap_are_refused_at_receipt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Through the real storage SCP: a slice whose Pixel Data is shorter than its Rows x Columns need is refused
+    (C000) with one line naming the job, not acknowledged and caught only at segmentation; a series past
+    max_instances_per_series is refused from there on, parked once and its files deleted, so it is never
+    segmented incomplete. `sat-dicom-node replay` then forgets it, and the series sent again is taken whole."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    from satseg_clients.dicom_node.cli import main as node_cli
+    from satseg_clients.dicom_node.config import Receive
+    from satseg_clients.dicom_node.receive import storage_scp
+
+    caplog.set_level(logging.INFO, logger="sat-dicom-node")
+    slices = sorted(ct_series(tmp_path / "ct", seed=42, shape=(24, 20, 4)).iterdir())
+    identifier = job_id(series_uid(tmp_path / "ct"))
+    truncated = pydicom.dcmread(slices[0])
+    truncated.PixelData = truncated.PixelData[:-100]
+    [port] = free_ports(1)
+    data = tmp_path / "node"
+    store = JobStore(data / "jobs.sqlite")
+
+    def send(cap: int, datasets: list[pydicom.Dataset]) -> list[int]:
+        receive = Receive(port=port, allowed_calling_ae_titles=("ORTHANC",), max_instances_per_series=cap)
+        server = storage_scp(receive, store, data / "incoming")
+        try:
+            modality = AE(ae_title="ORTHANC")
+            modality.add_requested_context(CTImageStorage)
+            association = modality.associate("127.0.0.1", port, ae_title=NODE_AET)
+            statuses = [association.send_c_store(dataset).Status for dataset in datasets]
+            association.release()
+            return statuses
+        finally:
+            server.shutdown()
+
+    whole = [pydicom.dcmread(path) for path in slices]
+    assert send(2, [truncated, *whole]) == [CANNOT_UNDERSTAND, 0x0000, 0x0000, CANNOT_UNDERSTAND, CANNOT_UNDERSTAND]
+    assert f"job {identifier}: refused an instance from ORTHANC: its Pixel Data holds 860 bytes" in caplog.text
+    assert "the slice is truncated" in caplog.text
+    job = store.get(identifier)
+    assert job is not None and job.state == FAILED and "max_instances_per_series (2)" in str(job.reason)
+    assert not (data / "incoming" / identifier).exists()
+    assert caplog.text.count("past max_instances_per_series") == 1
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'data_dir = "{data}"\n[receive]\nport = {port}\nallowed_calling_ae_titles = ["ORTHANC"]\n'
+        f'[[route]]\nmodality = "CT"\ntask = "{TASK}"\n'
+    )
+    assert node_cli(["replay", "--config", str(config), identifier]) == 0
+    assert "forgotten; send the series to the node again" in capsys.readouterr().out
+    assert send(8, whole) == [0x0000] * 4
+    job = store.get(identifier)
+    assert job is not None and (job.state, job.instances) == ("received", 4)
 
 
 def peak_rss_mb(pid: int) -> float:

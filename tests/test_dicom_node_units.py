@@ -127,6 +127,22 @@ def test_a_crash_while_segmenting_requeues_and_a_sent_pair_is_recorded_once(tmp_
     assert store.counts()[SENT] == 1
 
 
+def test_a_job_database_of_an_earlier_version_gains_the_spool_column(tmp_path: Path) -> None:
+    """A node upgraded in place opens its old jobs.sqlite: the byte count is added, existing jobs count 0."""
+    import sqlite3
+
+    from satseg_clients.dicom_node.jobs import SCHEMA
+
+    old = sqlite3.connect(tmp_path / "jobs.sqlite")
+    old.executescript(SCHEMA.replace("    bytes INTEGER NOT NULL DEFAULT 0,\n", ""))
+    old.close()
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job, _ = store.add_instance("9.9", "8.8", "1.1", "dimse:A", size=1000)
+    assert job.bytes == 1000 and store.spool_bytes() == 1000
+    store.move(job.id, SENT)
+    assert store.spool_bytes() == 0
+
+
 def test_only_parked_jobs_are_replayed(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "jobs.sqlite")
     job, _ = store.add_instance("9.9", "8.8", "1.1", "dimse:A")

@@ -98,7 +98,9 @@ def replay(args: argparse.Namespace) -> int:
     if job.state not in (FAILED, SKIPPED):
         raise SatInputError(f"job {job.id} is {job.state}; only failed (parked) or skipped jobs are replayed")
     if not (config.data_dir / "incoming" / job.id).is_dir():
-        raise SatInputError(f"job {job.id}'s received files are gone; send the series to the node again")
+        store.forget(job.id)
+        print(f"job {job.id}: its received files are gone, so it is forgotten; send the series to the node again")
+        return 0
     store.replay(job.id)
     print(f"job {job.id}: requeued; a running node takes it next")
     return 0

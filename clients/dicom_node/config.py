@@ -72,8 +72,12 @@ class Receive:
         max_instance_bytes: a larger instance is refused (a memory bomb, or not an image slice).
         max_open_series: a new series is refused (status A700, which a PACS retries later) while this many are
             received and not yet done; instances of series already taken are still accepted.
+        max_spool_bytes: instances are refused (A700) while the series received and not yet done hold this many
+            bytes on disk (about 120 CTs of 500 slices at the default).
         min_free_bytes: instances are refused (A700) while the data folder's disk has less free space than
             this plus the instance.
+        max_instances_per_series: a series with more instances is refused from the one past this on (C000) and
+            parked, never segmented incomplete (a whole-body CT at 0.6 mm has about 3,000 slices).
         dicomweb: the DICOMweb server to watch for new series, or ``None``.
         poll_s: seconds between two QIDO-RS searches of it.
         lookback_days: search only studies of the last this many days (0: every study).
@@ -86,7 +90,9 @@ class Receive:
     settle_s: float = 30.0
     max_instance_bytes: int = 256 << 20
     max_open_series: int = 100
+    max_spool_bytes: int = 32 << 30
     min_free_bytes: int = 2 << 30
+    max_instances_per_series: int = 4000
     tls: Tls | None = None
     dicomweb: DicomWeb | None = None
     poll_s: float = 30.0

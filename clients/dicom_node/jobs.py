@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     origin TEXT NOT NULL,
     state TEXT NOT NULL,
     instances INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0,
     expected_instances INTEGER,
     last_received REAL NOT NULL,
     task TEXT,
@@ -62,6 +63,8 @@ CREATE TABLE IF NOT EXISTS sent (
     PRIMARY KEY (series_uid, model)
 );
 """
+MIGRATIONS = {("jobs", "bytes"): "ALTER TABLE jobs ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0"}
+"""Columns added since the first schema, added to an older database when it is opened."""
 
 
 def job_id(series_uid: str) -> str:
@@ -82,6 +85,7 @@ class Job:
     origin: str
     state: str
     instances: int
+    bytes: int
     expected_instances: int | None
     last_received: float
     task: str | None
@@ -104,6 +108,9 @@ class JobStore:
         try:
             db.execute("PRAGMA journal_mode=WAL")  # persistent: set once per database file
             db.executescript(SCHEMA)
+            for (table, column), statement in MIGRATIONS.items():
+                if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(statement)
         finally:
             db.close()
 
@@ -124,10 +131,17 @@ class JobStore:
             db.close()
 
     def add_instance(
-        self, series_uid: str, study_uid: str, instance_uid: str, origin: str, expected: int | None = None
+        self,
+        series_uid: str,
+        study_uid: str,
+        instance_uid: str,
+        origin: str,
+        expected: int | None = None,
+        size: int = 0,
     ) -> tuple[Job, bool]:
-        """Record one received instance of a series, creating its job; returns the job and whether the
-        instance is new to it. An instance of a job that is done changes nothing (the caller drops it)."""
+        """Record one received instance of a series (``size`` bytes on disk), creating its job; returns the job
+        and whether the instance is new to it. An instance of a job that is done changes nothing (the caller
+        drops it)."""
         now = time.time()
         identifier = job_id(series_uid)
         with self._transaction() as db:
@@ -141,8 +155,9 @@ class JobStore:
                 return job, False
             new = db.execute("INSERT OR IGNORE INTO instances VALUES (?, ?)", (identifier, instance_uid)).rowcount
             db.execute(  # a late instance of a complete series that has not started yet reopens it
-                "UPDATE jobs SET state = ?, instances = instances + ?, last_received = ?, updated = ? WHERE id = ?",
-                (RECEIVED, new, now, now, identifier),
+                "UPDATE jobs SET state = ?, instances = instances + ?, bytes = bytes + ?, last_received = ?,"
+                " updated = ? WHERE id = ?",
+                (RECEIVED, new, size * new, now, now, identifier),
             )
             return self._get(db, identifier), bool(new)
 
@@ -237,6 +252,19 @@ class JobStore:
                 (COMPLETE, time.time(), identifier, FAILED, SKIPPED),
             )
             return self._get(db, identifier)
+
+    def forget(self, identifier: str) -> None:
+        """Remove a job and its instances, so that its series is taken as new when it comes again."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM instances WHERE job_id = ?", (identifier,))
+            db.execute("DELETE FROM jobs WHERE id = ?", (identifier,))
+
+    def spool_bytes(self) -> int:
+        """The bytes received for series not yet done (the spool that max_spool_bytes bounds)."""
+        marks = ",".join("?" * len(DONE))
+        with self._transaction() as db:
+            row = db.execute(f"SELECT COALESCE(SUM(bytes), 0) FROM jobs WHERE state NOT IN ({marks})", DONE)
+            return int(row.fetchone()[0])
 
     def instance_count(self) -> int:
         with self._transaction() as db:

@@ -52,12 +52,15 @@ class Metrics:
         )
         self.refused = Counter(
             "sat_dicom_node_instances_refused",
-            "Instances refused with A700 (out of resources), by limit: instance_size, free_disk, open_series",
+            "Instances refused by limit: instance_size, free_disk, spool_bytes, open_series (A700, the PACS"
+            " retries later), series_instances (C000)",
             ["limit"],
             registry=registry,
         )
         queue = Gauge("sat_dicom_node_queue_length", "Series received and not yet done", registry=registry)
         queue.set_function(lambda: sum(n for state, n in store.counts().items() if state not in DONE))
+        spool = Gauge("sat_dicom_node_spool_bytes", "Bytes received for series not yet done", registry=registry)
+        spool.set_function(lambda: store.spool_bytes())
         received = Gauge("sat_dicom_node_instances_received", "Instances on record", registry=registry)
         received.set_function(lambda: store.instance_count())
         start_http_server(port, addr=host, registry=registry)

@@ -18,9 +18,9 @@ import pydicom
 
 from satseg.errors import SatInputError, one_line
 from satseg_clients.dicom_node.config import NodeConfig
-from satseg_clients.dicom_node.jobs import COMPLETE, FAILED, SEGMENTED, SEGMENTING, SKIPPED, Job, JobStore
+from satseg_clients.dicom_node.jobs import COMPLETE, SEGMENTED, SEGMENTING, SKIPPED, Job, JobStore
 from satseg_clients.dicom_node.metrics import Metrics
-from satseg_clients.dicom_node.receive import dicomweb_client, pull_new_series, storage_scp
+from satseg_clients.dicom_node.receive import dicomweb_client, park, pull_new_series, storage_scp
 from satseg_clients.dicom_node.routing import route
 from satseg_clients.dicom_node.send import DestinationRefused, DestinationUnreachable, send_result
 from satseg_clients.dicom_seg import SEG_FILE, result_uids
@@ -195,9 +195,7 @@ class Node:
 
     def _park(self, job: Job, why: str, **values: object) -> Job:
         """Park the job with its reason (its files stay for a replay); the node goes on with the next."""
-        logger.error("job %s: parked: %s", job.id, why)
-        self.metrics.failed.inc()
-        return self.store.move(job.id, FAILED, reason=why, finished=time.time(), **values)
+        return park(self.store, self.metrics, job.id, why, **values)
 
     def _retire(self, identifier: str) -> None:
         """Delete a done job's received files and result (retention ``delete_when_sent``)."""

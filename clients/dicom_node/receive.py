@@ -10,6 +10,7 @@ import datetime
 import io
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pydicom
 from pydicom import uid
 
 from satseg.atomic import atomic_file, write_bytes_atomically
+from satseg.geometry.io import pixel_data_shortfall
 from satseg_clients.dicom_node.config import DicomWeb, Receive
 from satseg_clients.dicom_node.jobs import (
     COMPLETE,
@@ -28,6 +30,7 @@ from satseg_clients.dicom_node.jobs import (
     SEGMENTING,
     SENT,
     SKIPPED,
+    Job,
     JobStore,
     job_id,
     uid_hash,
@@ -69,8 +72,10 @@ STORAGE_SOP_CLASSES = (
     "ComprehensiveSRStorage",
     "XRayRadiationDoseSRStorage",
 )
+DEFER_BYTES = 64 << 10
+"""Values larger than this are not read when an instance's header is checked (Pixel Data among them)."""
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
-"""C-STORE statuses (PS3.4 GG.4): success, refused for its size, refused as unusable."""
+"""C-STORE statuses (PS3.4 GG.4): success, refused for a limit the PACS may retry past, refused as unusable."""
 NOT_IMAGE_MODALITIES = frozenset({"SEG", "SR", "RTSTRUCT", "RTPLAN", "RTDOSE", "PR", "KO", "DOC", "REG", "OT"})
 """Modalities a DICOMweb series is skipped for without pulling it (the node's own SEG results among them)."""
 
@@ -144,7 +149,7 @@ def keep_instance(
             shutil.copyfileobj(source, file)
     else:
         write_bytes_atomically(path, data)
-    job, new = store.add_instance(series, study, instance, origin, expected)
+    job, new = store.add_instance(series, study, instance, origin, expected, path.stat().st_size)
     if new and job.instances == 1:
         logger.info("job %s: first instance, from %s", identifier, origin)
     return identifier
@@ -196,21 +201,49 @@ def log_rejected(event: Any, config: Receive) -> None:
     logger.warning("refused an association from %s:%s: %s", requestor.address, requestor.port, reason)
 
 
-def spool_full(
-    config: Receive, store: JobStore, incoming: Path, dataset: pydicom.Dataset, size: int
-) -> tuple[str, str] | None:
-    """Why the spool cannot take this instance now (the limit's name and one line), or None."""
+def spool_full(config: Receive, store: JobStore, incoming: Path, job: Job | None, size: int) -> tuple[str, str] | None:
+    """Why the spool cannot take an instance of ``size`` bytes of ``job`` (``None``: a new series) now: the
+    limit's name and one line, or None."""
     folder = incoming if incoming.is_dir() else incoming.parent
     free = shutil.disk_usage(folder).free
     if free - size < config.min_free_bytes:
         floor = config.min_free_bytes >> 20
         return "free_disk", f"{free >> 20} MiB free under the data folder, min_free_bytes is {floor} MiB"
-    if store.get(job_id(str(dataset.get("SeriesInstanceUID", "")))) is None:  # a new series
+    spooled = store.spool_bytes()
+    if spooled + size > config.max_spool_bytes:
+        limit = config.max_spool_bytes >> 20
+        return "spool_bytes", f"series not yet done hold {spooled >> 20} MiB, max_spool_bytes is {limit} MiB"
+    if job is None:
         open_series = sum(count for state, count in store.counts().items() if state not in DONE)
         if open_series >= config.max_open_series:
             limit = config.max_open_series
             return "open_series", f"{open_series} series received and not yet done, max_open_series is {limit}"
     return None
+
+
+def park(store: JobStore, metrics: Metrics | None, identifier: str, why: str, **values: object) -> Job:
+    """Park a job with its reason; the node goes on with the next."""
+    logger.error("job %s: parked: %s", identifier, why)
+    if metrics is not None:
+        metrics.failed.inc()
+    return store.move(identifier, FAILED, reason=why, finished=time.time(), **values)
+
+
+def past_series_cap(config: Receive, store: JobStore, incoming: Path, job: Job | None, metrics: Metrics | None) -> bool:
+    """Whether ``job`` already holds ``max_instances_per_series`` instances, so this one is refused: the first
+    time, the job is parked and its files deleted (an incomplete series must never be segmented)."""
+    cap = config.max_instances_per_series
+    if job is None or job.instances < cap or job.state not in (RECEIVED, COMPLETE, FAILED):
+        return False
+    if job.state != FAILED:
+        why = (
+            f"the series has more than max_instances_per_series ({cap}) instances; the rest are refused (to take "
+            f"it: raise the limit, `sat-dicom-node replay {job.id}`, and send it again)"
+        )
+        park(store, metrics, job.id, why)
+        shutil.rmtree(incoming / job.id, ignore_errors=True)
+    refused(metrics, "series_instances")
+    return True
 
 
 def refused(metrics: Metrics | None, limit: str) -> None:
@@ -240,8 +273,8 @@ def handle_store(
         )
         refused(metrics, "instance_size")
         return OUT_OF_RESOURCES
-    try:
-        dataset = pydicom.dcmread(received, stop_before_pixels=True)  # the header: all the checks need
+    try:  # the header, all the checks need; Pixel Data and other large values stay on disk
+        dataset = pydicom.dcmread(received, defer_size=DEFER_BYTES)
     except Exception as error:  # any decoding failure: the peer sent something unreadable
         logger.warning("refused an instance from %s: it does not decode (%s)", calling, type(error).__name__)
         return CANNOT_UNDERSTAND
@@ -252,13 +285,24 @@ def handle_store(
     if missing:
         logger.warning("refused an instance from %s: %s", calling, empty_uid_reason(missing))
         return CANNOT_UNDERSTAND
-    if reason := spool_full(config, store, incoming, dataset, size):
+    identifier = job_id(str(dataset.SeriesInstanceUID))
+    if shortfall := pixel_data_shortfall(received, dataset):
+        logger.warning("job %s: refused an instance from %s: %s", identifier, calling, shortfall)
+        return CANNOT_UNDERSTAND
+    job = store.get(identifier)
+    if past_series_cap(config, store, incoming, job, metrics):
+        if told is None or (identifier, "cap") not in told:
+            logger.warning("job %s: refused an instance from %s: past max_instances_per_series", identifier, calling)
+            if told is not None:
+                told.add((identifier, "cap"))
+        return CANNOT_UNDERSTAND
+    if reason := spool_full(config, store, incoming, job, size):
         limit, line = reason
         logger.warning("refused an instance from %s (status A700, the PACS retries later): %s", calling, line)
         refused(metrics, limit)
         return OUT_OF_RESOURCES
     try:
-        identifier = keep_instance(store, incoming, dataset, received, f"dimse:{calling}", told=told)
+        keep_instance(store, incoming, dataset, received, f"dimse:{calling}", told=told)
     except ConflictingInstance as conflict:
         logger.warning(
             "job %s: an instance came again under a SOP Instance UID it already holds, with other content; "
@@ -317,6 +361,10 @@ def pull_new_series(
         modality = str(header.get("Modality", "")).upper()
         if modality in NOT_IMAGE_MODALITIES:
             store.skip_series(series, study, "dicomweb", f"a {modality} series, not an image volume")
+            continue
+        if expected and expected > config.max_instances_per_series:
+            cap = config.max_instances_per_series
+            store.skip_series(series, study, "dicomweb", f"{expected} instances, max_instances_per_series is {cap}")
             continue
         last_counts[series] = expected or 0
         if previous_counts.get(series) != last_counts[series]:

@@ -16,6 +16,7 @@ import pydicom.pixels
 from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
 from nibabel.spatialimages import HeaderDataError
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 
 from satseg.contract import DEFAULT_MAX_VOXELS
@@ -285,15 +286,42 @@ def check_declared_pixels(headers: list[tuple[Path, pydicom.Dataset]], max_voxel
             f"at most {max_voxels} are accepted"
         )
     for path, ds in headers:
-        syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
-        if syntax is None or not syntax.is_transfer_syntax or syntax.is_compressed:
-            continue  # compressed pixels have no fixed size; the voxel cap above still bounds the decoder
-        frame = rows * columns * int(ds.get("SamplesPerPixel", 1) or 1) * (int(ds.get("BitsAllocated", 16)) // 8)
-        if path.stat().st_size < frame:
+        frame = native_frame_bytes(ds)
+        if frame is not None and path.stat().st_size < frame:
             raise SatInputError(
                 f"DICOM file {path.name!r} declares {rows}x{columns} pixels ({frame} bytes) but holds "
                 f"{path.stat().st_size} bytes; complete uncompressed or compressed slices are required"
             )
+
+
+def native_frame_bytes(ds: pydicom.Dataset) -> int | None:
+    """The bytes one frame's pixels take in ``ds``'s uncompressed transfer syntax, or ``None`` when they are
+    compressed (no fixed size) or the header does not say."""
+    syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+    if syntax is None or not syntax.is_transfer_syntax or syntax.is_compressed or "Rows" not in ds:
+        return None
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    return int(ds.Rows) * int(ds.get("Columns", 0)) * samples * (int(ds.get("BitsAllocated", 16)) // 8)
+
+
+def pixel_data_shortfall(path: Path, ds: pydicom.Dataset) -> str | None:
+    """Why the uncompressed Pixel Data of the file at ``path`` (``ds``: read with ``defer_size`` so that it is
+    not loaded) cannot hold the frames its header declares, or ``None``. Costs no pixel read."""
+    frame = native_frame_bytes(ds)
+    if frame is None or "PixelData" not in ds:
+        return None
+    element = ds.get_item("PixelData", keep_deferred=True)
+    if isinstance(element, RawDataElement) and element.value is None:  # deferred: its length, and the file's
+        held = min(element.length, path.stat().st_size - element.value_tell)
+    else:
+        held = len(ds.PixelData)
+    needed = frame * int(ds.get("NumberOfFrames", 1) or 1)
+    if held >= needed:
+        return None
+    return (
+        f"its Pixel Data holds {held} bytes where {ds.Rows}x{ds.get('Columns')} pixels of "
+        f"{ds.get('BitsAllocated')} bits need {needed}: the slice is truncated"
+    )
 
 
 def _read_dicom_headers(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
