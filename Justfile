@@ -157,3 +157,8 @@ loadtest *args="": (env "dev")
 # Users 1, 2, 4, 8 against each instance configuration of loadtest/sweep.toml (about 10 minutes on CPU).
 loadtest-sweep *args="": (env "dev")
     {{bin}}/sat-loadtest-sweep {{args}}
+
+# N series from M concurrent associations into a real sat-dicom-node against the served model; results in
+# loadtest/results/<timestamp>-dicom-node/. E.g. just loadtest-dicom-node --series 40 --senders 8
+loadtest-dicom-node *args="": (env "dev")
+    {{bin}}/sat-loadtest-dicom-node {{args}}
