@@ -34,12 +34,20 @@ from satseg_loadtest.scenarios import SCENARIOS
 PROG = "sat-loadtest-dicom-node"
 SENDER_AE, DESTINATION_AE, NODE_AE = "LOADTEST", "LOADDEST", "SATNODE"
 TASK = "demo_abdomen"
+TRANSFER_SYNTAXES = {
+    "explicit": "ExplicitVRLittleEndian",
+    "jpeg2000": "JPEG2000Lossless",
+    "jpegls": "JPEGLSLossless",
+    "rle": "RLELossless",
+}
+"""``--transfer-syntax`` choices: pydicom's UID names; the compressed ones are encoded by pydicom's encoders."""
 SAMPLE_S = 0.25
 """How often the node's RSS and the spool's bytes are sampled."""
 
 EPILOG = """examples:
   sat-loadtest-dicom-node                                  # 12 series from 4 associations, ct_small
   sat-loadtest-dicom-node --series 40 --senders 8 --settle-s 5
+  sat-loadtest-dicom-node --transfer-syntax jpeg2000       # as many PACS send CT: compressed
   sat-loadtest-dicom-node --url 127.0.0.1:8001             # a running Triton server (gRPC)
 
 Each series is a synthetic torso CT written as a DICOM series (the scenario's shape); the node is
@@ -54,6 +62,7 @@ class Report:
 
     series: int
     senders: int
+    transfer_syntax: str
     slices_per_series: int
     bytes_per_series: int
     store_failures: int
@@ -73,6 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--series", type=int, default=12, help="series to push (default 12)")
     parser.add_argument("--senders", type=int, default=4, help="concurrent associations (default 4)")
     parser.add_argument("--scenario", choices=("ct_small", "ct_large"), default="ct_small", help="the CT sent")
+    parser.add_argument(
+        "--transfer-syntax", choices=sorted(TRANSFER_SYNTAXES), default="explicit", help="how slices are sent"
+    )
     parser.add_argument("--settle-s", type=float, default=2.0, help="the node's settle time (default 2 s)")
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="give up draining after this (default)")
     parser.add_argument("--url", help="gRPC host:port of a running Triton server (default: start one)")
@@ -111,13 +123,23 @@ class Destination:
         self._server.shutdown()
 
 
-def write_series(count: int, scenario: str, folder: Path) -> list[Path]:
-    """``count`` synthetic CTs of the scenario's kind (one seed each) as DICOM series under ``folder``."""
+def write_series(count: int, scenario: str, syntax: str, folder: Path) -> list[Path]:
+    """``count`` synthetic CTs of the scenario's kind (one seed each) as DICOM series under ``folder``, in the
+    transfer syntax ``syntax`` (a pydicom UID name)."""
+    import pydicom
+    from pydicom import uid
+
     [(_, kind)] = SCENARIOS[scenario]
-    return [
-        write_dicom_series(scanner_axial(kind.volume(seed=index)), folder / f"series{index:03d}", "load test")
-        for index in range(count)
-    ]
+    written = []
+    for index in range(count):
+        series = write_dicom_series(scanner_axial(kind.volume(seed=index)), folder / f"series{index:03d}", "load test")
+        if getattr(uid, syntax).is_compressed:
+            for path in series.iterdir():
+                dataset = pydicom.dcmread(path)
+                dataset.compress(getattr(uid, syntax))
+                dataset.save_as(path, enforce_file_format=True)
+        written.append(series)
+    return written
 
 
 def node_config(
@@ -136,14 +158,16 @@ def node_config(
     return path
 
 
-def push(series: list[Path], port: int) -> int:
-    """C-STORE each series' slices over one association; returns how many stores did not succeed."""
+def push(series: list[Path], port: int, syntax: str) -> int:
+    """C-STORE each series' slices over one association, in the transfer syntax ``syntax`` (a pydicom UID name);
+    returns how many stores did not succeed."""
     import pydicom
+    from pydicom import uid
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage
 
     ae = AE(ae_title=SENDER_AE)
-    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(CTImageStorage, [getattr(uid, syntax)])
     association = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
     if not association.is_established:
         return sum(len(list(folder.iterdir())) for folder in series)
@@ -204,7 +228,8 @@ def summary(report: Report) -> str:
     lines = [
         f"# DICOM node load test: {report.series} series from {report.senders} concurrent associations",
         "",
-        f"Each series: {report.slices_per_series} slices, {report.bytes_per_series / 1e6:.1f} MB.",
+        f"Each series: {report.slices_per_series} slices, {report.bytes_per_series / 1e6:.1f} MB, sent as "
+        f"{report.transfer_syntax}.",
         "",
         "| series/min | pushed in | drained in | node peak RSS | spool peak | failed stores |",
         "|---|---|---|---|---|---|",
@@ -227,7 +252,8 @@ def load_test(args: argparse.Namespace) -> int:
 
     folder = args.output / f"{time.strftime('%Y%m%d-%H%M%S')}-dicom-node"
     folder.mkdir(parents=True, exist_ok=True)
-    series = write_series(args.series, args.scenario, folder / "series")
+    syntax = TRANSFER_SYNTAXES[args.transfer_syntax]
+    series = write_series(args.series, args.scenario, syntax, folder / "series")
     slices = len(list(series[0].iterdir()))
     series_bytes = sum(path.stat().st_size for path in series[0].iterdir())
     node_port, destination_port, metrics_port = free_ports(3)
@@ -248,7 +274,7 @@ def load_test(args: argparse.Namespace) -> int:
                 started = time.monotonic()
                 shares = [series[index :: args.senders] for index in range(args.senders)]
                 with ThreadPoolExecutor(args.senders) as pool:
-                    failures = sum(pool.map(lambda share: push(share, node_port), shares))
+                    failures = sum(pool.map(lambda share: push(share, node_port, syntax), shares))
                 pushed = time.monotonic() - started
                 wait_until(
                     lambda: node_metrics(metrics_port).get("sat_dicom_node_series_sent_total", 0) >= args.series,
@@ -279,6 +305,7 @@ def load_test(args: argparse.Namespace) -> int:
     report = Report(
         series=args.series,
         senders=args.senders,
+        transfer_syntax=syntax,
         slices_per_series=slices,
         bytes_per_series=series_bytes,
         store_failures=failures,

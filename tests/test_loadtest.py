@@ -77,16 +77,19 @@ def test_a_short_run_has_no_failures_and_writes_its_reports(triton_server: Trito
 
 
 def test_the_dicom_node_load_test_reconciles_exactly_once_delivery(triton_server: TritonServer, tmp_path: Path) -> None:
-    """Three series from two concurrent associations into a real sat-dicom-node against the served model: each
-    comes back as exactly one SEG, and the destination, the node's database and its metrics agree."""
+    """Three JPEG 2000 series from two concurrent associations into a real sat-dicom-node against the served
+    model (many PACS send CT compressed): each is segmented and comes back as exactly one SEG, and the
+    destination, the node's database and its metrics agree."""
     pytest.importorskip("pynetdicom", reason="the DICOM node needs the pacs extra (pynetdicom)")
     from satseg_loadtest.dicom_node import main as node_load_test
 
-    command = ["--series", "3", "--senders", "2", "--settle-s", "1", "--url", triton_server.grpc_url]
+    command = ["--series", "3", "--senders", "2", "--settle-s", "1", "--transfer-syntax", "jpeg2000"]
+    command += ["--url", triton_server.grpc_url]
     assert node_load_test([*command, "--output", str(tmp_path)]) == 0
     [folder] = tmp_path.iterdir()
     report = json.loads((folder / "report.json").read_text())
     assert report["exactly_once"] and report["database"] == {"sent": 3}
+    assert report["transfer_syntax"] == "JPEG2000Lossless"
     assert sorted(report["segs_per_series"].values()) == [1, 1, 1]
     assert report["metrics"]["sat_dicom_node_instances_received"] == 3 * report["slices_per_series"]
     assert report["node_peak_rss_mb"] > 0 and report["spool_peak_bytes"] > report["bytes_per_series"] // 2
