@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from satseg.cli.common import cli_parser, run_cli
 from satseg.errors import SatInputError
 from satseg.geometry import MODALITIES
-from satseg.text import parse_prompt_list
+from satseg.text import ALL_TRAINED, asks_all_trained, parse_prompt_list
 from satseg_clients.folder_run import RunRequest, Shard, run_cases, run_folder
 from satseg_clients.sat_client import (
     DEFAULT_PORTS,
@@ -70,7 +71,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-i", "--input", type=Path, required=True, help="NIfTI file, DICOM folder, zip, or a folder")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder (created)")
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--prompts", help='comma-separated anatomy terms, e.g. "liver,left kidney"')
+    what.add_argument(
+        "--prompts",
+        help=f'comma-separated anatomy terms, e.g. "liver,left kidney"; {ALL_TRAINED} (with --modality): every '
+        "term the served model was trained on for the modality",
+    )
     what.add_argument("--task", help="a named prompt set (listed below)")
     parser.add_argument(
         "--modality", choices=MODALITIES, help="default: the task's, else the DICOM header's; required for NIfTI"
@@ -122,6 +127,8 @@ def run_request(args: argparse.Namespace) -> RunRequest:
         prompts, modality = tuple(parse_prompt_list(chosen.prompts)), args.modality or chosen.modality
     else:
         prompts, modality = tuple(parse_prompt_list(args.prompts)), args.modality
+    if asks_all_trained(prompts) and modality is None:
+        raise SatInputError(f"--prompts {ALL_TRAINED} needs --modality: a model's trained terms differ by modality")
     if args.jobs < 1:
         raise SatInputError(f"--jobs {args.jobs} must be at least 1")
     if args.retry_budget < 0:
@@ -151,6 +158,9 @@ def run(args: argparse.Namespace) -> int:
                 f"no ready SAT server at {url} ({args.protocol}) within {args.retry_budget:g} s; "
                 "start one with `just serve`"
             )
+    if asks_all_trained(request.prompts):
+        assert request.modality is not None  # run_request refuses all-trained without one
+        request = replace(request, prompts=tuple(probe.trained_terms(request.modality)))
     print(f"{PROG}: {len(cases)} case(s), {len(request.prompts)} prompt(s), server {url}", file=sys.stderr)
     report = run_folder(
         cases,

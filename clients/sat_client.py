@@ -27,7 +27,7 @@ from satseg.geometry.io import check_intensities
 from satseg.geometry.volume import MODALITIES, check_modality, choose_modality
 from satseg.outputs import OutputOptions, SegmentationResult, write_result
 from satseg.spec import ModelSpec
-from satseg.text import check_prompts
+from satseg.text import Vocabulary, check_prompts
 from satseg_clients.dicom_seg import SEG_FILE, write_dicom_seg
 from satseg_clients.measurement_report import SR_FILE, write_measurement_report
 from satseg_clients.rtstruct import RTSTRUCT_FILE, write_rtstruct
@@ -290,6 +290,13 @@ class SATClient:
         """The served model spec (spacing, crop, normalisation, window, threshold, trained terms), as
         :meth:`model_hash` fetches it."""
         return self._served_model(prompt, modality)[1]
+
+    def trained_terms(self, modality: str) -> list[str]:
+        """What ``--prompts all-trained`` asks this server for: the terms usable with ``modality`` that the
+        served model was trained on (every term usable with it where the model does not record them)."""
+        vocabulary = Vocabulary.load()
+        spec = self.model_spec(vocabulary.for_modality(modality)[0], modality)
+        return vocabulary.trained_for(spec.trained_terms, modality)
 
     def _served_model(self, prompt: str, modality: str | None) -> tuple[str, ModelSpec]:
         if self._model is None:

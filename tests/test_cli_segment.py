@@ -473,3 +473,23 @@ def test_a_300_character_prompt_completes_with_its_full_text_kept(
     assert [path.name for path in masks if path.name == "liver.nii.gz"] and len(masks) == 2
     long_mask = next(path for path in masks if path.name != "liver.nii.gz")
     assert len(long_mask.name) <= 80 and read_label_extension(long_mask) == {1: long_prompt}
+
+
+def test_all_trained_asks_for_every_term_the_demo_was_trained_on_for_the_modality(
+    phantom_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--prompts all-trained`` segments exactly the checkpoint's trained CT terms, with no untrained warning."""
+    from satseg.checkpoint import read_metadata
+    from satseg.text import Vocabulary
+
+    vocabulary = Vocabulary.load()
+    trained = read_metadata(DEMO_CHECKPOINT).model_spec(vocabulary).trained_terms
+    assert trained
+    expected = sorted(set(trained) & set(vocabulary.for_modality("ct")))
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(capsys, phantom_path, out, DEMO_CHECKPOINT, "--prompts", "All-Trained", "--ml")
+    assert code == 0, stderr
+    assert stderr == ""
+    labels = json.loads((out / "labels.json").read_text())
+    assert list(labels.values()) == expected and len(expected) < len(vocabulary.for_modality("ct"))
+    assert f"segmented {len(expected)} structure(s)" in stdout

@@ -244,6 +244,30 @@ def test_a_folder_run_records_the_untrained_term_warning(triton_server: TritonSe
     assert json.loads((output / REPORT_FILE).read_text())["cases"][0][WARNINGS_KEY] == [warning]
 
 
+def test_all_trained_asks_the_server_for_the_served_model_s_trained_terms(
+    triton_server: TritonServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--prompts all-trained --modality ct`` segments each trained CT term of the served demo model, with no
+    untrained warning; without --modality it is refused in one line before any request."""
+    from satseg.checkout import BUNDLED_CHECKPOINT
+    from satseg.checkpoint import read_metadata
+    from satseg.text import Vocabulary
+
+    vocabulary = Vocabulary.load()
+    trained = read_metadata(BUNDLED_CHECKPOINT).model_spec(vocabulary).trained_terms or {}
+    expected = sorted(set(trained) & set(vocabulary.for_modality("ct")))
+    volume = phantom(seed=10, shape=(32, 28, 16))
+    (tmp_path / "cases").mkdir()
+    nib.save(nib.Nifti1Image(volume.array, volume.affine), tmp_path / "cases" / "a.nii.gz")
+    command = ["-i", str(tmp_path / "cases"), "-o", str(tmp_path / "out"), "--prompts", "all-trained"]
+    assert sat_client([*command, "--url", triton_server.grpc_url, "--quiet"]) == 2
+    assert "--prompts all-trained needs --modality" in capsys.readouterr().err
+    assert sat_client([*command, "--modality", "ct", "--url", triton_server.grpc_url, "--quiet", "--ml"]) == 0
+    case = json.loads((tmp_path / "out" / "a" / CASE_FILE).read_text())
+    assert sorted(case["request"]["prompts"]) == expected and len(expected) >= 2
+    assert case[WARNINGS_KEY] == []
+
+
 def test_shards_cover_every_case_once_into_one_folder_and_a_rerun_skips(
     triton_server: TritonServer, tmp_path: Path
 ) -> None:

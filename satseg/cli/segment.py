@@ -21,12 +21,13 @@ from satseg.geometry.volume import MODALITIES, choose_modality
 from satseg.outputs import WARNINGS_KEY, OutputOptions
 from satseg.outputs.run_folder import MANIFEST_FILE, check_output_folder, run_folder
 from satseg.outputs.writer import mask_writer, write_result
-from satseg.text import Vocabulary, parse_prompt_list
+from satseg.text import ALL_TRAINED, Vocabulary, asks_all_trained
 
 EPILOG = f"""examples:
   sat-segment -i ct.nii.gz -o out/ --modality ct --prompts "liver,spleen,left kidney" --statistics --preview
   sat-segment -i dicom_series/ -o out/ --prompts "left hippocampus,right hippocampus" --modality mri --ml
   sat-segment -i ct.nii.gz -o out/ --modality ct --prompts "liver" --checkpoint checkpoints/nano --device cuda
+  sat-segment -i ct.nii.gz -o out/ --modality ct --prompts all-trained --ml   # everything the model knows
 
 outputs (all on the input's grid, with the input's affine):
   <term>.nii.gz     one uint8 mask per prompt (spaces become underscores), or with --ml
@@ -50,7 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("-i", "--input", type=Path, required=True, help="a .nii/.nii.gz file or a DICOM series folder")
     parser.add_argument("-o", "--output", type=Path, required=True, help="folder for the results (created)")
-    parser.add_argument("--prompts", required=True, help='comma-separated anatomy terms, e.g. "liver,left kidney"')
+    parser.add_argument(
+        "--prompts",
+        required=True,
+        help=f'comma-separated anatomy terms, e.g. "liver,left kidney"; {ALL_TRAINED}: every term the model was '
+        "trained on for the modality (sat-checkpoint info lists them)",
+    )
     parser.add_argument(
         "--modality",
         choices=MODALITIES,
@@ -113,7 +119,8 @@ def segment(args: argparse.Namespace) -> int:
     check_options(args)
     check_output_folder(args.output)
     vocabulary = Vocabulary.load()
-    terms = vocabulary.resolve_all(parse_prompt_list(args.prompts), allow_free_text=args.allow_free_text)
+    all_trained = asks_all_trained(args.prompts)
+    terms = [] if all_trained else vocabulary.resolve_all(args.prompts, allow_free_text=args.allow_free_text)
     volume = load_volume(args.input)
     modality = choose_modality(args.modality, volume.modality)
     check_intensities(volume.array, modality)
@@ -129,6 +136,8 @@ def segment(args: argparse.Namespace) -> int:
     )
     checkpoint = choose_checkpoint(args.checkpoint)
     segmenter = segmenter_for(args, checkpoint, device, options, vocabulary=vocabulary)
+    if all_trained:
+        terms = vocabulary.trained_for(segmenter.spec.trained_terms, modality)
     if segmenter.untrained_weights:
         print(f"warning: {checkpoint} holds untrained weights; the masks are meaningless", file=sys.stderr)
     planned = segmenter.plan(terms)

@@ -6,8 +6,10 @@ The vocabulary is plain Python; the tokenizer and the cache (torch, transformers
 from satseg.lazy import lazy_exports
 from satseg.text.encoder_source import DEFAULT_TEXT_ENCODER, resolve_text_encoder
 from satseg.text.vocabulary import (
+    ALL_TRAINED,
     Term,
     Vocabulary,
+    asks_all_trained,
     check_prompts,
     normalize_prompt,
     parse_prompt_list,
@@ -20,12 +22,14 @@ __getattr__ = lazy_exports(
 )
 
 __all__ = [
+    "ALL_TRAINED",
     "DEFAULT_TEXT_ENCODER",
     "CacheStats",
     "EmbeddingCache",
     "PromptTokenizer",
     "Term",
     "Vocabulary",
+    "asks_all_trained",
     "check_prompts",
     "normalize_prompt",
     "parse_prompt_list",

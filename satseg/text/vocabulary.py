@@ -30,6 +30,8 @@ _SIDES = ("left", "right")
 _EDGE_PUNCTUATION = re.compile(r"^[\W_]+|[\W_]+$")
 _MAX_SUGGESTIONS = 5
 _NO_PROMPTS = 'no prompts given; pass one or more anatomy terms, e.g. --prompts "liver,spleen"'
+ALL_TRAINED = "all-trained"
+"""The prompt list that asks for every term the model was trained on, among those of the volume's modality."""
 
 
 def normalize_prompt(text: str) -> str:
@@ -79,6 +81,12 @@ def check_prompts(items: Sequence[str], max_prompts: int | None = None) -> list[
     if max_prompts is not None and len(prompts) > max_prompts:
         raise SatInputError(f"{len(prompts)} prompts were sent; at most {max_prompts} per request")
     return prompts
+
+
+def asks_all_trained(text: str | Sequence[str]) -> bool:
+    """Whether a prompt list is :data:`ALL_TRAINED` alone."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    return [normalize_prompt(item) for item in items] == [ALL_TRAINED]
 
 
 def parse_prompt_list(text: str | Sequence[str]) -> list[str]:
@@ -391,6 +399,19 @@ class Vocabulary:
         """Every vocabulary term a model trained on ``trained_terms`` knows (trained, or all its parts), sorted."""
         names = [term.name for term in self._terms]
         return sorted(set(names) - set(self.untrained(names, trained_terms)))
+
+    def trained_for(self, trained_terms: Collection[str] | None, modality: str) -> list[str]:
+        """What :data:`ALL_TRAINED` asks for: the terms usable with ``modality`` that a model trained on
+        ``trained_terms`` was trained on, sorted (every term usable with it where they are not recorded).
+
+        Raises:
+            SatInputError: the model was trained on none of them.
+        """
+        usable = self.for_modality(modality)
+        terms = usable if trained_terms is None else sorted(set(usable) & set(trained_terms))
+        if not terms:
+            raise SatInputError(f"--prompts {ALL_TRAINED}: the model was trained on no {modality} term")
+        return terms
 
     def for_modality(self, modality: str) -> list[str]:
         """Canonical terms usable with ``modality``, sorted.
