@@ -140,6 +140,14 @@ serve checkpoint="models/demo" *args="": (env "dev")
     {{bin}}/sat-export {{checkpoint}} --if-stale
     exec {{bin}}/sat-serve {{args}}
 
+# Serve the published SAT weights: the files downloaded into FOLDER (the SAT-Nano or SAT-Pro checkpoint, the text
+# encoder's, the BioLORD-2023-C tokenizer folder; README "Serve the published SAT weights") are imported into
+# checkpoints/sat-<size>, exported into triton_repo/ (unless current) and served. E.g. just serve-published downloads nano
+serve-published folder size="nano" *args="": (env "dev")
+    {{bin}}/sat-import --folder {{folder}} --size {{size}} -o checkpoints/sat-{{size}}
+    {{bin}}/sat-export checkpoints/sat-{{size}} --if-stale
+    exec {{bin}}/sat-serve {{args}}
+
 # Runs the parity gates first: nothing is installed unless FP32 ONNX agrees with PyTorch (Dice >= 0.99).
 # Fill triton_repo/ from a checkpoint (default: the bundled demo model): ONNX, FP16 ONNX, embeddings, metadata.
 export checkpoint="models/demo" *args="": (env "dev")

@@ -37,7 +37,7 @@ import torch
 
 from satseg.checkpoint import describe_key_mismatch, save_checkpoint
 from satseg.cli.common import cli_parser, run_cli
-from satseg.errors import CheckpointError
+from satseg.errors import CheckpointError, SatInputError
 from satseg.geometry.volume import MODALITIES
 from satseg.model import SAT, SATConfig, SATVision, TextTower, get_config
 from satseg.model.text_tower import load_hf_encoder
@@ -63,6 +63,7 @@ EPILOG = """examples:
              --tokenizer BioLORD-2023-C/ -o checkpoints/sat-nano
   sat-import --vision SAT_Pro.pth --size pro --text-encoder text_encoder.pth \\
              --tokenizer BioLORD-2023-C/ -o checkpoints/sat-pro
+  sat-import --folder downloads/ --size nano -o checkpoints/sat-nano   # the same files, found in a folder
   sat-segment -i ct.nii.gz -o out/ --prompts "liver,spleen" --checkpoint checkpoints/sat-nano   # then use it
 
 --tokenizer is a local Hugging Face folder of the text tower (FremyCompany/BioLORD-2023-C): its
@@ -385,21 +386,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli_parser(
         PROG, "Convert the published SAT checkpoints (zhaoziheng/SAT) into a satseg checkpoint.", EPILOG
     )
-    parser.add_argument("--vision", type=Path, required=True, help="SAT_Nano_UNET.pth or SAT_Pro.pth")
-    parser.add_argument("--size", choices=sorted(REFERENCE_SIZES), required=True, help="nano or pro, as --vision")
-    parser.add_argument("--text-encoder", type=Path, required=True, help="the reference's text_encoder.pth")
     parser.add_argument(
-        "--tokenizer", type=Path, required=True, help="local BioLORD-2023-C folder: config.json and tokenizer files"
+        "--folder", type=Path, help="the folder of the downloaded files, instead of the next three (see below)"
     )
+    parser.add_argument("--vision", type=Path, help="SAT_Nano_UNET.pth or SAT_Pro.pth")
+    parser.add_argument("--size", choices=sorted(REFERENCE_SIZES), required=True, help="nano or pro, as --vision")
+    parser.add_argument("--text-encoder", type=Path, help="the reference's text_encoder.pth")
+    parser.add_argument("--tokenizer", type=Path, help="local BioLORD-2023-C folder: config.json and tokenizer files")
     parser.add_argument("--output", "-o", type=Path, required=True, help="folder for the satseg checkpoint")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    named = [args.vision, args.text_encoder, args.tokenizer]
+    if (args.folder is not None and any(named)) or (args.folder is None and not all(named)):
+        parser.error("give --folder, or all of --vision, --text-encoder and --tokenizer")
+    return args
+
+
+def published_files(folder: Path) -> tuple[Path, Path, Path]:
+    """``(vision, text encoder, tokenizer folder)`` in a folder of the downloaded files: the one ``.pth`` whose
+    name holds "text" is the text encoder's, the other ``.pth`` the vision model's, and the one subfolder with a
+    ``config.json`` the tokenizer's (whatever the files were renamed to on the way).
+
+    Raises:
+        SatInputError: the folder does not hold exactly those; the line says what it found.
+    """
+    weights = sorted(folder.glob("*.pth"))
+    text = [path for path in weights if "text" in path.name.lower()]
+    vision = [path for path in weights if path not in text]
+    tokenizers = sorted(path.parent for path in folder.glob("*/config.json"))
+    if len(text) != 1 or len(vision) != 1 or len(tokenizers) != 1:
+        found = ", ".join(path.name for path in [*weights, *tokenizers]) or "nothing of the kind"
+        raise SatInputError(
+            f"{folder} must hold one vision .pth, one text encoder .pth (its name holding 'text') and one "
+            f"tokenizer folder with a config.json; it holds {found}"
+        )
+    return vision[0], text[0], tokenizers[0]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
-        folder = import_sat(args.vision, args.text_encoder, args.tokenizer, args.output, args.size)
+        files = published_files(args.folder) if args.folder else (args.vision, args.text_encoder, args.tokenizer)
+        folder = import_sat(*files, args.output, args.size)
         print(f"wrote the imported SAT-{args.size.capitalize()} checkpoint to {folder}")
         return 0
 

@@ -523,3 +523,50 @@ def test_the_imported_checkpoint_states_the_reference_preprocessing(imported: Pa
     assert spec.preprocess.ct_window_hu == DEFAULT_PREPROCESS.ct_window_hu
     assert "> 0 HU" in spec.notes["ct_foreground_hu"] and spec.trained_terms is None
     assert spec.window.patch_size == ARCH.patch_size
+
+
+def downloads_folder(reference: dict[str, Any], folder: Path) -> Path:
+    """The published files as a user downloads them into one folder (the names of the reference's release)."""
+    folder.mkdir()
+    shutil.copy(reference["vision"], folder / "SAT_Nano_UNET.pth")
+    shutil.copy(reference["text"], folder / "text_encoder.pth")
+    shutil.copytree(reference["encoder_folder"], folder / "BioLORD-2023-C")
+    return folder
+
+
+def test_a_folder_without_the_published_files_is_refused_in_one_line(
+    reference: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    downloads = downloads_folder(reference, tmp_path / "downloads")
+    (downloads / "text_encoder.pth").unlink()
+    assert importer.main(["--folder", str(downloads), "--size", "nano", "-o", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "it holds SAT_Nano_UNET.pth, BioLORD-2023-C" in error
+    with pytest.raises(SystemExit):  # --folder and the files named one by one exclude each other
+        importer.main(["--folder", str(downloads), "--vision", "x.pth", "--size", "nano", "-o", "out"])
+
+
+def test_the_published_files_go_through_import_export_and_serve_as_just_serve_published_runs_them(
+    reference: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ``just serve-published`` runs, on upstream-format files at tiny widths with random weights:
+    ``sat-import --folder``, ``sat-export`` (its parity gates), the real ``tritonserver``, and a first request
+    whose masks lie on the input's grid."""
+    pytest.importorskip("pytriton", reason="serving needs the serve extra (nvidia-pytriton)")
+    from satseg.phantom import centred_affine, make_torso_phantom
+    from satseg.server.triton import TritonServer
+    from satseg_clients.sat_client import SATClient
+    from satseg_export.build_repo import main as export_main
+
+    monkeypatch.setattr(importer, "get_config", lambda name: ARCH)  # --size nano, at the test's widths
+    downloads = downloads_folder(reference, tmp_path / "downloads")
+    checkpoint = tmp_path / "checkpoints" / "sat-nano"
+    assert importer.main(["--folder", str(downloads), "--size", "nano", "-o", str(checkpoint)]) == 0
+    repository = tmp_path / "triton_repo"
+    sizes = ["--random-patches", "1", "--real-patches", "1"]  # the gates run; fewer windows than by default
+    assert export_main([str(checkpoint), "--repository", str(repository), *sizes]) == 0
+    shape = (40, 32, 24)
+    volume, _, _ = make_torso_phantom(shape, centred_affine(shape, (8.0, 8.0, 8.0), 0.0))
+    with TritonServer(repository, log_path=tmp_path / "tritonserver.log") as server:
+        result = SATClient(server.grpc_url).segment(volume, ["liver", "left kidney"], modality="ct")
+    assert result.result.masks.shape == (2, *shape)
