@@ -10,6 +10,7 @@ database and its Prometheus metrics. Exit status 1 when they disagree or a serie
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import signal
@@ -211,8 +212,16 @@ class Sampler(threading.Thread):
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 self.peak_rss_mb = max(self.peak_rss_mb, int(line.split()[1]) / 1024)
-        spooled = sum(path.stat().st_size for path in self.spool.rglob("*") if path.is_file())
-        self.peak_spool_bytes = max(self.peak_spool_bytes, spooled)
+        self.peak_spool_bytes = max(self.peak_spool_bytes, folder_bytes(self.spool))
+
+
+def folder_bytes(folder: Path) -> int:
+    """The bytes of the files under ``folder`` (a file renamed or deleted while it is walked counts 0)."""
+    total = 0
+    for path in folder.rglob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            total += path.stat().st_size if path.is_file() else 0
+    return total
 
 
 def wait_until(condition: Any, timeout_s: float, what: str) -> None:
