@@ -174,3 +174,28 @@ def test_the_gpu_check_script_runs_on_the_cpu(tmp_path: Path) -> None:
     done = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, env=environment)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "Traceback" not in (tmp_path / "gpu_check.txt").read_text()
+
+
+def test_by_default_every_prompt_that_fits_the_pass_budget_shares_one_pass_over_the_windows() -> None:
+    """Each pass runs every window through the predictor (the vision backbone included): 40 prompts on a small
+    grid take one pass by default, where a fixed 32 a pass took two; ``prompts_per_pass`` still caps a pass, and
+    a grid whose one map exceeds the budget still gets one prompt a pass."""
+    from satseg.engine.run import PASS_BYTES
+
+    volume, _, _ = sphere_volume(False)
+    prepared = prepare(volume, "ct", PreprocessConfig())
+    calls = []
+
+    def counting(patches: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        calls.append(queries.shape[1])
+        return torch.zeros(patches.shape[0], queries.shape[1], *patches.shape[2:])
+
+    queries = torch.zeros(40, 8)
+    assert len(dict(probabilities_on_input_grid(prepared, queries, counting, TINY_WINDOW, WindowRun()))) == 40
+    windows = len(calls)
+    assert set(calls) == {40}
+    calls.clear()
+    dict(probabilities_on_input_grid(prepared, queries, counting, TINY_WINDOW, WindowRun(prompts_per_pass=32)))
+    assert len(calls) == 2 * windows and sorted(set(calls)) == [8, 32]
+    assert WindowRun().pass_size((100, 100, 100)) == PASS_BYTES // 2_000_000
+    assert WindowRun().pass_size((2000, 2000, 1000)) == 1

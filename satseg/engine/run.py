@@ -27,20 +27,33 @@ MaskSink = Callable[[int, str, np.ndarray], None]
 """Called with ``(index, term, mask [I, J, K] uint8)`` as each mask is cut, e.g. to write it and let it go."""
 
 
+PASS_BYTES = 2 << 30
+"""What the model-grid probability maps of one pass may hold when ``prompts_per_pass`` is not set: each pass
+runs every window (the vision backbone included) again, so passes cost time and this memory buys fewer
+(128 prompts took 5.9x the time of 8 on the demo model with 32 prompts a pass, benchmarks/RESULTS.md)."""
+
+
 @dataclass(frozen=True)
 class WindowRun:
     """How windows are run; none of it changes the answer.
 
-    ``prompts_per_pass`` bounds memory: each pass holds ``prompts_per_pass`` model-grid maps of
-    ``accumulator_dtype``; more prompts take more passes over the windows. ``batch_size``: windows per
-    predictor call.
+    Each pass over the windows holds one model-grid map of ``accumulator_dtype`` per prompt of the pass;
+    ``prompts_per_pass`` caps them, or by default :data:`PASS_BYTES` does (:meth:`pass_size`). ``batch_size``:
+    windows per predictor call.
     """
 
     batch_size: int = 1
-    prompts_per_pass: int = 32
+    prompts_per_pass: int | None = None
     accumulator_dtype: torch.dtype = torch.float16
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: bool = False
+
+    def pass_size(self, grid: Sequence[int]) -> int:
+        """Prompts per pass over the windows of a model grid of shape ``grid``."""
+        if self.prompts_per_pass is not None:
+            return self.prompts_per_pass
+        map_bytes = int(np.prod(grid)) * torch.finfo(self.accumulator_dtype).bits // 8
+        return max(1, PASS_BYTES // map_bytes)
 
 
 @dataclass(frozen=True)
@@ -159,15 +172,16 @@ def probabilities_on_input_grid(
     """The windowing around any predictor, on a volume already on the model grid.
 
     Slides ``window`` windows over ``prepared.image`` with ``queries [N, C]`` in passes of
-    ``run.prompts_per_pass`` rows, and yields ``(index, probabilities)`` per row: float32
+    ``run.pass_size`` rows, and yields ``(index, probabilities)`` per row: float32
     ``[I, J, K]`` in [0, 1] on the input grid. At most one pass of model-grid maps and one input-grid
     map exist at a time.
     """
     image = prepared.image.to(run.device)
-    for start in range(0, queries.shape[0], run.prompts_per_pass):
+    per_pass = run.pass_size(tuple(image.shape[-3:]))
+    for start in range(0, queries.shape[0], per_pass):
         probabilities = sliding_window_probabilities(
             image,
-            queries[start : start + run.prompts_per_pass].to(run.device),
+            queries[start : start + per_pass].to(run.device),
             predictor,
             window.patch_size,
             overlap=window.overlap,
