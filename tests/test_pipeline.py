@@ -178,9 +178,9 @@ def test_the_gpu_check_script_runs_on_the_cpu(tmp_path: Path) -> None:
 
 def test_by_default_every_prompt_that_fits_the_pass_budget_shares_one_pass_over_the_windows() -> None:
     """Each pass runs every window through the predictor (the vision backbone included): 40 prompts on a small
-    grid take one pass by default, where a fixed 32 a pass took two; ``prompts_per_pass`` still caps a pass, and
-    a grid whose one map exceeds the budget still gets one prompt a pass."""
-    from satseg.engine.run import PASS_BYTES
+    grid take one pass by default, where a fixed 32 a pass took two; ``prompts_per_pass`` still caps a pass, a
+    grid whose one map exceeds the budget still gets one prompt a pass, and nano's large windows count."""
+    from satseg.engine.run import PASS_BYTES, WINDOW_LOGIT_COPIES
 
     volume, _, _ = sphere_volume(False)
     prepared = prepare(volume, "ct", PreprocessConfig())
@@ -197,5 +197,8 @@ def test_by_default_every_prompt_that_fits_the_pass_budget_shares_one_pass_over_
     calls.clear()
     dict(probabilities_on_input_grid(prepared, queries, counting, TINY_WINDOW, WindowRun(prompts_per_pass=32)))
     assert len(calls) == 2 * windows and sorted(set(calls)) == [8, 32]
-    assert WindowRun().pass_size((100, 100, 100)) == PASS_BYTES // 2_000_000
-    assert WindowRun().pass_size((2000, 2000, 1000)) == 1
+    window_bytes = 96 * 96 * 32 * 4 * WINDOW_LOGIT_COPIES
+    assert WindowRun().pass_size((100, 100, 100), (96, 96, 32)) == PASS_BYTES // (2_000_000 + window_bytes)
+    assert WindowRun().pass_size((2000, 2000, 1000), (96, 96, 32)) == 1
+    # nano: a 366x294x112 grid and 288x288x96 windows, whose logits dominate: about the 32 a pass it had
+    assert 30 <= WindowRun().pass_size((366, 294, 112), (288, 288, 96)) <= 40

@@ -21,8 +21,8 @@ class InferenceOptions:
     ``overlap``, ``threshold`` and ``orientation`` are ``None`` unless the caller overrides the spec (the CLI's
     ``--overlap``, ``--threshold`` and ``--orientation``, for a sagittal scan): the spec decides all it states.
     ``prompts_per_pass`` bounds memory: each pass holds that many fp16 probability maps of the model grid
-    (2 bytes per voxel each); more prompts take more passes over the windows. ``None``: as many as
-    :data:`~satseg.engine.run.PASS_BYTES` holds.
+    (2 bytes per voxel each) and window logits; more prompts take more passes over the windows. ``None``: as
+    many as :data:`~satseg.engine.run.PASS_BYTES` holds.
     ``runtime`` runs the vision model: ``torch`` (the checkpoint), or ``onnxruntime`` or ``openvino`` on its
     exported graph (CPU; :mod:`satseg.runtimes`). ``precision`` is its arithmetic: ``fp32``; ``fp16`` (torch on
     CUDA, autocast); ``bf16`` (openvino on a CPU with native BF16); ``int8`` (openvino on the INT8 graph that

@@ -27,19 +27,23 @@ MaskSink = Callable[[int, str, np.ndarray], None]
 """Called with ``(index, term, mask [I, J, K] uint8)`` as each mask is cut, e.g. to write it and let it go."""
 
 
-PASS_BYTES = 2 << 30
-"""What the model-grid probability maps of one pass may hold when ``prompts_per_pass`` is not set: each pass
-runs every window (the vision backbone included) again, so passes cost time and this memory buys fewer
-(128 prompts took 5.9x the time of 8 on the demo model with 32 prompts a pass, benchmarks/RESULTS.md)."""
+PASS_BYTES = 5 << 30
+"""What one pass's prompts may hold, in model-grid maps and window logits, when ``prompts_per_pass`` is not set:
+each pass runs every window (the vision backbone included) again, so passes cost time and this memory buys
+fewer (128 prompts took 5.9x the time of 8 on the demo model at 32 a pass, benchmarks/RESULTS.md). At this
+size ``nano`` keeps about the 32 a pass it had (its 288x288x96 windows' logits dominate)."""
+WINDOW_LOGIT_COPIES = 4
+"""float32 copies of a window's logits per prompt alive at once: the runtime's output, its tensor, the sigmoid
+and the blended addend (2 GiB of grid maps alone let nano take 89 prompts a pass, and 24 GB was not enough)."""
 
 
 @dataclass(frozen=True)
 class WindowRun:
     """How windows are run; none of it changes the answer.
 
-    Each pass over the windows holds one model-grid map of ``accumulator_dtype`` per prompt of the pass;
-    ``prompts_per_pass`` caps them, or by default :data:`PASS_BYTES` does (:meth:`pass_size`). ``batch_size``:
-    windows per predictor call.
+    Each pass over the windows holds, per prompt of the pass, one model-grid map of ``accumulator_dtype`` and
+    the float32 logits of a batch of windows; ``prompts_per_pass`` caps the prompts, or by default
+    :data:`PASS_BYTES` does (:meth:`pass_size`). ``batch_size``: windows per predictor call.
     """
 
     batch_size: int = 1
@@ -48,12 +52,13 @@ class WindowRun:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: bool = False
 
-    def pass_size(self, grid: Sequence[int]) -> int:
-        """Prompts per pass over the windows of a model grid of shape ``grid``."""
+    def pass_size(self, grid: Sequence[int], patch_size: Sequence[int]) -> int:
+        """Prompts per pass over the ``patch_size`` windows of a model grid of shape ``grid``."""
         if self.prompts_per_pass is not None:
             return self.prompts_per_pass
         map_bytes = int(np.prod(grid)) * torch.finfo(self.accumulator_dtype).bits // 8
-        return max(1, PASS_BYTES // map_bytes)
+        logit_bytes = self.batch_size * int(np.prod(patch_size)) * 4 * WINDOW_LOGIT_COPIES
+        return max(1, PASS_BYTES // (map_bytes + logit_bytes))
 
 
 @dataclass(frozen=True)
@@ -177,7 +182,7 @@ def probabilities_on_input_grid(
     map exist at a time.
     """
     image = prepared.image.to(run.device)
-    per_pass = run.pass_size(tuple(image.shape[-3:]))
+    per_pass = run.pass_size(tuple(image.shape[-3:]), window.patch_size)
     for start in range(0, queries.shape[0], per_pass):
         probabilities = sliding_window_probabilities(
             image,
