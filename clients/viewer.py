@@ -30,8 +30,8 @@ from satseg.errors import one_line
 from satseg.server.front import ProxyServer, forwarded_headers, relay
 
 OHIF_PIN = VIEWER_DEPLOYMENT / "ohif.json"
-"""The npm package of OHIF's prebuilt viewer: name, version and the registry's integrity of its tarball (the
-viewer's image, deploy/viewer.Dockerfile, reads the same file)."""
+"""The npm package of OHIF's prebuilt viewer: name, version, the registry's integrity of its tarball and the
+text replacements that fix its bundles (the viewer's image, deploy/viewer.Dockerfile, reads the same file)."""
 APP_CONFIG = VIEWER_DEPLOYMENT / "app-config.js"
 NPM_REGISTRY = "https://registry.npmjs.org"
 """npm's default registry; ``npm_config_registry`` (a hospital's mirror) overrides it, as it does for npm."""
@@ -43,15 +43,19 @@ FETCH_TIMEOUT_S = 120.0
 
 @dataclass(frozen=True)
 class NpmPackage:
-    """One pinned npm package (``ohif.json``): what is served is exactly what was pinned."""
+    """One pinned npm package (``ohif.json``): what is served is exactly what was pinned, with its
+    ``replacements`` (``(find, replace)`` pairs, applied to every ``.js`` file of ``dist/``) made."""
 
     package: str
     version: str
     integrity: str
+    replacements: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def load(cls, path: Path = OHIF_PIN) -> NpmPackage:
-        return cls(**json.loads(path.read_text()))
+        pin = json.loads(path.read_text())
+        patches = pin.pop("patches", {"replacements": []})
+        return cls(**pin, replacements=tuple((find, replace) for find, replace in patches["replacements"]))
 
     @property
     def tarball_url(self) -> str:
@@ -61,17 +65,35 @@ class NpmPackage:
     def cache(self) -> Path:
         """Where its files are kept between runs (``$XDG_CACHE_HOME/satseg``, else ``~/.cache/satseg``)."""
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        return root / "satseg" / f"{self.package.strip('@').replace('/', '-')}-{self.version}"
+        patched = hashlib.sha256(json.dumps(self.replacements).encode()).hexdigest()[:8]  # new patches, new folder
+        return root / "satseg" / f"{self.package.strip('@').replace('/', '-')}-{self.version}-{patched}"
+
+    def patch(self, dist: Path) -> None:
+        """Make every replacement in the ``.js`` files of ``dist``.
+
+        Raises:
+            RuntimeError: a replacement's text is in none of them (the bundles are not the ones it was written for).
+        """
+        bundles = {path: path.read_text(encoding="utf-8") for path in sorted(dist.glob("*.js"))}
+        for find, replace in self.replacements:
+            hits = [path for path, text in bundles.items() if find in text]
+            if not hits:
+                raise RuntimeError(f"{self.package}@{self.version}: no bundle holds the patched text {find!r}")
+            for path in hits:
+                bundles[path] = bundles[path].replace(find, replace)
+        for path, text in bundles.items():
+            path.write_text(text, encoding="utf-8")
 
 
 def fetch_viewer(pin: NpmPackage | None = None, cache: Path | None = None) -> Path:
     """The folder of OHIF's prebuilt viewer (``index.html`` and its bundles), fetched once into ``cache``.
 
     The package's tarball (about 50 MB; 200 MB unpacked) comes from the npm registry and is checked against
-    the pinned integrity before anything is unpacked.
+    the pinned integrity before anything is unpacked; then the pin's replacements are made (:meth:`NpmPackage.patch`).
 
     Raises:
-        RuntimeError: the registry did not answer, or the tarball is not the pinned one (one line).
+        RuntimeError: the registry did not answer, the tarball is not the pinned one, or a replacement found
+            nothing to replace (one line).
     """
     pin = pin or NpmPackage.load()
     cache = cache or pin.cache()
@@ -96,6 +118,7 @@ def fetch_viewer(pin: NpmPackage | None = None, cache: Path | None = None) -> Pa
         with tarfile.open(archive) as tar:
             members = [member for member in tar.getmembers() if member.name.startswith("package/dist/")]
             tar.extractall(unpacked, members=members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        pin.patch(unpacked / "package" / "dist")
         shutil.rmtree(dist, ignore_errors=True)  # a half-unpacked folder from an interrupted run
         (unpacked / "package" / "dist").rename(dist)
     return dist

@@ -34,13 +34,14 @@ from satseg.outputs.preview import term_colour
 from satseg.server.triton import TritonServer, free_ports
 from satseg_clients.dicom_node.demo import NODE_AET, demo_node
 from satseg_clients.dicom_node.orthanc import Orthanc
-from satseg_clients.viewer import APP_CONFIG, ViewerFront, fetch_viewer
+from satseg_clients.viewer import APP_CONFIG, NpmPackage, ViewerFront, fetch_viewer
 from satseg_clients.viewer_browser import ViewerBrowser
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test_artifacts" / "viewer"
 WAIT_S = 240.0
 SLICE_GAP_MM = 8.0
 LPS = np.array([-1.0, -1.0, 1.0])
+SHAPE = (49, 41, 25)
 PATCH = 3
 """Half the side of the square of screen pixels compared around a point."""
 
@@ -60,7 +61,14 @@ def test_the_viewer_draws_the_seg_over_the_organ_where_the_seg_puts_it(
     orthanc_ready: None, triton_server: TritonServer, chromium: str, tmp_path: Path
 ) -> None:
     series = tmp_path / "series"
-    write_series(series, np.clip(phantom(seed=3).array, -1024, None), pixel_spacing=(5.0, 5.0), slice_gap=SLICE_GAP_MM)
+    # Rows x columns not a multiple of 8, and 6 segments x 25 slices: the SEG's bit-packed frames do not start on
+    # byte boundaries and its pixel data ends in a pad byte, which OHIF 3.13's reader misread (ohif.json's patches).
+    write_series(
+        series,
+        np.clip(phantom(seed=3, shape=SHAPE).array, -1024, None),
+        pixel_spacing=(5.0, 5.0),
+        slice_gap=SLICE_GAP_MM,
+    )
     [node_port] = free_ports(1)
     orthanc = Orthanc(tmp_path / "orthanc", modalities={"sat": (NODE_AET, "127.0.0.1", node_port)})
     with orthanc, ViewerFront(fetch_viewer(), orthanc.dicomweb_url) as front:
@@ -84,6 +92,9 @@ def test_the_viewer_draws_the_seg_over_the_organ_where_the_seg_puts_it(
         # The liver's deepest voxel, and on its slice the voxel in the body farthest from every segment.
         inside = np.unravel_index(np.argmax(ndimage.distance_transform_edt(liver)), liver.shape)
         k = inside[2]
+        # And voxels spread over the liver on that slice, each at least 2 voxels from its edge.
+        interior = np.argwhere(ndimage.distance_transform_edt(liver[:, :, k]) >= 2)
+        spread = [(*interior[n], k) for n in np.linspace(0, len(interior) - 1, min(8, len(interior))).astype(int)]
         clear = ndimage.distance_transform_edt(~seg_masks(seg, volume).any(axis=0)[:, :, k])
         clear[volume.array[:, :, k] < -500] = 0  # in the body, not in the air around it
         outside = (*np.unravel_index(np.argmax(clear), clear.shape), k)
@@ -100,12 +111,17 @@ def test_the_viewer_draws_the_seg_over_the_organ_where_the_seg_puts_it(
             browser.set_segmentation_visible(False)
             hidden = browser.screenshot(ARTIFACTS / "seg_hidden.png")
             liver_point, outside_point = browser.page_point(liver_lps), browser.page_point(outside_lps)
+            spread_points = [browser.page_point(lps_of(volume.affine, voxel)) for voxel in spread]
             # Radiological layout: the patient's right (-x in LPS) on the screen's left, anterior (-y) up.
             right = browser.page_point(liver_lps + np.array([-20.0, 0.0, 0.0]))
             anterior = browser.page_point(liver_lps + np.array([0.0, -20.0, 0.0]))
             assert browser.failed_requests == []
     assert patch_change(shown, hidden, liver_point) > 10, "the liver is not drawn where the SEG puts it"
     assert patch_change(shown, hidden, outside_point) < 1, "something is drawn where no segment is"
+    undrawn = [
+        voxel for voxel, point in zip(spread, spread_points, strict=True) if patch_change(shown, hidden, point) <= 10
+    ]
+    assert not undrawn, f"the liver is not drawn at {undrawn} of {spread}"
     assert right[0] < liver_point[0] and anterior[1] < liver_point[1]
 
 
@@ -200,3 +216,19 @@ def get_or_none(url: str) -> int | None:
         return get(url)[0]
     except OSError:
         return None
+
+
+def test_the_pins_patches_replace_every_occurrence_and_refuse_a_bundle_without_their_text(tmp_path: Path) -> None:
+    pin = NpmPackage.load()
+    assert len(pin.replacements) == 4
+    (tmp_path / "a.js").write_text("x; " + " ".join(find for find, _ in pin.replacements) * 2)
+    (tmp_path / "b.js").write_text(pin.replacements[0][0])
+    (tmp_path / "index.html").write_text(pin.replacements[0][0])
+    pin.patch(tmp_path)
+    for find, replace in pin.replacements:
+        assert find not in (tmp_path / "a.js").read_text() and (tmp_path / "a.js").read_text().count(replace) == 2
+    assert (tmp_path / "b.js").read_text() == pin.replacements[0][1]
+    assert (tmp_path / "index.html").read_text() == pin.replacements[0][0]  # only the bundles
+    with pytest.raises(RuntimeError, match="no bundle holds the patched text"):
+        pin.patch(tmp_path)  # already made: a different build
+    assert pin.cache() != NpmPackage(pin.package, pin.version, pin.integrity).cache()  # patches key the cache
