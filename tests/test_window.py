@@ -98,6 +98,15 @@ def test_importance_map_peak_and_floor() -> None:
     assert weights[0, 0, 0].item() < weights.max().item() / 100
 
 
+@pytest.mark.parametrize("patch", [(96, 96, 32), (288, 288, 96), (7, 5, 3)])
+def test_importance_map_is_monais(patch: tuple[int, int, int]) -> None:
+    """Re-stated to keep MONAI's 3.8 s import out of inference: equal to its map, scaled to the peak, bit for bit."""
+    from monai.data.utils import compute_importance_map
+
+    monai = compute_importance_map(patch, mode="gaussian", sigma_scale=0.125, device="cpu", dtype=torch.float32)
+    assert torch.equal(gaussian_importance_map(patch), monai.mul_(IMPORTANCE_PEAK / monai.max()))
+
+
 def test_importance_map_sigma_is_an_eighth_of_the_patch() -> None:
     weights = gaussian_importance_map((16, 24, 8)).double()
     # Voxel centres sit at -7.5 .. 7.5 around the patch centre; sigma = 16 / 8 = 2 on axis 0.
