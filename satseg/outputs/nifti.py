@@ -74,12 +74,14 @@ def save_nifti_exact(
     path: Path,
     *,
     comment: Mapping[str, object] | None = None,
-    compresslevel: int = 9,
+    compresslevel: int = 6,
 ) -> Path:
     """Write ``array`` as ``.nii.gz`` with exactly ``affine`` (sform and qform, code 1), atomically.
 
     The data dtype is kept and unscaled (slope 1, intercept 0); ``comment`` goes into a JSON
-    "comment" header extension. Equal inputs give byte-identical files.
+    "comment" header extension. Equal inputs give byte-identical files. ``compresslevel`` 6, zlib's own default:
+    on a speckled mask (random weights) level 9 took 22x as long (1.88 s against 0.09 s for 122x101x112), and on
+    a smooth 512x512x300 organ the time is NumPy's transposed copy either way; level 6's files are 8-50% larger.
     """
     image = nib.Nifti1Image(array, affine)
     image.set_sform(affine, code=_SCANNER)
