@@ -19,7 +19,10 @@ Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 A plain callable so the same stitcher drives a torch module, an onnxruntime session or a
 remote (Triton) call. Logits may be any float dtype; they are upcast before the sigmoid.
+The stitcher owns the logits it is given: float32 ones become the probabilities in place.
 """
+ADD_CHUNK_BYTES = 8 << 20
+"""float32 accumulator rows added at a time: a few prompts' window, so the temporaries stay small and reused."""
 
 
 def sliding_window_probabilities(
@@ -126,10 +129,32 @@ def _add_batch(
     logits = predictor(patches, queries.expand(len(batch), -1, -1))
     if logits.shape != expected:
         raise ValueError(f"predictor returned logits of shape {tuple(logits.shape)}, expected {expected}")
-    window_probabilities = torch.sigmoid(logits.to(device=weights.device, dtype=torch.float32))
+    # In place: a second window-sized tensor would cost its allocation and page faults (nano: 1 GB a window for
+    # 32 prompts), more than the sigmoid itself.
+    window_probabilities = logits.to(device=weights.device, dtype=torch.float32).contiguous().sigmoid_()
     del logits
     for window, blended in zip(batch, window_probabilities, strict=True):
-        probabilities[(slice(None), *window)] += blended.mul_(importance / weights[window])
+        blended.mul_(importance / weights[window])
+        _accumulate(probabilities, window, blended)
+
+
+def _accumulate(probabilities: torch.Tensor, window: tuple[slice, ...], blended: torch.Tensor) -> None:
+    """``probabilities[:, window] += blended`` (``[N, h, w, d]`` float32), a few prompts at a time.
+
+    For a float16 accumulator, PyTorch's mixed-dtype ``+=`` on the window's strided view was 7x slower than the
+    same sum in float32; upcasting each chunk, adding and writing it back rounds the same sum once, as ``+=``
+    does, so the result is bit for bit the same (2.3x faster for the whole blend of nano's or 128 prompts'
+    windows, benchmarks/RESULTS.md).
+    """
+    step = max(1, ADD_CHUNK_BYTES // (blended[0].numel() * 4))
+    for start in range(0, blended.shape[0], step):
+        view = probabilities[(slice(start, start + step), *window)]
+        if view.dtype == torch.float32:
+            view += blended[start : start + step]
+            continue
+        total = view.float()
+        total += blended[start : start + step]
+        view.copy_(total)
 
 
 def replicate_edges(values: torch.Tensor, spans: Sequence[tuple[int, int]]) -> None:
