@@ -91,7 +91,7 @@ def main() -> None:
         code = (
             "import sys; from pathlib import Path; from satseg.checkpoint import load_checkpoint; "
             "from satseg.graph_cache import cached_vision_graph; "
-            "print(cached_vision_graph(Path(sys.argv[1]), load_checkpoint(sys.argv[1])[0]))"
+            "print(cached_vision_graph(Path(sys.argv[1]), lambda: load_checkpoint(sys.argv[1])[0]))"
         )
         subprocess.run([sys.executable, "-c", code, str(checkpoint)], env=env, check=True, stdout=subprocess.DEVNULL)
 

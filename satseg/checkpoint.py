@@ -10,6 +10,7 @@ relative to the checkpoint folder, so the folder can be moved or copied as a who
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -279,9 +280,7 @@ def load_checkpoint(
     Raises :class:`CheckpointError` for a missing or malformed folder, missing or unexpected keys,
     shape mismatches, or a text encoder whose weights differ from the ones it was saved with.
     """
-    path = Path(directory)
-    folder = checkpoint_folder(path)
-    metadata = with_encoder_in(read_metadata(path), folder)
+    folder, metadata = located_metadata(directory)
     weights_path = folder / WEIGHTS_FILE
     try:
         tensors = load_file(str(weights_path))
@@ -294,3 +293,38 @@ def load_checkpoint(
     replace_encoder_layers(model, trained_layers, prefixes, metadata.text_encoder_sha256)
     load_weights_strict(model, tensors)
     return model.to(device).eval(), metadata
+
+
+def located_metadata(directory: str | os.PathLike[str]) -> tuple[Path, CheckpointMetadata]:
+    """A checkpoint's folder and its metadata, with ``config.text_encoder`` resolved as :func:`load_checkpoint` does."""
+    path = Path(directory)
+    folder = checkpoint_folder(path)
+    return folder, with_encoder_in(read_metadata(path), folder)
+
+
+class DeferredCheckpoint:
+    """A checkpoint whose model is built only when first asked for (:meth:`model`).
+
+    A segmenter that runs its windows in a graph needs the model only for prompts its embedding cache
+    lacks, and building it costs the text encoder's import and weights (3 s of a 33 s demo run,
+    benchmarks/RESULTS.md, "Where sat-segment's time goes"): so it keys the cache by :meth:`text_key`,
+    read from the files, and loads the model on a miss.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.folder, self.metadata = located_metadata(directory)
+        self._model: SAT | None = None
+
+    def model(self) -> SAT:
+        """The checkpoint's model on the CPU, in eval mode (:func:`load_checkpoint`, once)."""
+        if self._model is None:
+            self._model = load_checkpoint(self.folder)[0]
+        return self._model
+
+    def text_key(self) -> str:
+        """The text tower's identity from the files alone: the weights file (the projection, the modality
+        embedding and any trained encoder layers) and the base encoder's sha256 its metadata pins."""
+        from satseg.onnx_graphs import file_sha256
+
+        identity = f"{file_sha256(self.folder / WEIGHTS_FILE)}:{self.metadata.text_encoder_sha256}"
+        return "checkpoint-" + hashlib.sha256(identity.encode()).hexdigest()

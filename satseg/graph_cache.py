@@ -1,4 +1,5 @@
-"""The vision graph of a checkpoint for the in-process graph runtimes, exported once and kept in a cache.
+"""The vision graph of a checkpoint for the in-process graph runtimes, exported once and kept in a cache,
+beside the prompt embeddings of checkpoints.
 
 ``sat-segment --runtime onnxruntime|openvino`` needs the checkpoint's vision model as ONNX; exporting it
 takes seconds for ``tiny`` and minutes for ``nano``, so the graph is kept under the cache folder, named by
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from satseg.checkpoint import WEIGHTS_FILE
@@ -19,6 +21,8 @@ from satseg.onnx_graphs import OPSET, export_vision, file_sha256
 CACHE_VARIABLE = "SATSEG_CACHE"
 """The cache folder (default ``$XDG_CACHE_HOME/satseg``, else ``~/.cache/satseg``)."""
 GRAPH_FILE = "vision.onnx"
+EMBEDDINGS_FOLDER = "embeddings"
+"""Prompt embeddings of checkpoints (:class:`~satseg.text.EmbeddingCache`), under :func:`cache_root`."""
 
 
 def cache_root() -> Path:
@@ -29,8 +33,8 @@ def cache_root() -> Path:
     return Path(base) / "satseg"
 
 
-def cached_vision_graph(checkpoint: Path, sat: SAT) -> Path:
-    """``checkpoint``'s vision graph (``sat`` is its loaded model), exported on first use.
+def cached_vision_graph(checkpoint: Path, model: Callable[[], SAT]) -> Path:
+    """``checkpoint``'s vision graph, exported on first use from ``model()``, its loaded model.
 
     The graph is written into a temporary folder beside its place and renamed in one step, so a second
     process never reads half a file and an interrupted export leaves nothing behind.
@@ -43,7 +47,7 @@ def cached_vision_graph(checkpoint: Path, sat: SAT) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
     try:
-        export_vision(sat, work / GRAPH_FILE)
+        export_vision(model(), work / GRAPH_FILE)
         try:
             os.rename(work, folder)
         except OSError:  # another process put it there first: theirs is the same graph

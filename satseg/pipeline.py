@@ -5,6 +5,7 @@ Everything a server or a client does later is measured against this path.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from satseg.checkpoint import CheckpointMetadata, load_checkpoint
+from satseg.checkpoint import CheckpointMetadata, DeferredCheckpoint
 from satseg.engine import MaskSink, Outputs, PromptPlan, plan_prompts, prompt_probabilities, segment_prepared
 from satseg.engine.options import InferenceOptions, check_precision
 from satseg.engine.preprocess import PreparedVolume, prepare
@@ -66,7 +67,7 @@ class Segmenter:
 
     def __init__(
         self,
-        model: SAT,
+        model: SAT | DeferredCheckpoint,
         *,
         vocabulary: Vocabulary | None = None,
         device: torch.device | str = "cpu",
@@ -75,35 +76,64 @@ class Segmenter:
         metadata: CheckpointMetadata | None = None,
         graph: Path | None = None,
     ) -> None:
-        self.metadata = metadata
+        """``model``: a built model, or a checkpoint built only where needed (the torch runtime's windows, or a
+        prompt ``cache_dir`` lacks), whose ``metadata`` is then its own unless given."""
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        if self.device.type == "cpu":
-            # oneDNN convolves channels-last maps without reordering them: a third less memory and faster
-            # on the CPU (benchmarks/RESULTS.md, "SAT-Nano's window memory").
-            self.model.vision.to(memory_format=torch.channels_last_3d)
+        if isinstance(model, DeferredCheckpoint):
+            self._deferred: DeferredCheckpoint | None = model
+            self._model: SAT | None = None
+            self.config = model.metadata.config
+            metadata = metadata or model.metadata
+            text_key = model.text_key()
+        else:
+            self._deferred, self._model = None, self._placed(model)
+            self.config = model.config
+            # The cached value is the final query, so the key covers the whole text tower.
+            text_key = tensor_sha256(model.text.state_dict())
+        self.metadata = metadata
         self.vocabulary = vocabulary or Vocabulary.load()
         self.options = options or InferenceOptions()
         stated = (
             metadata.model_spec(self.vocabulary)
             if metadata is not None
-            else default_spec(model.config.patch_size, self.vocabulary, trained_terms=None)
+            else default_spec(self.config.patch_size, self.vocabulary, trained_terms=None)
         )
         self.spec = self.options.applied_to(stated)
         """What this segmenter runs: the checkpoint's spec with the caller's overrides."""
         check_precision(self.options.precision, self.device, self.options.runtime)
         self.graph = None if self.options.runtime == "torch" else self._open_graph(graph)
         """The vision graph's session when a graph runtime runs the windows (``graph``: its ONNX file)."""
-        self.tokenizer = PromptTokenizer(resolve_text_encoder(model.config.text_encoder))
-        # The cached value is the final query, so the key covers the whole text tower.
-        self.embeddings = EmbeddingCache(tensor_sha256(model.text.state_dict()), cache_dir=cache_dir)
+        if self.options.runtime == "torch":
+            _ = self.model  # its windows need it: fail here, not mid-run
+        self.embeddings = EmbeddingCache(text_key, cache_dir=cache_dir)
+
+    def _placed(self, model: SAT) -> SAT:
+        model = model.to(self.device).eval()
+        if self.device.type == "cpu":
+            # oneDNN convolves channels-last maps without reordering them: a third less memory and faster
+            # on the CPU (benchmarks/RESULTS.md, "SAT-Nano's window memory").
+            model.vision.to(memory_format=torch.channels_last_3d)
+        return model
+
+    @property
+    def model(self) -> SAT:
+        """The model on this segmenter's device, built on first use where it came from a checkpoint."""
+        if self._model is None:
+            assert self._deferred is not None
+            self._model = self._placed(self._deferred.model())
+        return self._model
+
+    @functools.cached_property
+    def tokenizer(self) -> PromptTokenizer:
+        """The text encoder's tokenizer, made on the first prompt the embedding cache lacks."""
+        return PromptTokenizer(resolve_text_encoder(self.config.text_encoder))
 
     @classmethod
     def from_checkpoint(
         cls, checkpoint: str | os.PathLike[str], *, device: torch.device | str = "cpu", **kwargs: object
     ) -> Segmenter:
-        model, metadata = load_checkpoint(checkpoint, device=device)
-        return cls(model, device=device, metadata=metadata, **kwargs)  # type: ignore[arg-type]
+        """The segmenter of a checkpoint folder, its model built only where needed (see :class:`DeferredCheckpoint`)."""
+        return cls(DeferredCheckpoint(checkpoint), device=device, **kwargs)  # type: ignore[arg-type]
 
     @property
     def patch_size(self) -> tuple[int, int, int]:

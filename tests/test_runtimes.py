@@ -3,6 +3,9 @@ cannot run is refused in one line before anything loads."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -125,3 +128,31 @@ def test_int8_without_a_gated_graph_is_refused_in_one_line(
         check_runtime("onnxruntime", "int8")
     with pytest.raises(SatInputError, match="precision int8 is for --runtime openvino"):
         check_precision("int8", torch.device("cpu"), "torch")
+
+
+def test_a_graph_runtime_with_its_prompts_cached_never_imports_the_text_encoder(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The runs above left the prompts' embeddings beside the graph, keyed by the checkpoint's files: a new
+    ``sat-segment --runtime openvino`` process gives the same masks without building the model, so without
+    importing transformers (3 s of a 33 s demo run, benchmarks/RESULTS.md)."""
+    cache = runs["torch"].parent / "cache"
+    assert list((cache / "embeddings").glob("checkpoint-*-ct.safetensors")), "the first run kept its embeddings"
+    args = ["-i", str(runs["torch"].parent / "ct.nii.gz"), "-o", str(tmp_path), "--modality", "ct"]
+    args += ["--prompts", ",".join(PROMPTS), "--runtime", "openvino", "--quiet", "--checkpoint", str(DEMO_CHECKPOINT)]
+    script = (
+        "import sys; from satseg.cli.segment import main; code = main(sys.argv[1:]); "
+        "print(sorted(name for name in sys.modules if name.split('.')[0] == 'transformers')); sys.exit(code)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, CACHE_VARIABLE: str(cache)},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]
+    for term in PROMPTS:
+        got, expected = (nib.load(folder / mask_file_name(term)) for folder in (tmp_path, runs["openvino"]))
+        assert np.array_equal(np.asarray(got.dataobj), np.asarray(expected.dataobj)), term

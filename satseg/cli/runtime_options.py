@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from satseg.checkout import DEFAULT_REPOSITORY
-from satseg.checkpoint import WEIGHTS_FILE, load_checkpoint
+from satseg.checkpoint import WEIGHTS_FILE, DeferredCheckpoint
 from satseg.contract import CONTRACT_FILE, ENTRY_MODEL
 from satseg.engine.options import PRECISIONS, InferenceOptions, check_precision
 from satseg.errors import SatInputError
@@ -75,22 +75,27 @@ def default_int8_graph(checkpoint: Path) -> Path:
 def segmenter_for(
     args: argparse.Namespace, checkpoint: Path, device: torch.device, options: InferenceOptions, **kwargs: object
 ) -> Segmenter:
-    """The ``Segmenter`` of ``checkpoint`` on the runtime the arguments name (its graph exported on first use).
+    """The ``Segmenter`` of ``checkpoint`` on the runtime the arguments name: its graph exported and its prompts'
+    embeddings computed on first use, both kept under :func:`~satseg.graph_cache.cache_root`, so a graph runtime
+    builds the model only for what that folder lacks.
 
     ``options`` must carry ``args.runtime`` and ``args.precision``; they are checked before anything loads.
     """
+    from satseg.graph_cache import EMBEDDINGS_FOLDER, cache_root, cached_vision_graph
+
     check_precision(options.precision, device, options.runtime)
-    model, metadata = load_checkpoint(checkpoint, device=device)
+    checkpoint_files = DeferredCheckpoint(checkpoint)
     graph = None
     if options.runtime != "torch":
-        from satseg.graph_cache import cached_vision_graph  # torch.onnx and onnxscript: only for a graph runtime
-
         graph = args.graph or (
-            default_int8_graph(checkpoint) if options.precision == "int8" else cached_vision_graph(checkpoint, model)
+            default_int8_graph(checkpoint)
+            if options.precision == "int8"
+            else cached_vision_graph(checkpoint, checkpoint_files.model)
         )
         if options.precision == "int8" and not int8_acceleration():
             print(
                 "warning: this CPU has no AVX512-VNNI, AVX-VNNI or AMX: INT8 may be no faster than FP32",
                 file=sys.stderr,
             )
-    return Segmenter(model, device=device, options=options, metadata=metadata, graph=graph, **kwargs)  # type: ignore[arg-type]
+    embeddings = cache_root() / EMBEDDINGS_FOLDER
+    return Segmenter(checkpoint_files, device=device, options=options, graph=graph, cache_dir=embeddings, **kwargs)  # type: ignore[arg-type]
