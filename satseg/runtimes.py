@@ -26,6 +26,11 @@ on the gated INT8 graph ``sat-export`` writes beside the FP32 one, :data:`INT8_G
 OPENVINO_PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 """Always stated: OpenVINO would otherwise pick BF16 by itself on a CPU that has it. An INT8 graph's quantized
 layers run in INT8 whatever the hint; the layers left in float run FP32, as they were gated."""
+OPENVINO_FIXED_INPUTS = ("image",)
+"""Inputs OpenVINO compiles with the shape of the feed (compiled again when it changes): the CPU plugin then plans
+its buffers once for that shape, where a dynamic one costs more memory per run (nano's window with 8 prompts:
+12.1 against 9.8 GB; benchmarks/RESULTS.md, "OpenVINO's memory"). The vision graph's window; its prompts, and
+the text encoder's token counts, change from call to call and stay dynamic."""
 INT8_GRAPH = "model.int8.xml"
 """The INT8 OpenVINO graph (NNCF post-training quantisation) in a vision version folder, beside model.onnx."""
 INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
@@ -79,7 +84,13 @@ class GraphSession:
     """
 
     def __init__(
-        self, path: Path, runtime: str, precision: str = "fp32", *, threads: int = 0, low_memory: bool = False
+        self,
+        path: Path,
+        runtime: str,
+        precision: str = "fp32",
+        *,
+        threads: int = 0,
+        low_memory: bool = False,
     ) -> None:
         check_runtime(runtime, precision)
         if runtime == "torch":
@@ -115,12 +126,25 @@ def _onnxruntime_runner(path: Path, threads: int, low_memory: bool) -> Any:
 def _openvino_runner(path: Path, precision: str, threads: int) -> Any:
     import openvino
 
+    core = openvino.Core()
     config = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISION_HINTS[precision], "INFERENCE_NUM_THREADS": threads}
-    compiled = openvino.Core().compile_model(str(path), "CPU", config)
-    request = compiled.create_infer_request()
-    names = {output.get_any_name(): output for output in compiled.outputs}
+    opened: dict[str, Any] = {}  # the fixed shapes, the request and its outputs: one compiled graph at a time
+    unread = [core.read_model(str(path))]  # read now, so a bad file fails here; compiled at the first run
+
+    def compiled_for(feeds: Mapping[str, np.ndarray]) -> tuple[Any, dict[str, Any]]:
+        shapes = {name: list(feeds[name].shape) for name in OPENVINO_FIXED_INPUTS if name in feeds}
+        if "request" not in opened or opened["shapes"] != shapes:
+            opened.clear()  # the old graph's buffers go before the new one's are planned
+            model = unread.pop() if unread else core.read_model(str(path))
+            if shapes:
+                model.reshape(shapes)
+            compiled = core.compile_model(model, "CPU", config)
+            names = {output.get_any_name(): output for output in compiled.outputs}
+            opened.update(shapes=shapes, request=compiled.create_infer_request(), names=names)
+        return opened["request"], opened["names"]
 
     def run(feeds: Mapping[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+        request, names = compiled_for(feeds)
         # share_inputs: no copy in; the outputs are copied out, since the request reuses its buffers.
         request.infer(dict(feeds), share_inputs=True)
         return [np.array(request.get_tensor(names[name]).data) for name in outputs]

@@ -156,3 +156,22 @@ def test_a_graph_runtime_with_its_prompts_cached_never_imports_the_text_encoder(
     for term in PROMPTS:
         got, expected = (nib.load(folder / mask_file_name(term)) for folder in (tmp_path, runs["openvino"]))
         assert np.array_equal(np.asarray(got.dataobj), np.asarray(expected.dataobj)), term
+
+
+def test_openvino_compiles_the_window_fixed_and_follows_each_change_of_its_shape(runs: dict[str, Path]) -> None:
+    """OpenVINO compiles the vision graph for the image's shape (:data:`OPENVINO_FIXED_INPUTS`) and again when the
+    batch of windows changes, while the prompt count stays free: every call agrees with onnxruntime's."""
+    from satseg.runtimes import OPENVINO_FIXED_INPUTS, GraphSession
+
+    assert OPENVINO_FIXED_INPUTS == ("image",)
+    [graph] = (runs["torch"].parent / "cache" / "graphs").glob("*/vision.onnx")
+    openvino, onnxruntime = (GraphSession(graph, runtime, threads=2) for runtime in ("openvino", "onnxruntime"))
+    rng = np.random.default_rng(3)
+    for batch, prompts in [(1, 3), (1, 5), (2, 5), (1, 2)]:
+        feeds = {
+            "image": rng.standard_normal((batch, 1, 96, 96, 32), dtype=np.float32),
+            "queries": rng.standard_normal((batch, prompts, 192), dtype=np.float32),
+        }
+        [got], [expected] = (session.run(feeds, ["logits"]) for session in (openvino, onnxruntime))
+        assert got.shape == (batch, prompts, 96, 96, 32)
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * float(np.abs(expected).max()))
