@@ -26,11 +26,12 @@ on the gated INT8 graph ``sat-export`` writes beside the FP32 one, :data:`INT8_G
 OPENVINO_PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 """Always stated: OpenVINO would otherwise pick BF16 by itself on a CPU that has it. An INT8 graph's quantized
 layers run in INT8 whatever the hint; the layers left in float run FP32, as they were gated."""
-OPENVINO_FIXED_INPUTS = ("image",)
-"""Inputs OpenVINO compiles with the shape of the feed (compiled again when it changes): the CPU plugin then plans
-its buffers once for that shape, where a dynamic one costs more memory per run (nano's window with 8 prompts:
-12.1 against 9.8 GB; benchmarks/RESULTS.md, "OpenVINO's memory"). The vision graph's window; its prompts, and
-the text encoder's token counts, change from call to call and stay dynamic."""
+OPENVINO_FIXED_AXES = {"image": (0, 1, 2, 3, 4), "queries": (0,)}
+"""The axes of each input OpenVINO compiles with the feed's size (compiled again when one changes); the others stay
+dynamic. With the vision graph's window and batch fixed, the CPU plugin plans its buffers once, where a dynamic
+batch costs far more memory per run (nano's window with 8 prompts: 9.5 GB fixed, 12.1 GB all dynamic, 15.5 GB with
+only the image fixed; benchmarks/RESULTS.md, "OpenVINO's memory"). The prompt count, and the text encoder's
+inputs, change from call to call and stay dynamic."""
 INT8_GRAPH = "model.int8.xml"
 """The INT8 OpenVINO graph (NNCF post-training quantisation) in a vision version folder, beside model.onnx."""
 INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
@@ -132,7 +133,11 @@ def _openvino_runner(path: Path, precision: str, threads: int) -> Any:
     unread = [core.read_model(str(path))]  # read now, so a bad file fails here; compiled at the first run
 
     def compiled_for(feeds: Mapping[str, np.ndarray]) -> tuple[Any, dict[str, Any]]:
-        shapes = {name: list(feeds[name].shape) for name in OPENVINO_FIXED_INPUTS if name in feeds}
+        shapes = {
+            name: [size if axis in axes else -1 for axis, size in enumerate(feeds[name].shape)]
+            for name, axes in OPENVINO_FIXED_AXES.items()
+            if name in feeds
+        }
         if "request" not in opened or opened["shapes"] != shapes:
             opened.clear()  # the old graph's buffers go before the new one's are planned
             model = unread.pop() if unread else core.read_model(str(path))

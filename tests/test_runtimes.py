@@ -159,11 +159,10 @@ def test_a_graph_runtime_with_its_prompts_cached_never_imports_the_text_encoder(
 
 
 def test_openvino_compiles_the_window_fixed_and_follows_each_change_of_its_shape(runs: dict[str, Path]) -> None:
-    """OpenVINO compiles the vision graph for the image's shape (:data:`OPENVINO_FIXED_INPUTS`) and again when the
-    batch of windows changes, while the prompt count stays free: every call agrees with onnxruntime's."""
-    from satseg.runtimes import OPENVINO_FIXED_INPUTS, GraphSession
+    """OpenVINO compiles the vision graph for the window and its batch (:data:`OPENVINO_FIXED_AXES`) and again when
+    the batch changes, while the prompt count stays free: every call agrees with onnxruntime's."""
+    from satseg.runtimes import GraphSession
 
-    assert OPENVINO_FIXED_INPUTS == ("image",)
     [graph] = (runs["torch"].parent / "cache" / "graphs").glob("*/vision.onnx")
     openvino, onnxruntime = (GraphSession(graph, runtime, threads=2) for runtime in ("openvino", "onnxruntime"))
     rng = np.random.default_rng(3)
