@@ -27,6 +27,7 @@ from satseg.errors import CheckpointError
 from satseg.model.build import build_sat
 from satseg.model.config import SATConfig
 from satseg.model.sat import SAT
+from satseg.onnx_graphs import file_sha256
 from satseg.spec import LEGACY_NOTE, ModelSpec, default_spec
 from satseg.text.cache import tensor_sha256
 from satseg.text.encoder_source import encoder_in_checkpoint, encoder_relative_to
@@ -324,7 +325,5 @@ class DeferredCheckpoint:
     def text_key(self) -> str:
         """The text tower's identity from the files alone: the weights file (the projection, the modality
         embedding and any trained encoder layers) and the base encoder's sha256 its metadata pins."""
-        from satseg.onnx_graphs import file_sha256
-
         identity = f"{file_sha256(self.folder / WEIGHTS_FILE)}:{self.metadata.text_encoder_sha256}"
         return "checkpoint-" + hashlib.sha256(identity.encode()).hexdigest()

@@ -85,13 +85,7 @@ class GraphSession:
     """
 
     def __init__(
-        self,
-        path: Path,
-        runtime: str,
-        precision: str = "fp32",
-        *,
-        threads: int = 0,
-        low_memory: bool = False,
+        self, path: Path, runtime: str, precision: str = "fp32", *, threads: int = 0, low_memory: bool = False
     ) -> None:
         check_runtime(runtime, precision)
         if runtime == "torch":
