@@ -89,9 +89,9 @@ def main() -> None:
         runs.remove(("openvino", "bf16"))
     if any(runtime != "torch" for runtime, _ in runs):  # export once, untimed
         code = (
-            "import sys; from pathlib import Path; from satseg.checkpoint import load_checkpoint; "
+            "import sys; from satseg.checkpoint import DeferredCheckpoint; "
             "from satseg.graph_cache import cached_vision_graph; "
-            "print(cached_vision_graph(Path(sys.argv[1]), lambda: load_checkpoint(sys.argv[1])[0]))"
+            "print(cached_vision_graph(DeferredCheckpoint(sys.argv[1])))"
         )
         subprocess.run([sys.executable, "-c", code, str(checkpoint)], env=env, check=True, stdout=subprocess.DEVNULL)
 

@@ -10,6 +10,7 @@ relative to the checkpoint folder, so the folder can be moved or copied as a who
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -322,8 +323,13 @@ class DeferredCheckpoint:
             self._model = load_checkpoint(self.folder)[0]
         return self._model
 
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        """The weights file's sha256, read once: it keys the graph cache and the embedding cache."""
+        return file_sha256(self.folder / WEIGHTS_FILE)
+
     def text_key(self) -> str:
         """The text tower's identity from the files alone: the weights file (the projection, the modality
         embedding and any trained encoder layers) and the base encoder's sha256 its metadata pins."""
-        identity = f"{file_sha256(self.folder / WEIGHTS_FILE)}:{self.metadata.text_encoder_sha256}"
+        identity = f"{self.weights_sha256}:{self.metadata.text_encoder_sha256}"
         return "checkpoint-" + hashlib.sha256(identity.encode()).hexdigest()

@@ -11,12 +11,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
-from satseg.checkpoint import WEIGHTS_FILE
-from satseg.model import SAT
-from satseg.onnx_graphs import OPSET, export_vision, file_sha256
+from satseg.checkpoint import DeferredCheckpoint
+from satseg.onnx_graphs import OPSET, export_vision
 
 CACHE_VARIABLE = "SATSEG_CACHE"
 """The cache folder (default ``$XDG_CACHE_HOME/satseg``, else ``~/.cache/satseg``)."""
@@ -33,13 +31,13 @@ def cache_root() -> Path:
     return Path(base) / "satseg"
 
 
-def cached_vision_graph(checkpoint: Path, model: Callable[[], SAT]) -> Path:
-    """``checkpoint``'s vision graph, exported on first use from ``model()``, its loaded model.
+def cached_vision_graph(checkpoint: DeferredCheckpoint) -> Path:
+    """``checkpoint``'s vision graph, exported from its model on first use.
 
     The graph is written into a temporary folder beside its place and renamed in one step, so a second
     process never reads half a file and an interrupted export leaves nothing behind.
     """
-    key = f"{file_sha256(Path(checkpoint) / WEIGHTS_FILE)[:16]}-opset{OPSET}"
+    key = f"{checkpoint.weights_sha256[:16]}-opset{OPSET}"
     folder = cache_root() / "graphs" / key
     graph = folder / GRAPH_FILE
     if graph.is_file():
@@ -47,7 +45,7 @@ def cached_vision_graph(checkpoint: Path, model: Callable[[], SAT]) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
     try:
-        export_vision(model(), work / GRAPH_FILE)
+        export_vision(checkpoint.model(), work / GRAPH_FILE)
         try:
             os.rename(work, folder)
         except OSError:  # another process put it there first: theirs is the same graph

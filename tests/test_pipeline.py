@@ -202,32 +202,3 @@ def test_by_default_every_prompt_that_fits_the_pass_budget_shares_one_pass_over_
     assert WindowRun().pass_size((2000, 2000, 1000), (96, 96, 32)) == 1
     # nano: a 366x294x112 grid and 288x288x96 windows, whose logits dominate: about the 32 a pass it had
     assert 30 <= WindowRun().pass_size((366, 294, 112), (288, 288, 96)) <= 40
-
-
-def test_a_checkpoints_model_is_built_only_for_prompts_its_embedding_cache_lacks(
-    tmp_path: Path, tiny_checkpoint: Path
-) -> None:
-    """A segmenter of a checkpoint that runs its windows in a graph keys its embeddings by the checkpoint's files:
-    the first one builds the model to encode a new prompt; a second one, with the same cache folder, answers from
-    it without building the model and gets the same queries to the bit. Other weights get another key."""
-    from conftest import DEMO_CHECKPOINT
-
-    from satseg.checkpoint import DeferredCheckpoint
-
-    def segmenter(cache: Path) -> Segmenter:
-        class Unopened(Segmenter):  # these segmenters only encode: no graph to open
-            def _open_graph(self, graph: Path | None) -> None:  # type: ignore[override]
-                return None
-
-        return Unopened(
-            DeferredCheckpoint(DEMO_CHECKPOINT), options=InferenceOptions(runtime="onnxruntime"), cache_dir=cache
-        )
-
-    first = segmenter(tmp_path / "cache")
-    assert first._model is None
-    queries = first.encode(["liver", "spleen"], "ct")
-    assert first._model is not None, "a prompt the cache lacks builds the model"
-    again = segmenter(tmp_path / "cache")
-    assert torch.equal(again.encode(["spleen", "liver"], "ct"), queries.flip(0))
-    assert again._model is None and again.embeddings.stats.misses == 0
-    assert DeferredCheckpoint(tiny_checkpoint).text_key() != DeferredCheckpoint(DEMO_CHECKPOINT).text_key()

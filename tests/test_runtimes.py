@@ -174,3 +174,29 @@ def test_openvino_compiles_the_window_fixed_and_follows_each_change_of_its_shape
         [got], [expected] = (session.run(feeds, ["logits"]) for session in (openvino, onnxruntime))
         assert got.shape == (batch, prompts, 96, 96, 32)
         np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * float(np.abs(expected).max()))
+
+
+def test_a_checkpoints_model_is_built_only_for_prompts_its_embedding_cache_lacks(
+    runs: dict[str, Path], tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """A segmenter of a checkpoint that runs its windows in a graph keys its embeddings by the checkpoint's files:
+    the first one builds the model to encode a new prompt; a second one, with the same cache folder, answers from
+    it without building the model and gets the same queries to the bit. Other weights get another key."""
+    from satseg.checkpoint import DeferredCheckpoint
+    from satseg.engine.options import InferenceOptions
+    from satseg.pipeline import Segmenter
+
+    [graph] = (runs["torch"].parent / "cache" / "graphs").glob("*/vision.onnx")
+    options = InferenceOptions(runtime="openvino")
+
+    def segmenter() -> Segmenter:
+        return Segmenter(DeferredCheckpoint(DEMO_CHECKPOINT), options=options, graph=graph, cache_dir=tmp_path)
+
+    first = segmenter()
+    assert first._model is None
+    queries = first.encode(["liver", "spleen"], "ct")
+    assert first._model is not None, "a prompt the cache lacks builds the model"
+    again = segmenter()
+    assert torch.equal(again.encode(["spleen", "liver"], "ct"), queries.flip(0))
+    assert again._model is None and again.embeddings.stats.misses == 0
+    assert DeferredCheckpoint(tiny_checkpoint).text_key() != DeferredCheckpoint(DEMO_CHECKPOINT).text_key()

@@ -10,11 +10,10 @@ from pathlib import Path
 import torch
 
 from satseg.checkout import DEFAULT_REPOSITORY
-from satseg.checkpoint import WEIGHTS_FILE, DeferredCheckpoint
+from satseg.checkpoint import DeferredCheckpoint
 from satseg.contract import CONTRACT_FILE, ENTRY_MODEL
 from satseg.engine.options import PRECISIONS, InferenceOptions, check_precision
 from satseg.errors import SatInputError
-from satseg.onnx_graphs import file_sha256
 from satseg.pipeline import Segmenter
 from satseg.runtimes import INT8_GRAPH, RUNTIMES, int8_acceleration
 
@@ -51,8 +50,8 @@ def check_runtime_arguments(args: argparse.Namespace) -> None:
         raise SatInputError(f"--graph {args.graph} is not a file; expected a vision model.onnx (or model.int8.xml)")
 
 
-def default_int8_graph(checkpoint: Path) -> Path:
-    """The INT8 graph that ``sat-export --int8`` gated for ``checkpoint`` in the checkout's repository.
+def default_int8_graph(checkpoint: DeferredCheckpoint) -> Path:
+    """The INT8 graph that ``sat-export --int8`` gated for ``checkpoint``'s weights in the checkout's repository.
 
     Raises:
         SatInputError: there is none for these weights (one line: how to make one, or pass ``--graph``).
@@ -63,9 +62,9 @@ def default_int8_graph(checkpoint: Path) -> Path:
         exported_from = contract["checkpoint"]["weights_sha256"]
     except (OSError, ValueError, KeyError):
         exported_from = None
-    if not graph.is_file() or exported_from != file_sha256(checkpoint / WEIGHTS_FILE):
+    if not graph.is_file() or exported_from != checkpoint.weights_sha256:
         raise SatInputError(
-            f"--precision int8 needs an INT8 graph gated for these weights: `sat-export {checkpoint} --int8` "
+            f"--precision int8 needs an INT8 graph gated for these weights: `sat-export {checkpoint.folder} --int8` "
             "installs one where it holds its Dice gate (see its report), or pass --graph REPOSITORY/vision/1/"
             f"{INT8_GRAPH}"
         )
@@ -88,9 +87,9 @@ def segmenter_for(
     graph = None
     if options.runtime != "torch":
         graph = args.graph or (
-            default_int8_graph(checkpoint)
+            default_int8_graph(checkpoint_files)
             if options.precision == "int8"
-            else cached_vision_graph(checkpoint, checkpoint_files.model)
+            else cached_vision_graph(checkpoint_files)
         )
         if options.precision == "int8" and not int8_acceleration():
             print(
